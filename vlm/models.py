@@ -1,0 +1,240 @@
+"""Load a LLaVA-family model and its processor (hub id, local directory, the embedded demo, or random weights)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlavaForConditionalGeneration",)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llava",)
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "shapes_llava"
+SOURCE_ALIASES: dict[str, Path] = {"demo": DEMO_MODEL_DIR}
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not an architecture this toolkit can prune."""
+
+
+class ModelConfigError(ValueError):
+    """A model preset or loading option is wrong; the message names the field and the allowed values."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, with its processor (None for random-weight presets without one)."""
+
+    model: LlavaForConditionalGeneration
+    processor: Any
+    source: str
+    name: str
+
+    @property
+    def config(self) -> LlavaConfig:
+        return self.model.config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def vision_tokens_per_image(self) -> int:
+        return vision_tokens_per_image(self.model.config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def vision_tokens_per_image(config: LlavaConfig) -> int:
+    """Vision tokens one image contributes: (image_size / patch_size)^2, plus CLS for the 'full' strategy."""
+    vc = config.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    return n + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; anything else as torch understands it."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelConfigError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError(f"device={device!r} asked for CUDA but none is available; use device=auto or cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | None = None) -> torch.dtype:
+    """'auto' -> float16 on CUDA, float32 on CPU; else one of float32/float16/bfloat16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ModelConfigError(f"dtype={dtype!r} is not supported; use one of 'auto', {sorted(set(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def resolve_source(source: str | Path) -> str:
+    """Map the aliases ('demo') to their directories; hub ids and paths pass through."""
+    key = str(source)
+    if key in SOURCE_ALIASES:
+        path = SOURCE_ALIASES[key]
+        if not (path / "config.json").exists():
+            raise ModelConfigError(
+                f"the embedded demo model is missing at {path}; it ships with the repository "
+                "(re-clone, or train it with `python -m vlm.shapes.train`)"
+            )
+        return str(path)
+    return key
+
+
+def check_architecture(config: Any) -> None:
+    """Raise UnsupportedModelError unless the config is a LLaVA (LlavaForConditionalGeneration) checkpoint."""
+    archs = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", None)
+    if model_type in SUPPORTED_MODEL_TYPES or any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        return
+    raise UnsupportedModelError(
+        f"model_type={model_type!r} (architectures={archs}) is not supported; supported architectures: "
+        f"{list(SUPPORTED_ARCHITECTURES)} (model_type {list(SUPPORTED_MODEL_TYPES)}), e.g. llava-hf/llava-1.5-7b-hf"
+    )
+
+
+def load_model(
+    source: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    attn_implementation: str = "sdpa",
+    name: str | None = None,
+    local_files_only: bool | None = None,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a LLaVA checkpoint (hub id, local directory, or 'demo') with its processor, in eval mode."""
+    path = resolve_source(source)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    hub_kwargs: dict[str, Any] = {}
+    if local_files_only is not None:
+        hub_kwargs["local_files_only"] = local_files_only
+    if revision is not None:
+        hub_kwargs["revision"] = revision
+    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    check_architecture(config)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation=attn_implementation, **hub_kwargs
+    )
+    model.to(dev).eval()
+    processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
+    return LoadedModel(model=model, processor=processor, source=str(source), name=name or str(source))
+
+
+def llava_config_from_dict(arch: Mapping[str, Any]) -> LlavaConfig:
+    """Build a LlavaConfig from a plain mapping with text_config / vision_config sub-mappings."""
+    arch = dict(arch)
+    for key in ("text_config", "vision_config"):
+        if key not in arch:
+            raise ModelConfigError(f"model arch is missing {key!r}; give a mapping with its sizes (see configs/model/)")
+        arch[key] = dict(arch[key])
+    return LlavaConfig(**arch)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_random_model(
+    arch: Mapping[str, Any] | LlavaConfig,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    name: str = "random",
+    processor: Any = None,
+) -> LoadedModel:
+    """A random-weight LLaVA built directly in the target dtype on the target device (no download, no second copy).
+
+    `device="meta"` builds it without allocating memory, e.g. to count parameters.
+    """
+    config = arch if isinstance(arch, LlavaConfig) else llava_config_from_dict(arch)
+    config._attn_implementation = attn_implementation
+    dev = torch.device("meta") if str(device) == "meta" else resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    torch.manual_seed(seed)
+    with _default_dtype(torch_dtype), dev:
+        model = LlavaForConditionalGeneration(config)
+    model.eval()
+    return LoadedModel(model=model, processor=processor, source=f"random:{name}", name=name)
+
+
+def match_processor(arch: Mapping[str, Any], processor: Any) -> dict[str, Any]:
+    """Size a random model's vocabulary and image token to a processor's tokenizer, so its prompts fit."""
+    tokenizer = processor.tokenizer
+    image_token = getattr(processor, "image_token", "<image>")
+    arch = dict(arch)
+    arch["image_token_id"] = int(tokenizer.convert_tokens_to_ids(image_token))
+    arch["text_config"] = {**arch["text_config"], "vocab_size": len(tokenizer)}
+    if tokenizer.pad_token_id is not None:
+        arch["text_config"]["pad_token_id"] = int(tokenizer.pad_token_id)
+    return arch
+
+
+def load_from_config(cfg: Mapping[str, Any]) -> LoadedModel:
+    """Load the model a `configs/model/*.yaml` preset describes: `source` (hub id/path/demo) or `arch` (random)."""
+    cfg = dict(cfg)
+    name = cfg.get("name", "model")
+    common = {
+        "dtype": cfg.get("dtype", "auto"),
+        "device": cfg.get("device", "auto"),
+        "attn_implementation": cfg.get("attn_implementation", "sdpa"),
+    }
+    if cfg.get("source"):
+        return load_model(cfg["source"], name=name, revision=cfg.get("revision"), **common)
+    if cfg.get("arch"):
+        arch = {k: dict(v) if isinstance(v, Mapping) else v for k, v in dict(cfg["arch"]).items()}
+        processor = None
+        if cfg.get("processor"):
+            processor = AutoProcessor.from_pretrained(resolve_source(cfg["processor"]))
+            arch = match_processor(arch, processor)
+        return build_random_model(arch, seed=int(cfg.get("seed", 0)), name=name, processor=processor, **common)
+    raise ModelConfigError(f"model preset {name!r} needs either `source` (hub id, path or 'demo') or `arch`")

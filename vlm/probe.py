@@ -1,0 +1,251 @@
+"""Attention rows at chosen layers, computed from the layer's own post-RoPE q and k while SDPA/flash make the output.
+
+The probe registers a thin wrapper around the model's attention function with transformers'
+`AttentionInterface` (and the base's mask function with `AttentionMaskInterface`, or causal masking
+would silently disappear), switches only the configs of the probed attention modules to it while the
+context is open, and restores them on exit. The wrapper calls the stock function for the layer output;
+at probed modules it also computes `softmax(q[rows] K^T * scale + mask)` in float32 for the requested
+query rows over all keys.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PROBE_PREFIX = "probe_"
+_SITE_ATTR = "_attention_probe_site"
+
+
+@dataclass
+class ProbeCall:
+    """What a row selector knows when a probed attention module runs."""
+
+    site: Any  # the key the site was registered under (an int for language-model layers)
+    module: nn.Module
+    batch: int
+    q_len: int
+    kv_len: int
+
+
+RowIndex = tuple[Tensor, Union[Tensor, None]]  # ([B, R] long positions in the query axis, [B, R] bool valid or None)
+RowSelector = Union[None, Tensor, Callable[[ProbeCall], Union[RowIndex, None]]]
+RowsCallback = Callable[[ProbeCall, Tensor, Tensor, Union[Tensor, None]], None]
+
+
+class ProbeError(RuntimeError):
+    """The probe cannot be attached to this model as asked."""
+
+
+def probe_name(base: str) -> str:
+    """The registered name of the probing wrapper around attention implementation `base`."""
+    return base if base.startswith(PROBE_PREFIX) else f"{PROBE_PREFIX}{base}"
+
+
+def _base_function(base: str, module: nn.Module) -> Callable[..., Any]:
+    if base == "eager":
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise ProbeError(f"{type(module).__name__} has no eager_attention_forward to wrap")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _register(base: str) -> str:
+    """Register the wrapper for `base` (idempotent) and return its name."""
+    name = probe_name(base)
+    if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        return name
+
+    def probing_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+        site = getattr(module, _SITE_ATTR, None)
+        if site is not None:
+            site(module, query, key, attention_mask, kwargs.get("scaling"))
+        return _base_function(base, module)(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, probing_attention)
+    mask_base = base if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping else "sdpa"
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[mask_base])
+    return name
+
+
+def allowed_keys(
+    attention_mask: Tensor | None, rows: Tensor, batch: int, q_len: int, kv_len: int, is_causal: bool = True
+) -> Tensor:
+    """Which keys each selected query row may attend to: [B, 1 or H, R, K] bool.
+
+    attention_mask: the mask the attention function received: None (causal only, or nothing in decode),
+    4-D bool (True = attend) or additive float [B, 1|H, Q, K], or 2-D [B, K] padding (flash attention).
+    rows: [B, R] query positions.
+    """
+    device = rows.device
+    if attention_mask is not None and attention_mask.dim() == 4:
+        m = attention_mask
+        if m.shape[0] == 1 and batch > 1:
+            m = m.expand(batch, *m.shape[1:])
+        idx = rows[:, None, :, None].expand(batch, m.shape[1], rows.shape[1], m.shape[-1])
+        m = m.gather(2, idx)
+        if m.dtype != torch.bool:
+            m = m > torch.finfo(m.dtype).min / 2
+        return m[..., :kv_len] if m.shape[-1] >= kv_len else m
+    offset = kv_len - q_len  # queries sit at the end of the key axis (cache)
+    keys = torch.arange(kv_len, device=device)
+    allowed = (keys[None, None, :] <= (rows[:, :, None] + offset)) if is_causal else torch.ones(
+        batch, rows.shape[1], kv_len, dtype=torch.bool, device=device
+    )
+    if attention_mask is not None and attention_mask.dim() == 2:
+        allowed = allowed & attention_mask[:, None, -kv_len:].bool()
+    return allowed[:, None]  # [B, 1, R, K]
+
+
+def attention_rows(
+    query: Tensor, key: Tensor, attention_mask: Tensor | None, rows: Tensor, scaling: float | None = None,
+    is_causal: bool = True,
+) -> Tensor:
+    """Post-softmax attention of the selected query rows over all keys, in float32.
+
+    query: [B, H, Q, D] post-RoPE; key: [B, Hkv, K, D] post-RoPE (GQA keys are repeated to H heads);
+    rows: [B, R] positions in the query axis. Returns [B, H, R, K]; a row with no allowed key is all zeros.
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_len = key.shape[2]
+    scale = scaling if scaling is not None else dim**-0.5
+    q = query.gather(2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], dim)).float()  # [B, H, R, D]
+    k = key.float()
+    if key.shape[1] != heads:
+        k = k.repeat_interleave(heads // key.shape[1], dim=1)  # [B, H, K, D]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, R, K]
+    allowed = allowed_keys(attention_mask, rows, batch, q_len, kv_len, is_causal)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+class AttentionProbe:
+    """Context manager: post-softmax attention rows at chosen attention modules, SDPA still computing outputs.
+
+    sites: language-model decoder layer indices, and/or a mapping {name: attention module} (e.g. a
+    vision-tower layer's self_attn). rows: None (all query rows), a [B, R] long tensor (optionally with
+    `row_mask`), or a callable(ProbeCall) -> (index [B, R], mask [B, R] | None) or None to skip that call.
+    on_rows(call, rows [B, H, R, K], index [B, R], mask) receives each result; without it the latest result
+    per site is kept in `self.rows[site]` (with `self.index[site]`). Decode steps (one query) are skipped
+    unless include_decode=True.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[int] = (),
+        *,
+        modules: Mapping[Any, nn.Module] | None = None,
+        rows: RowSelector = None,
+        row_mask: Tensor | None = None,
+        on_rows: RowsCallback | None = None,
+        include_decode: bool = False,
+    ) -> None:
+        self.model = model
+        decoder_layers = _decoder_layers(model)
+        self.sites: dict[Any, nn.Module] = {}
+        for layer in layers:
+            if not 0 <= int(layer) < len(decoder_layers):
+                raise ProbeError(f"layer {layer} is out of range; the language model has layers 0..{len(decoder_layers) - 1}")
+            self.sites[int(layer)] = decoder_layers[int(layer)].self_attn
+        for name, module in (modules or {}).items():
+            if not hasattr(module, "config"):
+                raise ProbeError(f"module {name!r} ({type(module).__name__}) has no config: not a transformers attention module")
+            self.sites[name] = module
+        self.row_selector = rows
+        self.row_mask = row_mask
+        self.on_rows = on_rows
+        self.include_decode = include_decode
+        self.rows: dict[Any, Tensor] = {}
+        self.index: dict[Any, Tensor] = {}
+        self._saved_impl: list[tuple[Any, str]] = []
+        self._active = False
+
+    # -- context management -------------------------------------------------------------------------
+    def __enter__(self) -> "AttentionProbe":
+        if self._active:
+            raise ProbeError("this AttentionProbe is already attached")
+        try:
+            configs: dict[int, Any] = {}
+            for module in self.sites.values():
+                configs.setdefault(id(module.config), module.config)
+            for config in configs.values():
+                base = config._attn_implementation or "eager"
+                if base.startswith(PROBE_PREFIX):
+                    raise ProbeError("another AttentionProbe is attached to this model; nest engines, not probes")
+                self._saved_impl.append((config, config._attn_implementation))
+                config._attn_implementation = _register(base)
+            for site, module in self.sites.items():
+                setattr(module, _SITE_ATTR, self._make_site(site))
+        except BaseException:
+            self._detach()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        for module in self.sites.values():
+            if hasattr(module, _SITE_ATTR):
+                delattr(module, _SITE_ATTR)
+        for config, impl in reversed(self._saved_impl):
+            config._attn_implementation = impl
+        self._saved_impl.clear()
+        self._active = False
+
+    # -- the work at a probed module -------------------------------------------------------------------
+    def _make_site(self, site: Any) -> Callable[..., None]:
+        def run(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None, scaling: float | None):
+            batch, _, q_len, _ = query.shape
+            if q_len == 1 and not self.include_decode:
+                return
+            call = ProbeCall(site=site, module=module, batch=batch, q_len=q_len, kv_len=key.shape[2])
+            selected = self._select_rows(call, query.device)
+            if selected is None:
+                return
+            index, mask = selected
+            with torch.no_grad():
+                rows = attention_rows(
+                    query.detach(), key.detach(), attention_mask, index, scaling, getattr(module, "is_causal", True)
+                )
+            if mask is not None:
+                rows = rows * mask[:, None, :, None]
+            if self.on_rows is not None:
+                self.on_rows(call, rows, index, mask)
+            else:
+                self.rows[site] = rows
+                self.index[site] = index
+
+        return run
+
+    def _select_rows(self, call: ProbeCall, device: torch.device) -> RowIndex | None:
+        sel = self.row_selector
+        if sel is None:
+            index = torch.arange(call.q_len, device=device).expand(call.batch, call.q_len)
+            return index, None
+        if isinstance(sel, Tensor):
+            return sel.to(device), (self.row_mask.to(device) if self.row_mask is not None else None)
+        return sel(call)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The language model's decoder layers of a LLaVA model (or of a bare causal LM)."""
+    for path in ("model.language_model.layers", "language_model.layers", "model.layers", "layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ProbeError(f"cannot find decoder layers in {type(model).__name__}; expected model.language_model.layers")
