@@ -1,0 +1,387 @@
+"""On-disk store of per-sample text-to-vision attention records, written in shards with a manifest.
+
+Layout of a run directory::
+
+    run_dir/
+      manifest.json            identity (model, data, reducer, num_layers, num_vision), versions, shards
+      shards/shard-00000.pt    {"ids": [str], "t2v": [N, L, V] float32, "scalars": {name: [N, L] float32}}
+
+Each shard is written to a temporary name in `shards/` and moved into place with `os.replace`; only
+then is the manifest (itself written to a temporary file and replaced) updated to list it. A run that
+is interrupted therefore loses at most the shard in progress: on resume, `done_ids()` comes from the
+manifest, leftover temporary files are removed and a shard file that the manifest does not list (moved
+into place just before the interruption) is removed too, because its samples are not marked done and
+will be collected again. Shards are read with `torch.load(weights_only=True)`, so no pickle code runs.
+One writer per run directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.pt$")
+TMP_MARKER = ".tmp"
+IDENTITY_FIELDS = ("model", "data", "reducer", "num_layers", "num_vision")
+REQUIRED_FIELDS = IDENTITY_FIELDS + ("versions",)
+DEFAULT_SCALARS = ("vision_share", "prior_entropy")
+
+ArrayLike = Union[Tensor, np.ndarray]
+
+
+class RecordsError(RuntimeError):
+    """A record store is missing, inconsistent with the caller, or damaged."""
+
+
+@dataclass
+class Records:
+    """All samples of a record store, concatenated in the order the shards were written."""
+
+    ids: list[str]
+    t2v: Tensor  # [N, L, V] float32 text-to-vision attention per layer
+    scalars: dict[str, Tensor]  # name -> [N, L] float32 per-layer scalar
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if self.t2v.ndim != 3 or self.t2v.shape[0] != n:
+            raise RecordsError(f"Records.t2v has shape {tuple(self.t2v.shape)}; expected [N={n}, L, V]")
+        for name, values in self.scalars.items():
+            if tuple(values.shape) != (n, self.t2v.shape[1]):
+                raise RecordsError(
+                    f"Records.scalars[{name!r}] has shape {tuple(values.shape)}; expected [N={n}, L={self.t2v.shape[1]}]"
+                )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers L."""
+        return int(self.t2v.shape[1])
+
+    @property
+    def num_vision(self) -> int:
+        """Number of vision tokens V."""
+        return int(self.t2v.shape[2])
+
+    def mean_t2v(self) -> Tensor:
+        """Mean text-to-vision attention over samples. -> [L, V]"""
+        return self.t2v.mean(dim=0)
+
+    def mean_scalar(self, name: str) -> Tensor:
+        """Mean of one per-layer scalar over samples. -> [L]"""
+        if name not in self.scalars:
+            raise KeyError(f"no scalar {name!r} in these records; have {sorted(self.scalars)}")
+        return self.scalars[name].mean(dim=0)
+
+    def subset(self, indices: Sequence[int]) -> "Records":
+        """The records of the samples at `indices`, in that order."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return Records(
+            ids=[self.ids[i] for i in idx.tolist()],
+            t2v=self.t2v[idx],
+            scalars={k: v[idx] for k, v in self.scalars.items()},
+            manifest=self.manifest,
+        )
+
+
+def _as_float32(name: str, values: ArrayLike) -> Tensor:
+    """A CPU float32 tensor from a tensor or array, rejecting non-float and non-finite input."""
+    t = torch.from_numpy(np.asarray(values)) if isinstance(values, np.ndarray) else values
+    if not isinstance(t, Tensor):
+        raise RecordsError(f"{name} must be a torch.Tensor or numpy array, not {type(values).__name__}")
+    if not t.is_floating_point():
+        raise RecordsError(f"{name} must be floating point, got dtype {t.dtype}")
+    t = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise RecordsError(f"{name} has {bad} non-finite values (NaN/inf); check the collector's reducer")
+    return t
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)`, fsync, then os.replace the temporary file onto `path`."""
+    tmp = path.with_name(f".{path.name}{TMP_MARKER}-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read_manifest(run_dir: Path) -> dict[str, Any]:
+    """The parsed manifest of `run_dir`, or RecordsError if missing or unreadable."""
+    path = run_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise RecordsError(
+            f"{path} does not exist: {run_dir} is not a record store "
+            "(run `python -m analysis.collect` to create one, or pass the right directory)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RecordsError(f"{path} is not readable JSON ({exc}); restore it or start a new run directory") from exc
+    if not isinstance(manifest, dict):
+        raise RecordsError(f"{path} must hold a JSON object, found {type(manifest).__name__}")
+    missing = [k for k in REQUIRED_FIELDS + ("shards",) if k not in manifest]
+    if missing:
+        raise RecordsError(f"{path} lacks the fields {missing}; it was not written by analysis.records")
+    return manifest
+
+
+def _check_new_manifest(manifest: Mapping[str, Any]) -> None:
+    """Validate the caller's manifest for a new or resumed run."""
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise RecordsError(
+            f"manifest lacks {missing}; it needs model, data (task, split), reducer, num_layers, num_vision "
+            "and versions (torch, transformers, toolkit)"
+        )
+    for key in ("num_layers", "num_vision"):
+        value = manifest[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise RecordsError(f"manifest[{key!r}] must be a positive int, got {value!r}")
+    if "shards" in manifest:
+        raise RecordsError("manifest['shards'] is managed by RecordStore; leave it out of the caller's manifest")
+    try:
+        json.dumps(dict(manifest))
+    except TypeError as exc:
+        raise RecordsError(f"manifest must be JSON-serialisable (plain dicts, lists, str, numbers): {exc}") from exc
+
+
+class RecordStore:
+    """A run directory of record shards; create or resume with `create_or_resume`, read with `open`."""
+
+    def __init__(self, run_dir: Union[str, os.PathLike], manifest: dict[str, Any], writable: bool) -> None:
+        self.run_dir = Path(run_dir)
+        self.manifest = manifest
+        self.writable = writable
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def create_or_resume(cls, run_dir: Union[str, os.PathLike], manifest: Mapping[str, Any]) -> "RecordStore":
+        """Open `run_dir` for writing: create it with `manifest`, or resume it if its identity matches."""
+        _check_new_manifest(manifest)
+        run_dir = Path(run_dir)
+        shard_dir = run_dir / SHARD_DIR
+        if (run_dir / MANIFEST_NAME).exists():
+            existing = _read_manifest(run_dir)
+            for key in IDENTITY_FIELDS:
+                if existing[key] != manifest[key]:
+                    raise RecordsError(
+                        f"run directory {run_dir} was made for {key} {existing[key]!r}, not {manifest[key]!r}; "
+                        "use a new directory (or the matching settings) to resume"
+                    )
+            store = cls(run_dir, existing, writable=True)
+            store._recover()
+            log.info("resuming %s: %d samples in %d shards", run_dir, len(store.done_ids()), len(existing["shards"]))
+            return store
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        fresh = dict(manifest)
+        fresh["format_version"] = FORMAT_VERSION
+        fresh["scalar_names"] = None
+        fresh["shards"] = []
+        store = cls(run_dir, fresh, writable=True)
+        store._clean_leftovers()
+        store._save_manifest()
+        return store
+
+    @classmethod
+    def open(cls, run_dir: Union[str, os.PathLike]) -> "RecordStore":
+        """Open an existing store for reading."""
+        run_dir = Path(run_dir)
+        return cls(run_dir, _read_manifest(run_dir), writable=False)
+
+    # ---- queries --------------------------------------------------------------------------------
+    @property
+    def shard_dir(self) -> Path:
+        """Directory holding the shard files."""
+        return self.run_dir / SHARD_DIR
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers L of every record."""
+        return int(self.manifest["num_layers"])
+
+    @property
+    def num_vision(self) -> int:
+        """Vision tokens V of every record."""
+        return int(self.manifest["num_vision"])
+
+    def done_ids(self) -> set[str]:
+        """Ids of the samples in the shards the manifest lists."""
+        return {i for shard in self.manifest["shards"] for i in shard["ids"]}
+
+    def __len__(self) -> int:
+        return sum(len(s["ids"]) for s in self.manifest["shards"])
+
+    # ---- writing --------------------------------------------------------------------------------
+    def write_shard(self, ids: Sequence[str], t2v: ArrayLike, scalars: Mapping[str, ArrayLike]) -> Path:
+        """Write one shard of N samples: t2v [N, L, V], scalars name -> [N, L]; returns its path."""
+        if not self.writable:
+            raise RecordsError(f"{self.run_dir} was opened read-only; use RecordStore.create_or_resume to write")
+        ids = list(ids)
+        n = len(ids)
+        if n == 0:
+            raise RecordsError("write_shard got no ids; write only non-empty shards")
+        if not all(isinstance(i, str) for i in ids):
+            raise RecordsError(f"sample ids must be str, got {sorted({type(i).__name__ for i in ids})}")
+        if len(set(ids)) != n:
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise RecordsError(f"ids repeat within the shard: {dup}")
+        already = self.done_ids().intersection(ids)
+        if already:
+            raise RecordsError(
+                f"{len(already)} ids are already stored (e.g. {sorted(already)[:3]}); filter samples by done_ids()"
+            )
+        L, V = self.num_layers, self.num_vision
+        t2v_t = _as_float32("t2v", t2v)
+        if tuple(t2v_t.shape) != (n, L, V):
+            raise RecordsError(f"t2v has shape {tuple(t2v_t.shape)}; expected [N={n}, L={L}, V={V}]")
+        names = sorted(scalars)
+        expected = self.manifest.get("scalar_names")
+        if expected is not None and names != expected:
+            raise RecordsError(f"scalars are {names}; this store's earlier shards have {expected}")
+        scalars_t: dict[str, Tensor] = {}
+        for name in names:
+            s = _as_float32(f"scalars[{name!r}]", scalars[name])
+            if tuple(s.shape) != (n, L):
+                raise RecordsError(f"scalars[{name!r}] has shape {tuple(s.shape)}; expected [N={n}, L={L}]")
+            scalars_t[name] = s
+
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        path = self.shard_dir / f"shard-{self._next_index():05d}.pt"
+        payload = {"ids": ids, "t2v": t2v_t, "scalars": scalars_t}
+        _write_atomic(path, lambda tmp: torch.save(payload, tmp))
+        self.manifest["scalar_names"] = names
+        self.manifest["shards"].append({"file": path.name, "num_samples": n, "ids": ids})
+        self._save_manifest()
+        return path
+
+    # ---- reading --------------------------------------------------------------------------------
+    def load(self, validate_all: bool = True) -> Records:
+        """All shards concatenated in writing order, each checked against the manifest."""
+        shards = self.manifest["shards"]
+        if not shards:
+            raise RecordsError(
+                f"{self.run_dir} holds no records yet (manifest lists no shards); run `python -m analysis.collect` first"
+            )
+        ids: list[str] = []
+        t2v: list[Tensor] = []
+        scalars: dict[str, list[Tensor]] = {name: [] for name in self.manifest.get("scalar_names") or []}
+        for entry in shards:
+            data = self._read_shard(entry)
+            ids.extend(data["ids"])
+            t2v.append(data["t2v"])
+            for name in scalars:
+                scalars[name].append(data["scalars"][name])
+        return Records(
+            ids=ids,
+            t2v=torch.cat(t2v, dim=0),
+            scalars={k: torch.cat(v, dim=0) for k, v in scalars.items()},
+            manifest=dict(self.manifest),
+        )
+
+    def _read_shard(self, entry: Mapping[str, Any]) -> dict[str, Any]:
+        """Load and validate one listed shard; RecordsError names the file and the remedy."""
+        path = self.shard_dir / entry["file"]
+        remedy = f"delete {path} and rerun `python -m analysis.collect` with the same run directory to resume"
+        if not path.is_file():
+            raise RecordsError(
+                f"{path} is listed in {self.run_dir / MANIFEST_NAME} but missing; rerun "
+                "`python -m analysis.collect` with the same run directory to collect its samples again"
+            )
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for truncated or foreign files
+            raise RecordsError(f"{path} is unreadable ({type(exc).__name__}: {exc}); {remedy}") from exc
+        L, V, n = self.num_layers, self.num_vision, int(entry["num_samples"])
+        problem = None
+        if not isinstance(data, dict) or not {"ids", "t2v", "scalars"} <= set(data):
+            problem = "it is not a record shard (needs ids, t2v, scalars)"
+        elif list(data["ids"]) != list(entry["ids"]):
+            problem = "its ids differ from the ones the manifest lists for it"
+        elif not isinstance(data["t2v"], Tensor) or tuple(data["t2v"].shape) != (n, L, V):
+            shape = tuple(getattr(data["t2v"], "shape", ()))
+            problem = f"t2v has shape {shape}, expected [N={n}, L={L}, V={V}]"
+        else:
+            names = self.manifest.get("scalar_names") or []
+            if sorted(data["scalars"]) != sorted(names):
+                problem = f"its scalars are {sorted(data['scalars'])}, expected {names}"
+            else:
+                for name in names:
+                    if tuple(data["scalars"][name].shape) != (n, L):
+                        problem = f"scalars[{name!r}] has shape {tuple(data['scalars'][name].shape)}, expected [{n}, {L}]"
+                        break
+        if problem:
+            raise RecordsError(f"{path} is corrupt: {problem}; {remedy}")
+        return data
+
+    # ---- internals ------------------------------------------------------------------------------
+    def _next_index(self) -> int:
+        """One past the highest shard index listed (indices are never reused within a manifest)."""
+        indices = [int(SHARD_PATTERN.match(s["file"]).group(1)) for s in self.manifest["shards"]]
+        return max(indices, default=-1) + 1
+
+    def _save_manifest(self) -> None:
+        """Write manifest.json atomically."""
+        text = json.dumps(self.manifest, indent=1)
+        _write_atomic(self.run_dir / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
+
+    def _clean_leftovers(self) -> None:
+        """Remove temporary files and shard files the manifest does not list (an interrupted write)."""
+        listed = {s["file"] for s in self.manifest["shards"]}
+        if not self.shard_dir.is_dir():
+            return
+        for path in self.shard_dir.iterdir():
+            if TMP_MARKER in path.name or (SHARD_PATTERN.match(path.name) and path.name not in listed):
+                log.warning("removing %s left by an interrupted write; its samples will be collected again", path)
+                path.unlink()
+        for path in self.run_dir.glob(f".{MANIFEST_NAME}{TMP_MARKER}*"):
+            path.unlink()
+
+    def _recover(self) -> None:
+        """On resume: drop listed shards whose files were deleted, verify the rest, clean leftovers."""
+        kept = []
+        for entry in self.manifest["shards"]:
+            if (self.shard_dir / entry["file"]).is_file():
+                self._read_shard(entry)  # raises with the remedy if corrupt
+                kept.append(entry)
+            else:
+                log.warning(
+                    "%s is listed but missing; its %d samples will be collected again",
+                    self.shard_dir / entry["file"],
+                    entry["num_samples"],
+                )
+        if len(kept) != len(self.manifest["shards"]):
+            self.manifest["shards"] = kept
+            if not kept:
+                self.manifest["scalar_names"] = None
+            self._save_manifest()
+        self._clean_leftovers()
+
+
+__all__ = [
+    "DEFAULT_SCALARS",
+    "IDENTITY_FIELDS",
+    "Records",
+    "RecordStore",
+    "RecordsError",
+]
