@@ -1,0 +1,284 @@
+"""`python -m analysis.collect model=... data=... n_samples=...`: attention records over a calibration set.
+
+Runs the model over the task's samples in batches inside an `AttentionCollector`, and writes the
+records through `analysis.records.RecordStore` into the run directory (the Hydra run directory, or
+`output=DIR`): a shard every `shard_size` samples, each written to a temporary name and renamed,
+plus a manifest (model, data, reducer, layer and vision-token counts, versions; the sample ids per
+shard). Rerunning into the same directory resumes: the samples already stored are skipped, so an
+interrupted run loses at most the shard in progress.
+
+The data group (`configs/data/*.yaml`) gives `task` (a registered task name), `split`, optionally
+`limit` (at most this many samples of the split) and the task's constructor options, either under
+`options:` or as further top-level keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import hydra
+import torch
+import transformers
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from analysis.collector import REDUCERS, AttentionCollector, BatchRecords
+from analysis.records import MANIFEST_NAME, SHARD_DIR, RecordStore
+from vlm.models import LoadedModel, load_from_config
+from vlm.prompts import encode_batch
+from vlm.tasks.base import Task, VQASample, build_task
+
+log = logging.getLogger(__name__)
+
+TOOLKIT_DISTRIBUTION = "adaptinfer-toolkit"
+DATA_RESERVED_KEYS = ("name", "task", "split", "limit", "options")
+
+
+class CollectError(ValueError):
+    """A collection run that cannot start or go on; the message names the setting and what would be right."""
+
+
+# -- configuration ---------------------------------------------------------------------------------------------
+def _plain(cfg: Any) -> Any:
+    """A resolved plain-Python copy of a DictConfig (or the value itself)."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def _positive_int(cfg: Mapping[str, Any], key: str) -> int:
+    """cfg[key] as an int >= 1, or CollectError naming the key."""
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CollectError(f"{key}={value!r} must be a positive integer")
+    return value
+
+
+def data_spec(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The data group as {task, split, limit, options}, validated."""
+    data = dict(data or {})
+    task = data.get("task")
+    split = data.get("split")
+    if not task or not split:
+        raise CollectError(
+            f"the data config needs `task` (a registered task name) and `split`, got task={task!r} split={split!r}; "
+            "see configs/data/shapes_calibration.yaml"
+        )
+    limit = data.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise CollectError(f"data.limit={limit!r} must be a positive integer or null")
+    options = dict(data.get("options") or {})
+    options.update({k: v for k, v in data.items() if k not in DATA_RESERVED_KEYS})
+    return {"name": data.get("name", f"{task}_{split}"), "task": str(task), "split": str(split), "limit": limit,
+            "options": options}
+
+
+def output_dir(cfg: Mapping[str, Any]) -> Path:
+    """`output` when set, else the Hydra run directory; CollectError outside Hydra without `output`."""
+    if cfg.get("output"):
+        return Path(str(cfg["output"]))
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    raise CollectError("output is not set and no Hydra run directory exists; pass output=DIR (a run directory)")
+
+
+def versions() -> dict[str, str]:
+    """Versions of torch, transformers and this toolkit (plus its git commit when available)."""
+    try:
+        toolkit = metadata.version(TOOLKIT_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        toolkit = "unknown"
+    out = {"torch": torch.__version__, "transformers": transformers.__version__, "toolkit": toolkit}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+            text=True, timeout=5, check=True,
+        ).stdout.strip()
+        if commit:
+            out["git_commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def model_identity(model_cfg: Mapping[str, Any], loaded: LoadedModel) -> dict[str, Any]:
+    """What makes two runs' records comparable: name, source, dtype; for random weights the arch and seed too."""
+    identity: dict[str, Any] = {
+        "name": loaded.name,
+        "source": str(model_cfg.get("source") or loaded.source),
+        "revision": model_cfg.get("revision"),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+    }
+    if not model_cfg.get("source"):
+        arch = json.dumps(model_cfg.get("arch"), sort_keys=True, default=str)
+        identity["arch_sha256"] = hashlib.sha256(arch.encode()).hexdigest()[:16]
+        identity["seed"] = int(model_cfg.get("seed", 0))
+        identity["processor"] = model_cfg.get("processor")
+    return identity
+
+
+def build_manifest(cfg: Mapping[str, Any], loaded: LoadedModel, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's manifest: identity fields (model, data, reducer, num_layers, num_vision), versions, settings."""
+    manifest = {
+        "model": model_identity(cfg["model"], loaded),
+        "data": {"name": data["name"], "task": data["task"], "split": data["split"], "options": data["options"]},
+        "reducer": str(cfg["reducer"]),
+        "num_layers": loaded.num_layers,
+        "num_vision": loaded.vision_tokens_per_image,
+        "layers": list(range(loaded.num_layers)),
+        "scalars_doc": {
+            "vision_share": "mean over heads and text rows of the attention mass on vision tokens",
+            "prior_entropy": "entropy (nats) over text tokens of the normalised AdaptInfer text prior, head-mean",
+        },
+        "versions": versions(),
+        "settings": {k: cfg.get(k) for k in ("n_samples", "batch_size", "shard_size", "seed")} | {"limit": data["limit"]},
+    }
+    return json.loads(json.dumps(manifest, default=str))  # JSON types, as the stored manifest will read back
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def _batches(samples: Iterator[VQASample], done: set[str], batch_size: int, progress: tqdm) -> Iterator[list[VQASample]]:
+    """Batches of the samples not yet done; checks ids are unique; advances the progress bar per sample seen."""
+    seen: set[str] = set()
+    batch: list[VQASample] = []
+    for sample in samples:
+        sid = str(sample.sample_id)
+        if sid in seen:
+            raise CollectError(f"sample id {sid!r} occurs twice in the data; records need unique sample ids")
+        seen.add(sid)
+        if sid in done:
+            progress.update(1)
+            continue
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class _ShardBuffer:
+    """Records waiting for their shard: at most `shard_size` + one batch samples."""
+
+    def __init__(self, store: RecordStore, shard_size: int) -> None:
+        self.store = store
+        self.shard_size = shard_size
+        self.ids: list[str] = []
+        self.t2v: list[torch.Tensor] = []  # each [b, L, V]
+        self.scalars: dict[str, list[torch.Tensor]] = {}  # name -> each [b, L]
+        self.shards_written = 0
+
+    def add(self, ids: Sequence[str], records: BatchRecords) -> None:
+        """Queue a batch's records and write every full shard."""
+        self.ids.extend(ids)
+        self.t2v.append(records.t2v)
+        for name, value in records.scalars.items():
+            self.scalars.setdefault(name, []).append(value)
+        while len(self.ids) >= self.shard_size:
+            self._write(self.shard_size)
+
+    def flush(self) -> None:
+        """Write what is left as a last, smaller shard."""
+        if self.ids:
+            self._write(len(self.ids))
+
+    def _write(self, n: int) -> None:
+        t2v = torch.cat(self.t2v)  # [pending, L, V]
+        scalars = {name: torch.cat(parts) for name, parts in self.scalars.items()}  # each [pending, L]
+        self.store.write_shard(self.ids[:n], t2v[:n], {name: value[:n] for name, value in scalars.items()})
+        self.shards_written += 1
+        self.ids = self.ids[n:]
+        self.t2v = [t2v[n:]] if self.ids else []
+        self.scalars = {name: [value[n:]] for name, value in scalars.items()} if self.ids else {}
+
+
+def _refuse_orphan_shards(run_dir: Path) -> None:
+    """CollectError when `run_dir` holds shard files but no manifest (starting afresh would discard them)."""
+    shard_dir = run_dir / SHARD_DIR
+    if (run_dir / MANIFEST_NAME).exists() or not shard_dir.is_dir():
+        return
+    orphans = sorted(p.name for p in shard_dir.glob("shard-*.pt"))
+    if orphans:
+        raise CollectError(
+            f"{run_dir} holds {len(orphans)} shard files ({orphans[0]}, ...) but no {MANIFEST_NAME}, so they cannot "
+            "be resumed; restore the manifest, or move the shards away / choose a new output directory"
+        )
+
+
+def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
+    """Collect attention records as `cfg` says (see configs/collect.yaml); returns the run directory."""
+    cfg = _plain(cfg)
+    n_samples = _positive_int(cfg, "n_samples")
+    batch_size = _positive_int(cfg, "batch_size")
+    shard_size = _positive_int(cfg, "shard_size")
+    reducer = str(cfg.get("reducer"))
+    if reducer not in REDUCERS:
+        raise CollectError(f"reducer={reducer!r} is unknown; choose one of {sorted(REDUCERS)}")
+    data = data_spec(cfg.get("data") or {})
+    run_dir = output_dir(cfg)
+    if cfg.get("seed") is not None:
+        torch.manual_seed(int(cfg["seed"]))
+
+    task: Task = build_task(data["task"], **data["options"])
+    target = n_samples if data["limit"] is None else min(n_samples, data["limit"])
+    samples = task.samples(data["split"], limit=target)
+    first = next(samples, None)
+    if first is None:
+        raise CollectError(
+            f"task {data['task']!r} split {data['split']!r} gave no samples; check the data config "
+            f"({data['name']}) and that the dataset is present"
+        )
+
+    loaded = load_from_config(cfg["model"])
+    if loaded.processor is None:
+        raise CollectError(f"model preset {loaded.name!r} has no processor; set model.processor (e.g. 'demo')")
+    manifest = build_manifest(cfg, loaded, data)
+    _refuse_orphan_shards(run_dir)
+    store = RecordStore.create_or_resume(run_dir, manifest)
+    done = store.done_ids()
+    log.info("collecting %s into %s (%d samples already there)", data["name"], run_dir, len(done))
+
+    def all_samples() -> Iterator[VQASample]:
+        yield first
+        yield from samples
+
+    buffer = _ShardBuffer(store, shard_size)
+    model = loaded.model
+    with tqdm(total=target, desc=f"collect {data['name']}", unit="sample") as progress, \
+            AttentionCollector(loaded, reducer=reducer) as collector, torch.inference_mode():
+        for batch in _batches(all_samples(), done, batch_size, progress):
+            inputs = encode_batch(loaded.processor, batch, device=loaded.device, dtype=loaded.dtype)
+            try:
+                model(**inputs, use_cache=False, logits_to_keep=1)
+            except BaseException:
+                collector.discard()
+                raise
+            records = collector.consume()
+            if records.t2v.shape[-1] != store.num_vision:
+                raise CollectError(
+                    f"a batch has {records.t2v.shape[-1]} vision tokens per sample but the run records "
+                    f"{store.num_vision} (one image per sample); use a one-image task"
+                )
+            buffer.add([str(s.sample_id) for s in batch], records)
+            progress.update(len(batch))
+        buffer.flush()
+    log.info("wrote %d shards; %d samples in %s", buffer.shards_written, len(store), run_dir)
+    return run_dir
+
+
+@hydra.main(config_path="../configs", config_name="collect", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: run_collect over the composed config."""
+    run_dir = run_collect(cfg)
+    print(f"records: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()
