@@ -18,7 +18,6 @@ class GQATask(HubTask):
     name = "gqa"
     splits = ("testdev", "val", "train")  # the test / challenge configs carry no answers
     max_new_tokens = 16
-    default_hub_id = "lmms-lab/GQA"
     required_columns = ("id", "imageId", "question", "answer")
 
     def __init__(self, path: str | None = None, hub_id: str | None = "lmms-lab/GQA", split: str = "testdev",

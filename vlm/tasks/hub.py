@@ -115,6 +115,10 @@ def _load_local(root: Path, *, split: str, config: str | None, cache_dir: str | 
         return datasets.load_from_disk(str(root))
     files, seen = find_split_files(root, split, config)
     if not files:
+        if config and not (root / config).is_dir() and any(p.is_dir() for p in root.iterdir()):
+            folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise TaskError(f"{where} has no split {split!r}: the folder of its config {config!r} is missing "
+                            f"(folders there: {folders})")
         if seen:
             raise TaskError(f"{where} has no split {split!r}; splits found there: {seen}")
         raise TaskError(f"{where} holds no dataset: expected a `save_to_disk` directory or parquet/arrow files "
@@ -154,7 +158,6 @@ def to_pil(value: Any, *, where: str) -> Image.Image:
 class HubTask(Task):
     """A Task read from an lmms-lab style dataset: hub id or local directory, a default split and limit."""
 
-    default_hub_id: str | None = None
     required_columns: tuple[str, ...] = ()
 
     def __init__(
@@ -167,7 +170,7 @@ class HubTask(Task):
         cache_dir: str | None = None,
     ) -> None:
         self.path = path
-        self.hub_id = hub_id if hub_id is not None else (None if path is not None else self.default_hub_id)
+        self.hub_id = hub_id
         self.split = split if split is not None else self.splits[0]
         if self.split not in self.splits:
             raise TaskError(f"task {self.name!r} has no split {self.split!r}; available splits: {list(self.splits)}")

@@ -23,7 +23,6 @@ class MMETask(HubTask):
     name = "mme"
     splits = ("test",)
     max_new_tokens = 16
-    default_hub_id = "lmms-lab/MME"
     required_columns = ("question_id", "question", "answer", "image", "category")
 
     def __init__(self, path: str | None = None, hub_id: str | None = "lmms-lab/MME", split: str = "test",

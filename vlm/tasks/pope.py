@@ -21,7 +21,6 @@ class POPETask(HubTask):
     name = "pope"
     splits = ("test",) + POPE_CATEGORIES
     max_new_tokens = 16
-    default_hub_id = "lmms-lab/POPE"
     required_columns = ("question_id", "question", "answer", "image")
     full_config = "Full"
 

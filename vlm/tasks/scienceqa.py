@@ -22,7 +22,6 @@ class ScienceQAImgTask(HubTask):
     name = "scienceqa_img"
     splits = ("test", "validation", "train")
     max_new_tokens = 16
-    default_hub_id = "lmms-lab/ScienceQA"
     required_columns = ("image", "question", "choices", "answer", "hint")
 
     def __init__(self, path: str | None = None, hub_id: str | None = "lmms-lab/ScienceQA", split: str = "test",

@@ -22,7 +22,6 @@ class TextVQATask(HubTask):
     name = "textvqa"
     splits = ("validation", "train", "test")  # test carries no answers
     max_new_tokens = 16
-    default_hub_id = "lmms-lab/textvqa"
     required_columns = ("question_id", "question", "image", "answers")
 
     def __init__(self, path: str | None = None, hub_id: str | None = "lmms-lab/textvqa", split: str = "validation",

@@ -17,7 +17,6 @@ class VQAv2Task(HubTask):
     name = "vqav2"
     splits = ("validation", "testdev", "test")  # only validation carries answers; the others are for EvalAI
     max_new_tokens = 16
-    default_hub_id = "lmms-lab/VQAv2"
     required_columns = ("question_id", "question", "image", "answers")
 
     def __init__(self, path: str | None = None, hub_id: str | None = "lmms-lab/VQAv2", split: str = "validation",
