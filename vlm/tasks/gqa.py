@@ -4,10 +4,8 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 from vlm.tasks.base import TaskError, VQASample, register_task
-from vlm.tasks.hub import HubTask, to_pil
+from vlm.tasks.hub import SHORT_ANSWER_PROMPT, HubTask, to_pil
 from vlm.tasks.metrics import check_lengths, exact_match, grouped_mean
-
-SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
 @register_task("gqa")

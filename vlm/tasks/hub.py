@@ -21,6 +21,8 @@ from PIL import Image
 from vlm.tasks.base import Task, TaskError, VQASample
 
 DATA_FILE_SUFFIXES: tuple[str, ...] = (".parquet", ".arrow")
+# LLaVA-1.5's instruction for short answers (VQAv2, GQA, TextVQA, POPE, MME), as in lmms-eval's task YAMLs.
+SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
 def _is_saved_dataset(directory: Path) -> bool:
@@ -196,8 +198,8 @@ class HubTask(Task):
     def load(self, split: str, config: str | None = None, columns: Sequence[str] | None = None) -> datasets.Dataset:
         """The dataset of `split`, checked to have `columns` (default: the task's required columns)."""
         ds = load_split(
-            split=split, path=self.path, hub_id=self.hub_id, config=config if config is not None else self.config_for(split),
-            cache_dir=self.cache_dir, task=self.name,
+            split=split, path=self.path, hub_id=self.hub_id, cache_dir=self.cache_dir, task=self.name,
+            config=config if config is not None else self.config_for(split),
         )
         require_columns(ds, self.required_columns if columns is None else columns, task=self.name, split=split,
                         source=self.source)

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from vlm.tasks.base import VQASample, register_task
-from vlm.tasks.hub import HubTask, to_pil
+from vlm.tasks.hub import SHORT_ANSWER_PROMPT, HubTask, to_pil
 from vlm.tasks.metrics import check_lengths, mme_scores
 
-SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 YES_NO_HINT = " Please answer yes or no."
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from vlm.tasks.base import VQASample, register_task
-from vlm.tasks.hub import HubTask, to_pil
+from vlm.tasks.hub import SHORT_ANSWER_PROMPT, HubTask, to_pil
 from vlm.tasks.metrics import POPE_CATEGORIES, check_lengths, pope_metrics
-
-SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
 @register_task("pope")
@@ -25,7 +23,8 @@ class POPETask(HubTask):
     full_config = "Full"
 
     def __init__(self, path: str | None = None, hub_id: str | None = "lmms-lab/POPE", split: str = "test",
-                 limit: int | None = None, prompt_suffix: str = SHORT_ANSWER_PROMPT, cache_dir: str | None = None) -> None:
+                 limit: int | None = None, prompt_suffix: str = SHORT_ANSWER_PROMPT,
+                 cache_dir: str | None = None) -> None:
         super().__init__(path=path, hub_id=hub_id, split=split, limit=limit, cache_dir=cache_dir)
         self.prompt_suffix = prompt_suffix
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from vlm.tasks.base import TaskError, VQASample, register_task
-from vlm.tasks.hub import HubTask, to_pil
+from vlm.tasks.hub import SHORT_ANSWER_PROMPT, HubTask, to_pil
 from vlm.tasks.metrics import check_lengths, vqa_accuracy
 
-SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 OCR_PREFIX = "\nReference OCR token: "
 
 

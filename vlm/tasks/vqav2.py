@@ -4,10 +4,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from vlm.tasks.base import TaskError, VQASample, register_task
-from vlm.tasks.hub import HubTask, to_pil
+from vlm.tasks.hub import SHORT_ANSWER_PROMPT, HubTask, to_pil
 from vlm.tasks.metrics import check_lengths, grouped_mean, vqa_accuracy
-
-SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
 
 
 @register_task("vqav2")
@@ -20,7 +18,8 @@ class VQAv2Task(HubTask):
     required_columns = ("question_id", "question", "image", "answers")
 
     def __init__(self, path: str | None = None, hub_id: str | None = "lmms-lab/VQAv2", split: str = "validation",
-                 limit: int | None = None, prompt_suffix: str = SHORT_ANSWER_PROMPT, cache_dir: str | None = None) -> None:
+                 limit: int | None = None, prompt_suffix: str = SHORT_ANSWER_PROMPT,
+                 cache_dir: str | None = None) -> None:
         super().__init__(path=path, hub_id=hub_id, split=split, limit=limit, cache_dir=cache_dir)
         self.prompt_suffix = prompt_suffix
 
