@@ -1,0 +1,351 @@
+"""Train the demo model on the shapes world, in LLaVA's two stages, resumable from its checkpoints.
+
+Stage 1 (vision): the CLIP tower alone learns per-patch colour / shape / object-centre / grid labels from
+the generator's masks. Stage 2 (language): with the tower frozen, the projector and the language model learn
+the questions; all questions about one image are packed in one sequence after a single copy of the image,
+each question masked to see only the image and itself (and positioned as if it were alone), so the 576
+vision tokens are paid once for many answers. A curriculum goes from one or two objects and three question
+families to the full world. Learning rate and curriculum follow the fraction of the step budget or of the
+time budget already used, whichever is larger, so a run can be given a wall-clock budget.
+
+    python -m vlm.shapes.train --out checkpoints --stage1-steps 500 --stage2-steps 3000 --stage2-minutes 60
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlm.shapes.model_config import build_demo_model
+from vlm.shapes.processor import CLIP_MEAN, CLIP_STD, IMAGE_PREFIX, build_processor
+from vlm.shapes.world import (COLORS, FAMILIES, GRID, SHAPES, Scene, WorldOptions, make_scene, patch_labels,
+                              render_scene, split_seeds)
+
+NEG = torch.finfo(torch.float32).min
+
+
+def pixel_batch(scenes: list[Scene]) -> torch.Tensor:
+    """CLIP-normalised pixels of rendered scenes: [B, 3, 336, 336] (same numbers as the processor gives)."""
+    arr = np.stack([np.asarray(render_scene(s), dtype=np.float32) / 255.0 for s in scenes])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def train_seed(base_seed: int, step: int, i: int) -> int:
+    """The scene seed of image `i` at `step`: deterministic, inside the train split's range."""
+    lo, hi = split_seeds("train")
+    return lo + int(np.random.default_rng([base_seed, step, i]).integers(0, hi - lo))
+
+
+def curriculum(progress: float, rng: np.random.Generator) -> WorldOptions:
+    """World options for one training image at `progress` in [0, 1]: small worlds first, then the full one."""
+    easy = WorldOptions(min_objects=1, max_objects=2, min_palette=1, max_palette=2,
+                        families=("color", "shape", "exist"), questions_per_family=2)
+    mid = WorldOptions(min_objects=1, max_objects=4, min_palette=1, max_palette=3, questions_per_family=2)
+    full = WorldOptions(questions_per_family=3)
+    if progress < 0.06:
+        return easy
+    if progress < 0.2:
+        return mid if rng.random() < 0.8 else easy
+    return full if rng.random() < 0.85 else mid
+
+
+# ----------------------------------------------------------------------------------------------- stage 1
+class PatchHeads(nn.Module):
+    """Linear read-outs of per-patch labels from the vision tower's selected layer."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.color = nn.Linear(width, len(COLORS) + 1)
+        self.shape = nn.Linear(width, len(SHAPES) + 1)
+        self.center = nn.Linear(width, 2)
+        self.row = nn.Linear(width, GRID)
+        self.col = nn.Linear(width, GRID)
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """feats [B, 576, D] -> logits per label name, each [B, 576, C]."""
+        return {k: getattr(self, k)(feats) for k in ("color", "shape", "center", "row", "col")}
+
+
+def vision_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Patch features the projector receives: pixels [B, 3, 336, 336] -> [B, 576, D_vision] (CLS dropped)."""
+    layer = model.config.vision_feature_layer
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[layer][:, 1:]
+
+
+def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, lr: float) -> None:
+    """Train the vision tower on per-patch labels; resumes from out/stage1.pt; writes the tower when done."""
+    ckpt = out / "stage1.pt"
+    tower = model.model.vision_tower
+    heads = PatchHeads(model.config.vision_config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu")
+        tower.load_state_dict(state["tower"])
+        heads.load_state_dict(state["heads"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        print(f"[stage1] resumed at step {start}", flush=True)
+    if start >= steps:
+        return
+    tower.train()
+    weights = {"color": 1.0, "shape": 1.0, "center": 0.5, "row": 0.2, "col": 0.2}
+    t0 = time.time()
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        rng = np.random.default_rng([seed, 1, step])
+        scenes = [make_scene(train_seed(seed + 1, step, i),
+                             WorldOptions(min_objects=int(rng.integers(1, 4)), max_objects=6, min_palette=1,
+                                          max_palette=6)) for i in range(batch)]
+        labels = [patch_labels(s) for s in scenes]
+        target = {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in weights}  # [B, 576] each
+        logits = heads(vision_features(model, pixel_batch(scenes)))
+        losses = {k: nn.functional.cross_entropy(logits[k].flatten(0, 1), target[k].flatten()) for k in weights}
+        loss = sum(weights[k] * v for k, v in losses.items())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % 25 == 0 or step + 1 == steps:
+            with torch.no_grad():
+                obj = target["color"] > 0
+                acc_c = (logits["color"].argmax(-1) == target["color"]).float().mean().item()
+                acc_c_obj = (logits["color"].argmax(-1) == target["color"])[obj].float().mean().item()
+                acc_s_obj = (logits["shape"].argmax(-1) == target["shape"])[obj].float().mean().item()
+                ctr = target["center"] > 0
+                rec_ctr = (logits["center"].argmax(-1) == 1)[ctr].float().mean().item()
+            print(f"[stage1] step {step + 1}/{steps} loss {loss.item():.4f} color {acc_c:.4f} "
+                  f"color@obj {acc_c_obj:.4f} shape@obj {acc_s_obj:.4f} center-recall {rec_ctr:.3f} "
+                  f"{(time.time() - t0) / (step + 1 - start):.2f}s/step", flush=True)
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            _atomic_save({"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                          "step": step + 1}, ckpt)
+
+
+# ----------------------------------------------------------------------------------------------- stage 2
+@dataclass
+class PackedBatch:
+    """Packed question sequences, one row per image."""
+
+    input_ids: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, 1, T, T] additive float mask
+    pixel_values: torch.Tensor  # [B, 3, 336, 336]
+    target_rows: torch.Tensor  # [N] batch index of each supervised position
+    target_cols: torch.Tensor  # [N] sequence index of each supervised position
+    target_ids: torch.Tensor  # [N] the token to predict there
+    is_answer: torch.Tensor  # [N] True where the target is the answer word (False: the closing </s>)
+    families: list[str]  # [N] family of each supervised position
+
+
+class Packer:
+    """Builds packed batches: [BOS USER : <image>*576 \\n] then per question [q ... ASSISTANT : answer </s>]."""
+
+    def __init__(self, processor) -> None:
+        self.tok = processor.tokenizer
+        n_image = (336 // 14) ** 2
+        pre = self.tok(IMAGE_PREFIX)["input_ids"]
+        image_id = self.tok.convert_tokens_to_ids("<image>")
+        k = pre.index(image_id)
+        self.prefix = pre[:k] + [image_id] * n_image + pre[k + 1:]
+        self.eos = self.tok.eos_token_id
+        self.pad = self.tok.pad_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str, special: bool = False) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = self.tok(text, add_special_tokens=special)["input_ids"]
+        return self._cache[text]
+
+    def answer_id(self, answer: str) -> int:
+        """The single token of a one-word answer."""
+        ids = self._ids(answer)
+        if len(ids) != 1:
+            raise ValueError(f"answer {answer!r} is {len(ids)} tokens; answers must be one word of the vocabulary")
+        return ids[0]
+
+    def pack(self, scenes: list[Scene], with_eos: bool = True) -> PackedBatch:
+        """One row per scene holding all its questions; each question sees the image and itself only."""
+        rows, poss, segs, targets = [], [], [], []
+        p = len(self.prefix)
+        for b, scene in enumerate(scenes):
+            ids, pos, seg = list(self.prefix), list(range(p)), [0] * p
+            for qi, q in enumerate(scene.questions):
+                body = self._ids(q.text + " ASSISTANT:")
+                ans = self.answer_id(q.answer)
+                piece = body + [ans] + ([self.eos] if with_eos else [])
+                start = len(ids)
+                targets.append((b, start + len(body) - 1, ans, True, q.family))
+                if with_eos:
+                    targets.append((b, start + len(body), self.eos, False, q.family))
+                ids += piece
+                pos += list(range(p, p + len(piece)))
+                seg += [qi + 1] * len(piece)
+            rows.append(ids)
+            poss.append(pos)
+            segs.append(seg)
+        t = max(len(r) for r in rows)
+        n = len(rows)
+        input_ids = torch.full((n, t), self.pad, dtype=torch.long)
+        position_ids = torch.zeros((n, t), dtype=torch.long)
+        seg_t = torch.full((n, t), -1, dtype=torch.long)
+        for b in range(n):
+            input_ids[b, :len(rows[b])] = torch.tensor(rows[b])
+            position_ids[b, :len(rows[b])] = torch.tensor(poss[b])
+            seg_t[b, :len(rows[b])] = torch.tensor(segs[b])
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        q_seg, k_seg = seg_t[:, :, None], seg_t[:, None, :]
+        allowed = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)
+        allowed |= torch.eye(t, dtype=torch.bool)  # padding rows see themselves, so no row is empty
+        mask = torch.zeros((n, 1, t, t), dtype=torch.float32).masked_fill(~allowed[:, None], NEG)
+        tr = list(zip(*targets))
+        return PackedBatch(input_ids, position_ids, mask, pixel_batch(scenes), torch.tensor(tr[0]),
+                           torch.tensor(tr[1]), torch.tensor(tr[2]), torch.tensor(tr[3]), list(tr[4]))
+
+
+def packed_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """Logits at the supervised positions of a packed batch: [N, vocab]."""
+    hidden = model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                         attention_mask=batch.attention_mask, position_ids=batch.position_ids).last_hidden_state
+    return model.lm_head(hidden[batch.target_rows, batch.target_cols])
+
+
+@torch.no_grad()
+def packed_accuracy(model: nn.Module, packer: Packer, split: str, n_scenes: int) -> dict[str, float]:
+    """Exact-match accuracy of the answer word per family on the first `n_scenes` full-world scenes of a split."""
+    was = model.training
+    model.eval()
+    start, _ = split_seeds(split)
+    hits: dict[str, list[bool]] = {f: [] for f in FAMILIES}
+    opts = WorldOptions(questions_per_family=2)
+    for i in range(0, n_scenes, 8):
+        scenes = [make_scene(start + j, opts) for j in range(i, min(i + 8, n_scenes))]
+        batch = packer.pack(scenes, with_eos=False)
+        pred = packed_logits(model, batch).argmax(-1)
+        for ok, fam in zip((pred == batch.target_ids).tolist(), batch.families):
+            hits[fam].append(ok)
+    model.train(was)
+    res = {f: float(np.mean(v)) for f, v in hits.items() if v}
+    res["overall"] = float(np.mean([x for v in hits.values() for x in v]))
+    return res
+
+
+def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: float, batch: int, seed: int,
+               lr: float, eval_every: int) -> None:
+    """Train projector + language model on packed questions (tower frozen); resumes from out/stage2.pt."""
+    ckpt = out / "stage2.pt"
+    model.model.vision_tower.requires_grad_(False)
+    model.model.vision_tower.eval()
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start, elapsed = state["step"], state["elapsed"]
+        print(f"[stage2] resumed at step {start} ({elapsed / 60:.1f} min used)", flush=True)
+    packer = Packer(processor)
+    model.train()
+    model.model.vision_tower.eval()
+    budget = minutes * 60
+    step = start
+    t_last = time.time()
+    answers = 0
+    while True:
+        progress = max(step / steps, elapsed / budget)
+        if progress >= 1.0:
+            break
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+        rng = np.random.default_rng([seed, 2, step])
+        scenes = []
+        for i in range(batch):
+            scene = make_scene(train_seed(seed + 2, step, i), curriculum(progress, rng))
+            if scene.questions:
+                scenes.append(scene)
+        b = packer.pack(scenes)
+        logits = packed_logits(model, b)
+        loss = nn.functional.cross_entropy(logits, b.target_ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        now = time.time()
+        elapsed += now - t_last
+        t_last = now
+        answers += int(b.is_answer.sum())
+        if step % 20 == 0:
+            with torch.no_grad():
+                acc = (logits.argmax(-1) == b.target_ids)[b.is_answer].float().mean().item()
+            print(f"[stage2] step {step} progress {progress:.3f} loss {loss.item():.4f} train-acc {acc:.3f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min, {answers / 20:.0f} answers/step",
+                  flush=True)
+            answers = 0
+        if step % eval_every == 0:
+            acc = packed_accuracy(model, packer, "calibration", 48)
+            print("[stage2] held-out (calibration) " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+            t_last = time.time()  # evaluation time does not count against the budget
+        if step % 50 == 0:
+            _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed},
+                         ckpt)
+    _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, ckpt)
+    acc = packed_accuracy(model, packer, "calibration", 96)
+    print(f"[stage2] done at step {step}: held-out " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: both stages, then save_pretrained (model + processor) into OUT/final."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("checkpoints"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stage1-steps", type=int, default=500)
+    ap.add_argument("--stage1-batch", type=int, default=16)
+    ap.add_argument("--stage1-lr", type=float, default=2e-3)
+    ap.add_argument("--stage2-steps", type=int, default=3000)
+    ap.add_argument("--stage2-minutes", type=float, default=60.0, help="wall-clock budget of stage 2")
+    ap.add_argument("--stage2-batch", type=int, default=4, help="images per step (all their questions packed)")
+    ap.add_argument("--stage2-lr", type=float, default=1e-3)
+    ap.add_argument("--eval-every", type=int, default=200)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = build_demo_model(args.seed)
+    processor = build_processor()
+    print(f"[train] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; args {vars(args)}", flush=True)
+    run_stage1(model, args.out, args.stage1_steps, args.stage1_batch, args.seed, args.stage1_lr)
+    if (args.out / "stage1.pt").exists():  # stage 2 always starts from the finished tower
+        model.model.vision_tower.load_state_dict(torch.load(args.out / "stage1.pt", map_location="cpu")["tower"])
+    run_stage2(model, processor, args.out, args.stage2_steps, args.stage2_minutes, args.stage2_batch, args.seed,
+               args.stage2_lr, args.eval_every)
+    final = args.out / "final"
+    model.eval()
+    model.save_pretrained(final, safe_serialization=True)
+    processor.save_pretrained(final)
+    print(f"[train] saved {final}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
