@@ -239,13 +239,15 @@ class Schedule:
         return self
 
     # ------------------------------------------------------------------ arithmetic
-    def _need(self, value: int | None, own: int | None, what: str) -> int:
-        if value is None:
-            value = own
-        if value is None:
-            raise ScheduleError(f"{what} is needed: pass it, or set the schedule's {what} field")
-        self.validate(**{("num_layers" if what == "num_layers" else "initial"): value})
-        return int(value)
+    def _model_size(self, num_layers: int | None, initial: int | None) -> tuple[int, int]:
+        """(num_layers, initial) from the arguments or the schedule's own fields, checked against the schedule."""
+        n_layers = num_layers if num_layers is not None else self.num_layers
+        n_initial = initial if initial is not None else self.vision_tokens
+        for what, value, own in (("num_layers", n_layers, "num_layers"), ("initial", n_initial, "vision_tokens")):
+            if value is None:
+                raise ScheduleError(f"{what} is needed: pass it, or set the schedule's {own} field")
+        self.validate(num_layers=n_layers, initial=n_initial)
+        return int(n_layers), int(n_initial)
 
     def keep_counts(self, initial: int | None = None) -> list[int]:
         """Vision tokens kept after each stage, starting from `initial` (fractions resolved in stage order).
@@ -279,8 +281,7 @@ class Schedule:
         """
         if convention not in CONVENTIONS:
             raise ScheduleError(f"convention = {convention!r}: must be one of {list(CONVENTIONS)}")
-        n_layers = self._need(num_layers, self.num_layers, "num_layers")
-        n_initial = self._need(initial, self.vision_tokens, "vision_tokens")
+        n_layers, n_initial = self._model_size(num_layers, initial)
         counts = self.keep_counts(n_initial)
         # a stage at layer l changes the count from layer l+1 on ("processed") or from layer l on ("paper")
         shift = 1 if convention == "processed" else 0

@@ -279,3 +279,16 @@ def test_allocate_keep_unreachable():
     with pytest.raises(ScheduleError, match=r"stages\[0\]\.layer = 31"):
         allocate_keep([31], LAYERS_7B, VISION, 500)
     assert math.isclose(allocate_keep([1, 10, 20], LAYERS_7B, VISION, 36.0).budget(), 36.0)
+
+
+def test_allocate_keep_before_the_lm():
+    # a single pre-LM stage (VisionZip): every layer sees the kept count, in both conventions
+    for convention in ("processed", "paper"):
+        s = allocate_keep([-1], LAYERS_7B, VISION, 64, convention=convention)
+        assert s.keep_counts() == [64]
+        assert s.budget(convention=convention) == 64.0
+
+
+def test_budget_needs_initial():
+    with pytest.raises(ScheduleError, match="initial is needed.*vision_tokens"):
+        Schedule([Stage(1, 10)], num_layers=LAYERS_7B).budget()
