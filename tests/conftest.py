@@ -12,7 +12,7 @@ IMAGE_TOKEN_ID = 7
 PAD_TOKEN_ID = 0
 
 
-def tiny_arch(image_size: int = 56, layers: int = 4, kv_heads: int = 4, vocab: int = 64) -> dict:
+def tiny_arch(image_size: int = 56, layers: int = 4, kv_heads: int = 4, vocab: int = 64, init_range: float = 0.02) -> dict:
     """LLaVA-1.5 structure at toy size: (image_size/14)^2 vision tokens."""
     return {
         "image_token_id": IMAGE_TOKEN_ID,
@@ -21,7 +21,7 @@ def tiny_arch(image_size: int = 56, layers: int = 4, kv_heads: int = 4, vocab: i
         "text_config": {
             "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
             "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": vocab,
-            "pad_token_id": PAD_TOKEN_ID, "max_position_embeddings": 512,
+            "pad_token_id": PAD_TOKEN_ID, "max_position_embeddings": 512, "initializer_range": init_range,
         },
         "vision_config": {
             "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

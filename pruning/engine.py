@@ -1,0 +1,404 @@
+"""The pruning engine: drop vision tokens inside the language model during prefill, on stock transformers.
+
+Mechanism (DESIGN.md "Dropping tokens on stock transformers"): forward pre-hooks (with_kwargs) on the
+decoder layers. After a stage layer l has run, the pre-hook of layer l+1 gathers the kept positions of
+the hidden states; every later layer's pre-hook slices `position_embeddings`, `position_ids` and both
+axes of a 4-D mask to the tokens that layer holds. Decode steps (one query token) pass through, with the
+decode mask's columns remapped to the keys each layer's cache really holds. Attention rows for scoring
+come from `vlm.probe.AttentionProbe` at the stage layers only; SDPA/flash compute every output.
+
+Schedule semantics: a stage {layer: l, keep: k} scores with layer l's attention over the tokens present
+at l; the dropped vision tokens leave after layer l, so layers l+1... see k vision tokens. A stage at
+layer -1 (VisionZip) selects before the language model, so layer 0 already sees k vision tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pruning.flops import prefill_flops
+from pruning.schedule import Schedule
+from pruning.scorers import ScoringContext, score as run_scorer, scorer_rows, select, visionzip_select, visionzip_split
+from vlm.layout import TokenLayout
+from vlm.probe import AttentionProbe, ProbeCall
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run this model/schedule/input combination; the message says what would work."""
+
+
+@dataclass
+class PrefillRecord:
+    """What the last prefill did: per stage and row the original vision positions kept, tokens per layer."""
+
+    kept_positions: list[Tensor] = field(default_factory=list)  # per stage: [B, k] original positions, ascending
+    tokens_per_layer: list[int] = field(default_factory=list)  # sequence length each decoder layer processed
+    vision_per_layer: list[int] = field(default_factory=list)  # vision tokens each decoder layer processed
+    flops: int = 0  # analytic FLOPs of the decoder layers for ONE row (4nd^2 + 2n^2d + 3ndm per layer)
+    batch_size: int = 0
+
+
+@dataclass
+class _RowState:
+    """Per-prefill bookkeeping of which original tokens the current sequence holds."""
+
+    layout: TokenLayout
+    cur_idx: Tensor  # [B, N'] indices into the original sequence of the tokens currently present
+    is_vision: Tensor  # [B, N'] bool: current token is a vision token
+    pos_full: Tensor | None = None  # [B, N] original position ids (from layer 0's kwargs)
+    cos_sin_full: tuple[Tensor, Tensor] | None = None  # original (cos, sin) [B|1, N, hd]
+    pending: Tensor | None = None  # [B, N''] keep-index into the current sequence, applied at the next layer
+    stage_rows: dict[int, Tensor] = field(default_factory=dict)  # stage layer -> attention rows [B, H, R, K]
+    stage_query: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+class PruningEngine:
+    """Context manager: prune vision tokens in prefill by a `Schedule` and a named scorer.
+
+    Inside it, plain `model(**inputs)` and `model.generate(**inputs)` run pruned; on exit every hook is
+    removed and the model is exactly as before. `engine.record` describes the last prefill.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Schedule,
+        scorer: str = "adaptinfer",
+        *,
+        scorer_options: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.schedule = schedule
+        self.scorer = scorer
+        self.scorer_options = dict(scorer_options or {})
+        self.seed = seed
+        self.config = model.config
+        self.image_token_id = int(model.config.image_token_id)
+        self.lm = model.model.language_model
+        self.layers = self.lm.layers
+        self.num_layers = len(self.layers)
+        self.rows_kind = scorer_rows(scorer) if scorer != "visionzip" else "none"
+        schedule.validate(num_layers=self.num_layers)
+        self.stage_layers = [s.layer for s in schedule.stages]
+        if any(layer == -1 for layer in self.stage_layers) and scorer != "visionzip":
+            raise EngineError(f"a stage at layer -1 (before the language model) needs scorer 'visionzip', not {scorer!r}")
+        if scorer == "visionzip" and self.stage_layers[:1] != [-1]:
+            raise EngineError("scorer 'visionzip' selects before the language model: its schedule's first stage is layer -1")
+        self.record = PrefillRecord()
+        self._handles: list[Any] = []
+        self._probe: AttentionProbe | None = None
+        self._state: _RowState | None = None
+        self._layer_cols: list[Tensor | None] = [None] * self.num_layers  # original columns each layer's cache holds
+        self._dropped: list[Tensor | None] = [None] * self.num_layers  # [B, 1] tokens dropped before each layer
+        self._vz: dict[str, Tensor] = {}
+        self._decoding = False
+        self._generator = torch.Generator()
+
+    # -- attach / detach ------------------------------------------------------------------------------
+    def __enter__(self) -> "PruningEngine":
+        try:
+            self._handles.append(self.model.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+            for i, layer in enumerate(self.layers):
+                self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            probe_layers = [l for l in self.stage_layers if l >= 0] if self.rows_kind != "none" else []
+            if self.scorer == "visionzip":
+                self._attach_visionzip()
+            if probe_layers:
+                self._probe = AttentionProbe(self.model, layers=probe_layers, rows=self._probe_rows, on_rows=self._on_rows)
+                self._probe.__enter__()
+        except BaseException:
+            self._detach()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._probe is not None:
+            self._probe.__exit__(None, None, None)
+            self._probe = None
+        self._state = None
+        self._vz.clear()
+
+    # -- prefill start ---------------------------------------------------------------------------------
+    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise EngineError("the pruning engine needs input_ids (to find the image tokens), not inputs_embeds")
+        cache = kwargs.get("past_key_values")
+        if input_ids.shape[1] == 1 or (cache is not None and cache.get_seq_length() > 0):
+            if input_ids.shape[1] != 1:
+                raise EngineError("a multi-token step after prefill (chunked prefill / speculative decoding) is not supported")
+            self._decoding = True  # decode: layer hooks remap masks and positions
+            return
+        self._decoding = False
+        layout = TokenLayout.from_batch(input_ids, kwargs.get("attention_mask"), self.image_token_id)
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        is_vision = torch.zeros_like(input_ids, dtype=torch.bool).scatter_(1, layout.vision_index, True)
+        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=is_vision)
+        self._generator.manual_seed(self.seed)
+        self._layer_cols = [None] * self.num_layers
+        self._dropped = [None] * self.num_layers
+        self.record = PrefillRecord(batch_size=batch)
+        self._keep_counts = self.schedule.keep_counts(layout.num_vision)
+
+    # -- per layer -------------------------------------------------------------------------------------
+    def _make_layer_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if self._decoding:
+                return self._decode_step(index, args, kwargs)
+            if self._state is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return self._prefill_step(index, module, hidden, args, kwargs)
+
+        return hook
+
+    def _prefill_step(self, index: int, module: nn.Module, hidden: Tensor, args: tuple, kwargs: dict):
+        st = self._state
+        if index == 0:
+            st.pos_full = _expand_batch(kwargs.get("position_ids"), hidden.shape[0])
+            st.cos_sin_full = kwargs.get("position_embeddings")
+            if self.stage_layers and self.stage_layers[0] == -1:
+                hidden = self._visionzip_stage(hidden)
+        if index >= 1 and self.rows_kind == "none" and (index - 1) in self.stage_layers:
+            # Scorers that read the stage layer's output with the next layer's modules (PyramidDrop).
+            cur_kwargs = self._slice_kwargs(kwargs, st, hidden) if st.cur_idx.shape[1] != st.layout.seq_len else kwargs
+            ctx = self._context(
+                hidden_states=hidden, next_layer=module, position_embeddings=cur_kwargs.get("position_embeddings")
+            )
+            self._apply_selection(index - 1, run_scorer(self.scorer, ctx))
+        if st.pending is not None:
+            keep = st.pending  # [B, N'] indices into the previous sequence
+            hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+            st.cur_idx = st.cur_idx.gather(1, keep)
+            st.is_vision = st.is_vision.gather(1, keep)
+            st.pending = None
+        n_cur = st.cur_idx.shape[1]
+        self._layer_cols[index] = st.cur_idx
+        self._dropped[index] = (st.cur_idx - torch.arange(n_cur, device=hidden.device))[:, -1:]  # [B, 1]
+        self.record.tokens_per_layer.append(n_cur)
+        self.record.vision_per_layer.append(int(st.is_vision[0].sum()))
+        if n_cur != st.layout.seq_len:
+            kwargs = self._slice_kwargs(kwargs, st, hidden)
+        if index == self.num_layers - 1:
+            self._finish_record()
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return args, kwargs
+
+    def _slice_kwargs(self, kwargs: dict, st: _RowState, hidden: Tensor) -> dict:
+        """Position ids, RoPE (cos, sin) and the 4-D mask for the tokens this layer holds."""
+        kwargs = dict(kwargs)
+        idx = st.cur_idx  # [B, N']
+        batch, n_cur = idx.shape
+        pos = st.pos_full.gather(1, idx) if st.pos_full is not None else idx
+        if self.schedule.positions == "renumber":
+            pos = pos - (idx - torch.arange(n_cur, device=idx.device))  # contiguous: minus tokens dropped before
+            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=pos)
+        elif st.cos_sin_full is not None:
+            cos, sin = st.cos_sin_full
+            kwargs["position_embeddings"] = (_gather_seq(cos, idx), _gather_seq(sin, idx))
+        if "position_ids" in kwargs and kwargs["position_ids"] is not None:
+            kwargs["position_ids"] = pos
+        if kwargs.get("cache_position") is not None:
+            kwargs["cache_position"] = torch.arange(n_cur, device=idx.device)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 4:
+            m = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
+            m = m.gather(2, idx[:, None, :, None].expand(batch, m.shape[1], n_cur, m.shape[3]))
+            kwargs["attention_mask"] = m.gather(3, idx[:, None, None, :].expand(batch, m.shape[1], n_cur, n_cur))
+        elif isinstance(mask, Tensor) and mask.dim() == 2:
+            kwargs["attention_mask"] = mask.gather(1, idx)
+        return kwargs
+
+    def _decode_step(self, index: int, args: tuple, kwargs: dict):
+        cols = self._layer_cols[index]
+        if cols is None or self._layer_cols[0] is None:
+            return None
+        full = self._layer_cols[0].shape[1]
+        if cols.shape[1] == full:
+            return None  # this layer holds every prefill token: nothing to remap
+        kwargs = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() in (2, 4):
+            total = mask.shape[-1]
+            extra = torch.arange(full, total, device=cols.device).expand(cols.shape[0], total - full)
+            keep_cols = torch.cat([cols, extra], dim=1)  # [B, K_layer]
+            if mask.dim() == 4:
+                m = mask.expand(cols.shape[0], *mask.shape[1:]) if mask.shape[0] == 1 else mask
+                kwargs["attention_mask"] = m.gather(
+                    3, keep_cols[:, None, None, :].expand(m.shape[0], m.shape[1], m.shape[2], keep_cols.shape[1])
+                )
+            else:
+                kwargs["attention_mask"] = mask.gather(1, keep_cols)
+        if self.schedule.positions == "renumber":
+            hidden = args[0] if args else kwargs["hidden_states"]
+            pos = _expand_batch(kwargs.get("position_ids"), hidden.shape[0])
+            if pos is None:
+                raise EngineError("renumbered positions need position_ids in decode")
+            pos = pos - self._dropped[index]
+            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=pos)
+            kwargs["position_ids"] = pos
+        return args, kwargs
+
+    # -- scoring and selection -------------------------------------------------------------------------
+    def _query_rows(self) -> tuple[Tensor, Tensor]:
+        """Current positions of the scorer's query rows: text tokens, or the last real token."""
+        st = self._state
+        lay = st.layout
+        if self.rows_kind == "last":
+            orig = lay.last_index[:, None]
+            mask = torch.ones_like(orig, dtype=torch.bool)
+        else:
+            orig, mask = lay.text_index, lay.text_mask
+        return _current_positions(st.cur_idx, orig), mask
+
+    def _probe_rows(self, call: ProbeCall):
+        if self._state is None or call.q_len == 1:
+            return None
+        index, mask = self._query_rows()
+        self._state.stage_query[call.site] = (index, mask)
+        return index, mask
+
+    def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor, mask: Tensor | None) -> None:
+        st = self._state
+        index_q, mask_q = st.stage_query[call.site]
+        ctx = self._context(attn=rows, query_index=index_q, query_mask=mask_q)
+        self._apply_selection(call.site, run_scorer(self.scorer, ctx))
+
+    def _context(self, **kw: Any) -> ScoringContext:
+        st = self._state
+        vision_cur = st.is_vision.nonzero()[:, 1].view(st.cur_idx.shape[0], -1)  # [B, V_cur]
+        text_cur = _current_positions(st.cur_idx, st.layout.text_index)
+        key_mask = st.layout.valid.gather(1, st.cur_idx)
+        return ScoringContext(
+            attn=kw.get("attn"),
+            query_index=kw.get("query_index", text_cur),
+            query_mask=kw.get("query_mask", st.layout.text_mask),
+            vision_index=vision_cur,
+            text_index=text_cur,
+            text_mask=st.layout.text_mask,
+            key_mask=key_mask,
+            generator=self._generator,
+            hidden_states=kw.get("hidden_states"),
+            next_layer=kw.get("next_layer"),
+            position_embeddings=kw.get("position_embeddings"),
+            options=self.scorer_options,
+        )
+
+    def _apply_selection(self, stage_layer: int, scores: Tensor) -> None:
+        """Top-k of `scores` [B, V_cur]; the drop happens at the next layer's pre-hook."""
+        st = self._state
+        k = self._keep_counts[self.stage_layers.index(stage_layer)]
+        vision_cur = st.is_vision.nonzero()[:, 1].view(st.cur_idx.shape[0], -1)  # [B, V_cur]
+        kept_v = select(scores, k)  # [B, k] indices into the vision axis, ascending
+        kept_pos = vision_cur.gather(1, kept_v)  # [B, k] current positions
+        self.record.kept_positions.append(st.cur_idx.gather(1, kept_pos))
+        keep_mask = ~st.is_vision
+        keep_mask = keep_mask.scatter(1, kept_pos, True)
+        n_keep = int(keep_mask[0].sum())
+        st.pending = keep_mask.nonzero()[:, 1].view(keep_mask.shape[0], n_keep)
+
+    def _finish_record(self) -> None:
+        tc = self.config.text_config
+        self.record.flops = prefill_flops(self.record.tokens_per_layer, tc.hidden_size, tc.intermediate_size)
+
+    # -- VisionZip: selection before the language model ------------------------------------------------
+    def _attach_visionzip(self) -> None:
+        vt = self.model.model.vision_tower
+        feature_layer = self.config.vision_feature_layer
+        if not isinstance(feature_layer, int):
+            raise EngineError("visionzip needs a single vision_feature_layer")
+        encoder = vt.vision_model.encoder if hasattr(vt, "vision_model") else getattr(vt, "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise EngineError(f"visionzip supports CLIP/SigLIP-style vision towers, not {type(vt).__name__}")
+        enc_layers = encoder.layers
+        # hidden_states[f] is the output of encoder layer f-1 (hidden_states[0] = embeddings)
+        layer_index = feature_layer - 1 if feature_layer >= 0 else len(enc_layers) + feature_layer
+        if not 0 <= layer_index < len(enc_layers):
+            raise EngineError(f"vision_feature_layer={feature_layer} has no attention layer for visionzip's CLS scores")
+        attn_module = enc_layers[layer_index].self_attn
+
+        def on_cls(call: ProbeCall, rows: Tensor, index: Tensor, mask: Tensor | None) -> None:
+            self._vz["cls_attn"] = rows[:, :, 0, 1:].mean(1)  # [B_img, P] head-mean CLS attention to patches
+
+        def keys_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            self._vz["keys"] = output[:, 1:].detach()  # [B_img, P, Dv] key projections of the patches
+
+        def projector_hook(module: nn.Module, inputs: tuple) -> None:
+            self._vz["features"] = inputs[0].detach()  # [B_img, P, Dv] the projector's input
+
+        self._handles.append(attn_module.k_proj.register_forward_hook(keys_hook))
+        self._handles.append(self.model.model.multi_modal_projector.register_forward_pre_hook(projector_hook))
+        zero = torch.zeros(1, 1, dtype=torch.long)
+        self._vz_probe = AttentionProbe(self.model, modules={"vision_cls": attn_module}, rows=lambda c: (zero.expand(c.batch, 1).to(_device(self.model)), None), on_rows=on_cls)
+        self._vz_probe.__enter__()
+        self._handles.append(_Closer(self._vz_probe))
+
+    def _visionzip_stage(self, hidden: Tensor) -> Tensor:
+        st = self._state
+        if "cls_attn" not in self._vz:
+            raise EngineError("visionzip needs pixel_values in the prefill call (CLS attention comes from the vision tower)")
+        cls_attn, keys, feats = self._vz["cls_attn"], self._vz["keys"], self._vz["features"]
+        if cls_attn.shape[0] != hidden.shape[0] or cls_attn.shape[1] != st.layout.num_vision:
+            raise EngineError("visionzip supports one image per row")
+        k = self._keep_counts[0]
+        n_dom, n_ctx = visionzip_split(k)
+        kept, groups = visionzip_select(cls_attn, keys, n_dom, n_ctx)  # [B, k] patch indices
+        hidden = hidden.clone()
+        projector = self.model.model.multi_modal_projector
+        for b, row_groups in enumerate(groups):
+            for target, members in row_groups:
+                merged = feats[b, members].mean(0, keepdim=True)  # [1, Dv]
+                pos = st.layout.vision_index[b, target]
+                hidden[b, pos] = projector(merged.to(feats.dtype))[0].to(hidden.dtype)
+        kept_pos = st.layout.vision_index.gather(1, kept)
+        self.record.kept_positions.append(kept_pos)
+        keep_mask = (~st.is_vision).scatter(1, kept_pos, True)
+        st.pending = keep_mask.nonzero()[:, 1].view(keep_mask.shape[0], -1)
+        self._vz.clear()
+        return hidden
+
+
+class _Closer:
+    """Adapts a context manager to the removable-handle protocol used for hooks."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def remove(self) -> None:
+        self.ctx.__exit__(None, None, None)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _expand_batch(t: Tensor | None, batch: int) -> Tensor | None:
+    if t is None:
+        return None
+    return t.expand(batch, t.shape[-1]) if t.shape[0] == 1 else t
+
+
+def _gather_seq(t: Tensor, idx: Tensor) -> Tensor:
+    """Gather t [B|1, N, D] along the sequence axis with idx [B, N'] -> [B, N', D]."""
+    if t.shape[0] == 1 and idx.shape[0] > 1:
+        t = t.expand(idx.shape[0], *t.shape[1:])
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _current_positions(cur_idx: Tensor, orig: Tensor) -> Tensor:
+    """Where original positions `orig` [B, R] sit in the current sequence (cur_idx [B, N'] ascending)."""
+    return torch.searchsorted(cur_idx.contiguous(), orig.contiguous())

@@ -1,0 +1,274 @@
+"""The pruning engine against hand-built references: exact drops, positions, padded batches, generation."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pruning.engine import PruningEngine
+from pruning.schedule import Schedule
+from tests.conftest import make_prompts, pixel_values, tiny_arch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: F401  (reference uses the stock layers)
+from vlm.layout import TokenLayout
+from vlm.models import build_random_model
+
+N_VISION = 16
+
+
+@pytest.fixture(scope="module")
+def model6():
+    return build_random_model(tiny_arch(layers=6, kv_heads=2, init_range=0.2), dtype="float32", device="cpu", seed=11).model  # peaked attention
+
+
+def _schedule(stages, positions="keep"):
+    return Schedule.from_dict({"stages": [{"layer": l, "keep": k} for l, k in stages], "positions": positions})
+
+
+def _inputs(lengths, seed=0, padding_side="left"):
+    inputs = make_prompts(N_VISION, lengths, seed=seed, padding_side=padding_side)
+    inputs["pixel_values"] = pixel_values(len(lengths), seed=seed)
+    return inputs
+
+
+def _text_logits(logits, layout, cur_idx):
+    """Logits of the text positions, whatever the sequence length after pruning: [B, T, vocab]."""
+    cur = torch.searchsorted(cur_idx.contiguous(), layout.text_index.contiguous())
+    return logits.gather(1, cur[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def _reference_logits(model, inputs, stages, kept_positions, positions="keep"):
+    """Layers 0..l on all tokens, gather the kept hidden states, the remaining layers run by hand."""
+    lm = model.model.language_model
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+    valid = inputs["attention_mask"].bool()
+    batch, seq = valid.shape
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_id)
+    cur = torch.arange(seq).expand(batch, seq)
+    is_vision = torch.zeros(batch, seq, dtype=torch.bool).scatter(1, layout.vision_index, True)
+    first = stages[0][0]
+    hidden = out.hidden_states[first + 1]  # output of the first stage layer
+    position_ids = torch.arange(seq).expand(batch, seq)
+    for layer_idx in range(first + 1, len(lm.layers)):
+        stage_done = [i for i, (l, _) in enumerate(stages) if l == layer_idx - 1]
+        if stage_done:
+            kept = kept_positions[stage_done[0]]  # [B, k] original positions
+            keep = ~is_vision.gather(1, cur)
+            keep |= (cur[..., None] == kept[:, None, :]).any(-1)
+            sel = keep.nonzero()[:, 1].view(batch, -1)
+            hidden = hidden.gather(1, sel[..., None].expand(-1, -1, hidden.shape[-1]))
+            cur = cur.gather(1, sel)
+        n = cur.shape[1]
+        pos = cur if positions == "keep" else torch.arange(n).expand(batch, n) + (cur[:, :1] - 0)
+        if positions == "renumber":
+            pos = cur - (cur - torch.arange(n))  # contiguous
+        cos, sin = lm.rotary_emb(hidden, position_ids=pos)
+        kv_valid = valid.gather(1, cur)
+        causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        mask = causal[None, None] & kv_valid[:, None, None, :]
+        with torch.no_grad():
+            hidden = lm.layers[layer_idx](hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=pos)
+    with torch.no_grad():
+        logits = model.lm_head(lm.norm(hidden))
+    return _text_logits(logits, layout, cur)
+
+
+def test_keep_everything_equals_unpruned(model6):
+    inputs = _inputs([4, 7, 2], seed=1)
+    with torch.no_grad():
+        plain = model6(**inputs).logits
+    with PruningEngine(model6, _schedule([(1, N_VISION), (3, 1.0)]), "adaptinfer") as engine:
+        with torch.no_grad():
+            pruned = model6(**inputs).logits
+    torch.testing.assert_close(pruned, plain, atol=1e-5, rtol=0)
+    assert engine.record.vision_per_layer == [N_VISION] * 6
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+@pytest.mark.parametrize("scorer", ["adaptinfer", "fastv", "pyramiddrop", "random"])
+def test_three_stage_prefill_equals_hand_built_reference(model6, positions, scorer):
+    stages = [(0, 10), (2, 5), (4, 2)]
+    inputs = _inputs([5, 8, 3], seed=2)
+    with PruningEngine(model6, _schedule(stages, positions), scorer, seed=3) as engine:
+        with torch.no_grad():
+            pruned = model6(**inputs).logits
+    rec = engine.record
+    assert [p.shape[1] for p in rec.kept_positions] == [10, 5, 2]
+    assert rec.vision_per_layer == [16, 10, 10, 5, 5, 2]
+    seq = inputs["input_ids"].shape[1]
+    assert rec.tokens_per_layer == [seq, seq - 6, seq - 6, seq - 11, seq - 11, seq - 14]
+    # each stage keeps a subset of the previous stage's tokens
+    for a, b in zip(rec.kept_positions, rec.kept_positions[1:]):
+        assert all(set(b[r].tolist()) <= set(a[r].tolist()) for r in range(3))
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
+    ref = _reference_logits(model6, inputs, stages, rec.kept_positions, positions)
+    keep_final = ~torch.zeros(3, seq, dtype=torch.bool).scatter(1, layout.vision_index, True)
+    keep_final = keep_final.scatter(1, rec.kept_positions[-1], True)
+    cur = keep_final.nonzero()[:, 1].view(3, -1)
+    got = _text_logits(pruned, layout, cur)
+    mask = layout.text_mask[..., None].expand_as(got)
+    torch.testing.assert_close(got[mask], ref[mask], atol=1e-4, rtol=0)
+
+
+def _eager_layer_attention(model, inputs, layer):
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True).attentions[layer]  # [B, H, N, N]
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def _topk_sorted(scores, k):
+    return scores.topk(k, dim=-1).indices.sort(-1).values
+
+
+def test_adaptinfer_first_stage_is_topk_of_the_paper_formula(model6):
+    inputs = _inputs([6, 3, 9], seed=4)
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
+    A = _eager_layer_attention(model6, inputs, 1).double()
+    expected = []
+    for b in range(3):
+        text = layout.text_index[b][layout.text_mask[b]]
+        T = A[b][:, text][:, :, text]  # [H, t, t]
+        S = T + T.transpose(-1, -2) - torch.diag_embed(torch.diagonal(T, dim1=-2, dim2=-1))
+        w = S.sum(1)  # [H, t]: sum over i of S[i, j]
+        s = torch.einsum("hj,hjv->v", w, A[b][:, text][:, :, layout.vision_index[b]])
+        expected.append(layout.vision_index[b][_topk_sorted(s, 6)])
+    with PruningEngine(model6, _schedule([(1, 6)]), "adaptinfer") as engine, torch.no_grad():
+        model6(**inputs)
+    assert engine.record.kept_positions[0].tolist() == torch.stack(expected).tolist()
+
+
+def test_fastv_first_stage_is_topk_of_last_token_attention(model6):
+    inputs = _inputs([6, 3, 9], seed=5)
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
+    A = _eager_layer_attention(model6, inputs, 2)
+    expected = []
+    for b in range(3):
+        s = A[b, :, layout.last_index[b]][:, layout.vision_index[b]].mean(0)
+        expected.append(layout.vision_index[b][_topk_sorted(s, 5)])
+    with PruningEngine(model6, _schedule([(2, 5)]), "fastv") as engine, torch.no_grad():
+        model6(**inputs)
+    assert engine.record.kept_positions[0].tolist() == torch.stack(expected).tolist()
+
+
+def test_pyramiddrop_uses_next_layer_attention_of_last_instruction_token(model6):
+    """PyramidDrop scores with layer l+1's norm and q/k on layer l's output: exactly layer l+1's attention row."""
+    inputs = _inputs([6, 3, 9], seed=6)
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
+    A = _eager_layer_attention(model6, inputs, 3)  # layer l+1 = 3 for a stage at l = 2
+    expected = []
+    for b in range(3):
+        s = A[b, :, layout.last_index[b]][:, layout.vision_index[b]].mean(0)
+        expected.append(layout.vision_index[b][_topk_sorted(s, 7)])
+    with PruningEngine(model6, _schedule([(2, 7)]), "pyramiddrop") as engine, torch.no_grad():
+        model6(**inputs)
+    assert engine.record.kept_positions[0].tolist() == torch.stack(expected).tolist()
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_padded_batch_equals_rows_alone_in_prefill_and_generation(model6, positions):
+    lengths = [5, 9, 2]
+    inputs = _inputs(lengths, seed=7)
+    schedule = _schedule([(0, 9), (2, 4)], positions)
+    with PruningEngine(model6, schedule, "adaptinfer") as engine, torch.no_grad():
+        batch_logits = model6(**inputs).logits
+        batch_kept = [p.clone() for p in engine.record.kept_positions]
+        batch_gen = model6.generate(**inputs, max_new_tokens=8, do_sample=False)
+    seq = inputs["input_ids"].shape[1]
+    for r, n in enumerate(lengths):
+        real = inputs["attention_mask"][r].bool()
+        single = {"input_ids": inputs["input_ids"][r:r + 1, real], "attention_mask": inputs["attention_mask"][r:r + 1, real],
+                  "pixel_values": inputs["pixel_values"][r:r + 1]}
+        pad = seq - int(real.sum())
+        with PruningEngine(model6, schedule, "adaptinfer") as engine, torch.no_grad():
+            logits = model6(**single).logits
+            kept = [p + pad for p in engine.record.kept_positions]
+            gen = model6.generate(**single, max_new_tokens=8, do_sample=False)
+        for a, b in zip(kept, batch_kept):
+            assert a[0].tolist() == b[r].tolist()
+        torch.testing.assert_close(batch_logits[r, -n:], logits[0, -n:], atol=1e-4, rtol=0)
+        assert batch_gen[r, seq:].tolist() == gen[0, single["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("positions", ["keep", "renumber"])
+def test_decode_with_pruned_cache_equals_reference_on_the_full_sequence(model6, positions):
+    """Each decode step's logits equal the hand-built reference run on prompt + generated tokens with the same drops."""
+    inputs = _inputs([6, 2], seed=8)
+    stages = [(1, 6), (3, 3)]
+    with PruningEngine(model6, _schedule(stages, positions), "fastv") as engine, torch.no_grad():
+        out = model6.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+        kept = [p.clone() for p in engine.record.kept_positions]
+    seq = inputs["input_ids"].shape[1]
+    full = {"input_ids": out.sequences,
+            "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 5, dtype=torch.long)], 1),
+            "pixel_values": inputs["pixel_values"]}
+    ref = _reference_logits(model6, full, stages, kept, positions)  # [B, T_full, vocab] at text positions
+    steps = torch.stack(out.logits, 1)  # [B, 5, vocab]: logits that chose tokens seq..seq+4
+    # text positions seq-1 .. seq+3 predict the 5 generated tokens: each row's last 6..2 real text rows
+    lengths = TokenLayout.from_batch(full["input_ids"], full["attention_mask"], model6.config.image_token_id).text_lengths
+    want = torch.stack([ref[b, n - 6:n - 1] for b, n in enumerate(lengths.tolist())])
+    torch.testing.assert_close(steps, want, atol=1e-4, rtol=0)
+
+
+def test_engine_detaches_and_model_is_exactly_as_before(model6):
+    state = copy.deepcopy(model6.state_dict())
+    impl = model6.config.text_config._attn_implementation
+    hooks_before = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model6.named_modules()}
+    inputs = _inputs([4, 6], seed=9)
+    with torch.no_grad():
+        before = model6(**inputs).logits
+    with pytest.raises(RuntimeError, match="stop"):
+        with PruningEngine(model6, _schedule([(1, 4)]), "adaptinfer"):
+            with torch.no_grad():
+                model6(**inputs)
+            raise RuntimeError("stop")
+    hooks_after = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model6.named_modules()}
+    assert hooks_after == hooks_before
+    assert model6.config.text_config._attn_implementation == impl
+    for k, v in model6.state_dict().items():
+        assert torch.equal(v, state[k])
+    with torch.no_grad():
+        assert torch.equal(model6(**inputs).logits, before)
+
+
+def test_visionzip_keeps_dominant_plus_merged_contextual(model6):
+    """Dominant tokens are the top CLS-attention patches of the feature layer; contextual ones carry merged features."""
+    inputs = _inputs([5, 3], seed=10)
+    model6.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            vt_out = model6.model.vision_tower(inputs["pixel_values"], output_attentions=True)
+    finally:
+        model6.set_attn_implementation("sdpa")
+    cls = vt_out.attentions[-2][:, :, 0, 1:].mean(1)  # feature layer -2: CLS row, head-mean  [B, P]
+    hooks_before = {n: dict(m._forward_hooks) for n, m in model6.named_modules()}
+    with PruningEngine(model6, _schedule([(-1, 6)]), "visionzip") as engine, torch.no_grad():
+        logits = model6(**inputs).logits
+    assert {n: dict(m._forward_hooks) for n, m in model6.named_modules()} == hooks_before
+    assert engine.record.vision_per_layer == [6] * 6
+    kept = engine.record.kept_positions[0]  # [B, 6] original positions
+    assert kept.shape == (2, 6)
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
+    from pruning.scorers import visionzip_split
+    n_dom, _ = visionzip_split(6)
+    for b in range(2):
+        dominant = set(layout.vision_index[b][cls[b].topk(n_dom).indices].tolist())
+        assert dominant <= set(kept[b].tolist())
+    assert torch.isfinite(logits).all()
+
+
+def test_flops_follow_real_token_counts(model6):
+    from pruning.flops import layer_flops
+
+    inputs = _inputs([4], seed=12)
+    with PruningEngine(model6, _schedule([(1, 4)]), "fastv") as engine, torch.no_grad():
+        model6(**inputs)
+    tc = model6.config.text_config
+    d, m = tc.hidden_size, tc.intermediate_size
+    assert engine.record.flops == sum(layer_flops(n, d, m) for n in engine.record.tokens_per_layer)
+    n0 = inputs["input_ids"].shape[1]
+    assert engine.record.tokens_per_layer == [n0, n0] + [n0 - 12] * 4
