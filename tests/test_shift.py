@@ -106,8 +106,8 @@ def test_jump_one_keeps_layer_seven() -> None:
 def test_bottomup_min_size_grid_is_warned() -> None:
     """BottomUp starts from a bisection tree with leaves of min_size..2*min_size-1 layers: min_size=2 -> even breakpoints only."""
     with pytest.warns(UserWarning, match="min_size=1"):
-        detector = ShiftDetector(algorithm="bottomup", min_size=2)
-    result = detector.fit(planted_t2v([8] * 4)).result_  # breakpoint 9 is odd: unreachable
+        result = ShiftDetector(algorithm="bottomup", min_size=2).fit(planted_t2v([8] * 4)).result_
+    # the planted breakpoint 9 is odd: unreachable
     assert result.histogram[8] == 0
 
 
@@ -213,3 +213,13 @@ def test_paper_scale_runs_well_under_a_minute() -> None:
     assert result.histogram.sum() == 256 * 58
     assert_peaks_at(result, [8, 20])
     assert elapsed < 60, f"{elapsed:.1f}s on this machine (16 s measured on one shared core)"
+
+
+def test_structureless_attention_lands_mid_stack() -> None:
+    """A property of the paper's procedure worth knowing: on a cumulative trajectory with no shift (a noisy
+    ramp) the single l2 breakpoint falls near the middle of the stack, so a mid-stack histogram peak is
+    expected even without any attention shift."""
+    t2v = np.random.default_rng(3).uniform(0, 1, size=(20, NUM_LAYERS, 64))
+    h = ShiftDetector().fit(t2v).result_.histogram
+    assert 13 <= h.argmax() <= 17
+    assert h[12:19].sum() >= 0.6 * h.sum()
