@@ -193,6 +193,12 @@ class RecordStore:
             store._recover()
             log.info("resuming %s: %d samples in %d shards", run_dir, len(store.done_ids()), len(existing["shards"]))
             return store
+        stray = sorted(p.name for p in shard_dir.glob("shard-*.pt")) if shard_dir.is_dir() else []
+        if stray:
+            raise RecordsError(
+                f"{shard_dir} holds {len(stray)} shard files ({stray[0]}, ...) but {run_dir} has no {MANIFEST_NAME}, "
+                "so they cannot be resumed; restore the manifest, or move the shards away / use a new directory"
+            )
         shard_dir.mkdir(parents=True, exist_ok=True)
         fresh = dict(manifest)
         fresh["format_version"] = FORMAT_VERSION
@@ -276,7 +282,7 @@ class RecordStore:
         return path
 
     # ---- reading --------------------------------------------------------------------------------
-    def load(self, validate_all: bool = True) -> Records:
+    def load(self) -> Records:
         """All shards concatenated in writing order, each checked against the manifest."""
         shards = self.manifest["shards"]
         if not shards:

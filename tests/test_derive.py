@@ -224,3 +224,15 @@ def test_command_line_entry(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "schedule.yaml").is_file()
     assert "schedule:" in proc.stdout
+
+
+def test_tiny_multirun(tmp_path: Path) -> None:
+    records = make_store(tmp_path / "collect", n=4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis.derive", "-m", f"input={records}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+         "plots.enabled=false", "n_stages=2", "budget=24,32"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    budgets = [Schedule.from_yaml(tmp_path / "sweep" / str(i) / "schedule.yaml").budget() for i in (0, 1)]
+    assert abs(budgets[0] - 24) <= 1 and abs(budgets[1] - 32) <= 1

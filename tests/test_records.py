@@ -120,6 +120,15 @@ def test_missing_manifest(tmp_path: Path) -> None:
         RecordStore.open(tmp_path)
 
 
+def test_shards_without_manifest_are_not_discarded(tmp_path: Path) -> None:
+    store = RecordStore.create_or_resume(tmp_path, manifest())
+    write_all(store, [2])
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(RecordsError, match="holds 1 shard files .* no manifest.json"):
+        RecordStore.create_or_resume(tmp_path, manifest())
+    assert (tmp_path / "shards" / "shard-00000.pt").is_file()
+
+
 def test_empty_store_load(tmp_path: Path) -> None:
     RecordStore.create_or_resume(tmp_path, manifest())
     with pytest.raises(RecordsError, match="holds no records yet"):
