@@ -236,3 +236,31 @@ def test_tiny_multirun(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     budgets = [Schedule.from_yaml(tmp_path / "sweep" / str(i) / "schedule.yaml").budget() for i in (0, 1)]
     assert abs(budgets[0] - 24) <= 1 and abs(budgets[1] - 32) <= 1
+
+
+def test_derive_on_records_from_the_real_collector(tmp_path: Path) -> None:
+    """End to end on the lead's collector: a tiny random 8-layer LLaVA, 16 vision tokens, 6 samples."""
+    from analysis.collect import run_collect
+    from tests.conftest import tiny_arch
+    from tests.test_collect_cli import TASK
+    from tests.test_prompts import tiny_processor
+
+    processor = tmp_path / "processor"
+    tiny_processor().save_pretrained(processor)
+    collect_dir = run_collect({
+        "model": {"name": "tiny-derive", "processor": str(processor), "seed": 0, "dtype": "float32",
+                  "device": "cpu", "attn_implementation": "sdpa", "arch": tiny_arch(layers=8)},
+        "data": {"name": "synthetic", "task": TASK, "split": "calibration", "limit": None},
+        "n_samples": 6, "batch_size": 3, "reducer": "adaptinfer", "shard_size": 4,
+        "output": str(tmp_path / "collect"), "seed": 0,
+    })
+    out = run_derive(compose_derive([f"input={collect_dir}", f"output={tmp_path / 'derive'}",
+                                     "n_stages=2", "budget=13", "detector.token_fraction=0.25"]))  # 13: reachable wherever the 2 stages land
+    schedule = Schedule.from_yaml(out / "schedule.yaml")
+    assert schedule.num_layers == 8 and schedule.vision_tokens == 16 and len(schedule.layers) == 2
+    assert all(1 <= layer <= 6 for layer in schedule.layers)
+    assert abs(schedule.budget() - 13) <= 1
+    assert schedule.provenance["model"]["name"] == "tiny-derive"
+    assert schedule.provenance["reducer"] == "adaptinfer" and schedule.provenance["sample_count"] == 6
+    assert sum(schedule.provenance["histogram"]) == 6 * 4  # round(0.25 * 16) tokens per sample
+    assert (out / "t2v_grids.png").is_file()
