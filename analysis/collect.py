@@ -14,6 +14,7 @@ The data group (`configs/data/*.yaml`) gives `task` (a registered task name), `s
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import subprocess
@@ -199,6 +200,19 @@ class _ShardBuffer:
         self.scalars = {name: [value[n:]] for name, value in scalars.items()} if self.ids else {}
 
 
+def _build_task(data: Mapping[str, Any]) -> Task:
+    """The data config's task, given its split too when its constructor takes one (lmms-lab tasks do)."""
+    from vlm.tasks.base import registered_tasks
+
+    options = dict(data["options"])
+    factory = registered_tasks().get(data["task"])
+    if factory is not None:
+        params = inspect.signature(factory).parameters
+        if "split" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            options.setdefault("split", data["split"])
+    return build_task(data["task"], **options)
+
+
 def _refuse_orphan_shards(run_dir: Path) -> None:
     """CollectError when `run_dir` holds shard files but no manifest (starting afresh would discard them)."""
     shard_dir = run_dir / SHARD_DIR
@@ -226,7 +240,7 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
     if cfg.get("seed") is not None:
         torch.manual_seed(int(cfg["seed"]))
 
-    task: Task = build_task(data["task"], **data["options"])
+    task = _build_task(data)
     target = n_samples if data["limit"] is None else min(n_samples, data["limit"])
     samples = task.samples(data["split"], limit=target)
     first = next(samples, None)

@@ -180,16 +180,17 @@ def test_collect_config_composes_into_run_collect_settings():
 
 
 def test_cli_runs_under_hydra(processor_dir, tmp_path):
-    """`python -m analysis.collect` end to end, in a subprocess, with the synthetic task registered first."""
-    if not (REPO / "configs" / "data" / "shapes_calibration.yaml").exists():
-        pytest.skip("configs/data/shapes_calibration.yaml is not there yet")
+    """`python -m analysis.collect` end to end in a subprocess: the synthetic task through an extra config dir."""
+    extra = tmp_path / "configs"
+    (extra / "data").mkdir(parents=True)
+    (extra / "data" / "synthetic.yaml").write_text(f"name: synthetic\ntask: {TASK}\nsplit: calibration\nlimit: 5\n")
     out = tmp_path / "cli"
-    code = "import sys, tests.test_collect_cli; from analysis.collect import main; sys.argv[0] = 'collect'; main()"
+    code = ("import runpy, sys, tests.test_collect_cli; sys.argv[0] = 'analysis/collect.py'; "
+            "runpy.run_module('analysis.collect', run_name='__main__', alter_sys=True)")  # = python -m analysis.collect
     args = [
-        f"model.processor={processor_dir}", "model.device=cpu", "model.arch.vision_config.image_size=56",
-        "model.arch.text_config.num_hidden_layers=2", f"+data.options={{}}", f"data.task={TASK}",
-        "data.split=calibration", "data.limit=null", "n_samples=3", "batch_size=2", "shard_size=2",
-        f"hydra.run.dir={out}",
+        "--config-dir", str(extra), "model=tiny", "data=synthetic", f"model.processor={processor_dir}",
+        "model.device=cpu", "model.arch.vision_config.image_size=56", "model.arch.text_config.num_hidden_layers=2",
+        "n_samples=3", "batch_size=2", "shard_size=2", f"hydra.run.dir={out}",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
@@ -197,4 +198,6 @@ def test_cli_runs_under_hydra(processor_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["num_samples"] for s in manifest["shards"]] == [2, 1]
+    assert manifest["model"]["name"] == "tiny" and manifest["num_layers"] == 2
+    assert manifest["settings"]["n_samples"] == 3 and manifest["settings"]["limit"] == 5
     assert (out / ".hydra" / "config.yaml").exists()

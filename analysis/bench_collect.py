@@ -1,0 +1,150 @@
+"""Cost of collecting records: a forward inside `AttentionCollector` vs a plain SDPA forward vs eager attention.
+
+    python -m analysis.bench_collect --model tiny --batch-size 4 --repeats 5
+    python -m analysis.bench_collect --model llava-1.5-7b-arch --num-layers 2 --vision-layers 2 --batch-size 1
+
+Random weights from the preset's `arch` (or the real checkpoint for presets with a `source`, given
+--use-source) and synthetic left-padded prompts `[system][V image tokens][text]`, so no processor or
+data is needed. The modes are timed round-robin after a warm-up round, median of `--repeats` rounds (CUDA synchronised);
+per-sample milliseconds and the ratios to the plain forward are printed as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
+
+from analysis.collector import AttentionCollector
+from vlm.models import LoadedModel, build_random_model, load_from_config, resolve_device
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def synthetic_inputs(loaded: LoadedModel, batch: int, text_len: int, system_len: int = 5, seed: int = 0
+                     ) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids/attention_mask [B, N] and pixel_values [B, 3, S, S] for the model's shapes."""
+    cfg = loaded.config
+    g = torch.Generator().manual_seed(seed)
+    n_vision = loaded.vision_tokens_per_image
+    vocab = cfg.text_config.vocab_size
+    pad = cfg.text_config.pad_token_id or 0
+    specials = {int(cfg.image_token_id), int(pad)}
+    lengths = [max(1, text_len - (i % 3) * max(1, text_len // 4)) for i in range(batch)]
+    width = system_len + n_vision + max(lengths)
+    ids = torch.full((batch, width), pad, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, t in enumerate(lengths):
+        seq = torch.randint(0, vocab, (system_len + n_vision + t,), generator=g)
+        for s in specials:
+            seq[seq == s] = (s + 1) % vocab if (s + 1) % vocab not in specials else (s + 2) % vocab
+        seq[system_len:system_len + n_vision] = int(cfg.image_token_id)
+        ids[row, width - len(seq):] = seq
+        mask[row, width - len(seq):] = 1
+    size = cfg.vision_config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g)
+    return {"input_ids": ids.to(loaded.device), "attention_mask": mask.to(loaded.device),
+            "pixel_values": pixels.to(loaded.device, loaded.dtype)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(loaded: LoadedModel, batch: int, text_len: int, repeats: int, reducer: str) -> dict[str, Any]:
+    """Per-sample ms of plain SDPA, collector, and eager output_attentions forwards, and their ratios.
+
+    The modes are timed round-robin (one run of each per round, after a warm-up round) so that load
+    from other processes affects them alike; each figure is the median over the rounds.
+    """
+    model = loaded.model
+    inputs = synthetic_inputs(loaded, batch, text_len)
+    impl = model.config._attn_implementation
+
+    def plain() -> None:
+        with torch.inference_mode():
+            model(**inputs, use_cache=False, logits_to_keep=1)
+
+    def collect() -> None:
+        with AttentionCollector(loaded, reducer=reducer) as collector:
+            with torch.inference_mode():
+                model(**inputs, use_cache=False, logits_to_keep=1)
+            collector.consume()
+
+    def eager() -> None:
+        model.set_attn_implementation("eager")
+        try:
+            with torch.inference_mode():
+                model(**inputs, use_cache=False, logits_to_keep=1, output_attentions=True)
+        finally:
+            model.set_attn_implementation(impl)
+
+    modes: dict[str, Callable[[], None]] = {"sdpa": plain, "collector": collect, "eager_output_attentions": eager}
+    device = loaded.device
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for round_ in range(repeats + 1):
+        for name, fn in modes.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ > 0:  # round 0 is the warm-up
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        "model": loaded.name, "device": str(device), "dtype": str(loaded.dtype).replace("torch.", ""),
+        "num_layers": loaded.num_layers, "vision_layers": loaded.config.vision_config.num_hidden_layers,
+        "num_vision": loaded.vision_tokens_per_image, "seq_len": int(inputs["input_ids"].shape[1]),
+        "batch_size": batch, "repeats": repeats, "reducer": reducer,
+        "ms_per_sample": {name: round(1000 * t / batch, 3) for name, t in median.items()},
+        "ratio_to_sdpa": {name: round(t / median["sdpa"], 3) for name, t in median.items() if name != "sdpa"},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse arguments, build the model from its preset, time the three modes, print JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="a configs/model preset name or a YAML path")
+    parser.add_argument("--use-source", action="store_true", help="load the preset's checkpoint instead of random weights")
+    parser.add_argument("--num-layers", type=int, default=None, help="truncate the language model to this many layers")
+    parser.add_argument("--vision-layers", type=int, default=None, help="truncate the vision tower to this many layers")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--text-len", type=int, default=48, help="text tokens after the image (longest row)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--reducer", default="adaptinfer")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default=None, help="override the preset's dtype (e.g. float32 on CPU)")
+    args = parser.parse_args(argv)
+    path = Path(args.model) if args.model.endswith(".yaml") else CONFIGS / f"{args.model}.yaml"
+    preset = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    preset["device"] = args.device
+    if args.dtype:
+        preset["dtype"] = args.dtype
+    if args.use_source and preset.get("source"):
+        loaded = load_from_config(preset)
+    else:
+        if not preset.get("arch"):
+            raise SystemExit(f"preset {path} has no `arch`; pass --use-source to time its checkpoint")
+        arch = preset["arch"]
+        if args.num_layers:
+            arch["text_config"]["num_hidden_layers"] = args.num_layers
+        if args.vision_layers:
+            arch["vision_config"]["num_hidden_layers"] = args.vision_layers
+        dtype = preset.get("dtype", "auto")
+        if resolve_device(args.device).type == "cpu" and dtype in ("float16", "fp16") and not args.dtype:
+            dtype = "float32"  # half precision matmuls are slow or missing on CPU
+        loaded = build_random_model(arch, dtype=dtype, device=args.device, seed=int(preset.get("seed", 0)),
+                                    name=preset.get("name", path.stem))
+    result = bench(loaded, args.batch_size, args.text_len, args.repeats, args.reducer)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
