@@ -59,6 +59,7 @@ PLACEMENT_RULE = (
     "a region, within {min_layer}..num_layers-2; missing stages fill the widest gap at its midpoint; keep counts: "
     "pruning.schedule.allocate_keep (geometric) to budget {budget} ({convention} convention)"
 )
+DERIVE_OPTIONS = ("convention", "placement", "prominence", "rel_height", "distance", "min_layer", "positions")
 SCHEDULE_FILE = "schedule.yaml"
 SUMMARY_FILE = "inflection.json"
 
@@ -312,8 +313,10 @@ def write_plots(
 def run_derive(cfg: Any) -> Path:
     """Derive a schedule from a collect run as `cfg` says (configs/derive.yaml); returns the output directory."""
     cfg = _plain_cfg(cfg)
-    if not cfg.get("input"):
-        raise DeriveError("input is required: the run directory written by `python -m analysis.collect`")
+    for key in ("input", "n_stages", "budget"):
+        if cfg.get(key) is None:
+            raise DeriveError(f"{key} is required (input: the run directory written by `python -m analysis.collect`)")
+    out_dir = _output_dir(cfg)  # before the long fit, so a missing output fails fast
     store = RecordStore.open(cfg["input"])
     records = store.load()
     detector = ShiftDetector(**(cfg.get("detector") or {}))
@@ -321,29 +324,25 @@ def run_derive(cfg: Any) -> Path:
     manifest = records.manifest
     model = manifest.get("model")
     model_name = model.get("name") if isinstance(model, Mapping) else str(model)
-    budget = cfg.get("budget")
-    name = cfg.get("name") or f"derived_{model_name}_{budget}".replace("/", "_")
-    settings = {k: cfg[k] for k in ("prominence", "rel_height", "distance", "min_layer") if cfg.get(k) is not None}
+    name = cfg.get("name") or f"derived_{model_name}_{cfg['budget']}".replace("/", "_")
+    options = {k: cfg[k] for k in DERIVE_OPTIONS if cfg.get(k) is not None}  # absent: derive_schedule's defaults
     schedule = derive_schedule(
         result,
-        n_stages=cfg.get("n_stages", 3),
-        budget=budget,
+        n_stages=cfg["n_stages"],
+        budget=cfg["budget"],
         num_layers=store.num_layers,
         num_vision=store.num_vision,
-        convention=cfg.get("convention", "processed"),
-        placement=cfg.get("placement", "after"),
-        positions=cfg.get("positions", "keep"),
         name=name,
         provenance={
             "model": model,
             "calibration_data": manifest.get("data"),
             "reducer": manifest.get("reducer"),
             "records": str(Path(cfg["input"]).resolve()),
+            "collect_settings": manifest.get("settings"),
             "versions": manifest.get("versions"),
         },
-        **settings,
+        **options,
     )
-    out_dir = _output_dir(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     schedule_path = out_dir / SCHEDULE_FILE
     schedule.to_yaml(schedule_path)

@@ -211,7 +211,9 @@ def test_run_derive_writes_schedule_and_plots(tmp_path: Path, capsys: pytest.Cap
 def test_run_derive_without_output_outside_hydra(tmp_path: Path) -> None:
     records = make_store(tmp_path / "collect", n=4)
     with pytest.raises(DeriveError, match="output is not set"):
-        run_derive({"input": str(records), "detector": {}, "budget": 64})
+        run_derive({"input": str(records), "detector": {}, "budget": 64, "n_stages": 3})
+    with pytest.raises(DeriveError, match="budget is required"):
+        run_derive({"input": str(records), "n_stages": 3, "output": str(tmp_path)})
 
 
 def test_command_line_entry(tmp_path: Path) -> None:
