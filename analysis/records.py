@@ -179,6 +179,7 @@ class RecordStore:
     def create_or_resume(cls, run_dir: Union[str, os.PathLike], manifest: Mapping[str, Any]) -> "RecordStore":
         """Open `run_dir` for writing: create it with `manifest`, or resume it if its identity matches."""
         _check_new_manifest(manifest)
+        manifest = json.loads(json.dumps(dict(manifest)))  # JSON types (tuples -> lists), as stored manifests read back
         run_dir = Path(run_dir)
         shard_dir = run_dir / SHARD_DIR
         if (run_dir / MANIFEST_NAME).exists():
@@ -189,6 +190,9 @@ class RecordStore:
                         f"run directory {run_dir} was made for {key} {existing[key]!r}, not {manifest[key]!r}; "
                         "use a new directory (or the matching settings) to resume"
                     )
+            if existing["versions"] != manifest["versions"]:
+                log.warning("resuming %s with versions %s; it was started with %s", run_dir, manifest["versions"],
+                            existing["versions"])
             store = cls(run_dir, existing, writable=True)
             store._recover()
             log.info("resuming %s: %d samples in %d shards", run_dir, len(store.done_ids()), len(existing["shards"]))

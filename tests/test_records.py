@@ -152,8 +152,11 @@ def test_manifest_of_another_run(tmp_path: Path, field: str, value: object) -> N
 
 
 def test_versions_may_differ_on_resume(tmp_path: Path) -> None:
-    RecordStore.create_or_resume(tmp_path, manifest())
-    RecordStore.create_or_resume(tmp_path, manifest(versions={"torch": "9", "transformers": "9", "toolkit": "9"}))
+    RecordStore.create_or_resume(tmp_path, manifest(data={"task": "shapes", "split": "calib", "sizes": (1, 2)}))
+    # a tuple and the list it reads back as are the same identity
+    RecordStore.create_or_resume(tmp_path, manifest(data={"task": "shapes", "split": "calib", "sizes": [1, 2]}))
+    RecordStore.create_or_resume(tmp_path, manifest(data={"task": "shapes", "split": "calib", "sizes": (1, 2)},
+                                                    versions={"torch": "9", "transformers": "9", "toolkit": "9"}))
 
 
 def test_leftover_temporary_and_unlisted_files_are_cleaned(tmp_path: Path) -> None:
