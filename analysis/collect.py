@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from analysis.collector import REDUCERS, AttentionCollector, BatchRecords
-from analysis.records import MANIFEST_NAME, SHARD_DIR, RecordStore
+from analysis.records import RecordStore
 from vlm.models import LoadedModel, load_from_config
 from vlm.prompts import encode_batch
 from vlm.tasks.base import Task, VQASample, build_task
@@ -213,19 +213,6 @@ def _build_task(data: Mapping[str, Any]) -> Task:
     return build_task(data["task"], **options)
 
 
-def _refuse_orphan_shards(run_dir: Path) -> None:
-    """CollectError when `run_dir` holds shard files but no manifest (starting afresh would discard them)."""
-    shard_dir = run_dir / SHARD_DIR
-    if (run_dir / MANIFEST_NAME).exists() or not shard_dir.is_dir():
-        return
-    orphans = sorted(p.name for p in shard_dir.glob("shard-*.pt"))
-    if orphans:
-        raise CollectError(
-            f"{run_dir} holds {len(orphans)} shard files ({orphans[0]}, ...) but no {MANIFEST_NAME}, so they cannot "
-            "be resumed; restore the manifest, or move the shards away / choose a new output directory"
-        )
-
-
 def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
     """Collect attention records as `cfg` says (see configs/collect.yaml); returns the run directory."""
     cfg = _plain(cfg)
@@ -254,7 +241,6 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
     if loaded.processor is None:
         raise CollectError(f"model preset {loaded.name!r} has no processor; set model.processor (e.g. 'demo')")
     manifest = build_manifest(cfg, loaded, data)
-    _refuse_orphan_shards(run_dir)
     store = RecordStore.create_or_resume(run_dir, manifest)
     done = store.done_ids()
     log.info("collecting %s into %s (%d samples already there)", data["name"], run_dir, len(done))

@@ -151,7 +151,7 @@ def test_corrupt_shard_and_missing_manifest_are_clear_errors(processor_dir, tmp_
     with pytest.raises(RecordsError, match="shard-00000.pt"):
         run_collect(_cfg(processor_dir, out, n_samples=6))
     (out / "manifest.json").unlink()
-    with pytest.raises(CollectError, match="no manifest.json"):
+    with pytest.raises(RecordsError, match="no manifest.json"):
         run_collect(_cfg(processor_dir, out, n_samples=6))
     assert shard.exists(), "the shards are left alone"
 
