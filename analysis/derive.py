@@ -253,6 +253,62 @@ def derive_schedule(
     return schedule.validate(num_layers=num_layers, initial=num_vision)
 
 
+class ScheduleDeriver:
+    """Estimator form of `derive_schedule`: parameters up front, `fit(result)` sets regions_, layers_, schedule_."""
+
+    def __init__(
+        self,
+        n_stages: int = 3,
+        budget: float = 64.0,
+        convention: str = "processed",
+        placement: str = "after",
+        prominence: float = 0.1,
+        rel_height: float = 0.5,
+        distance: int = 1,
+        min_layer: int = 1,
+        positions: str = "keep",
+        name: Optional[str] = None,
+    ) -> None:
+        """Store and check the derivation parameters (see the module docstring for the rules)."""
+        self.n_stages = n_stages
+        self.budget = budget
+        self.convention = convention
+        self.placement = placement
+        self.prominence = prominence
+        self.rel_height = rel_height
+        self.distance = distance
+        self.min_layer = min_layer
+        self.positions = positions
+        self.name = name
+        self.sanity_check()
+
+    def sanity_check(self) -> None:
+        """Raise DeriveError naming the first invalid parameter."""
+        _check_int("n_stages", self.n_stages, 1)
+        _check_int("distance", self.distance, 1)
+        _check_int("min_layer", self.min_layer, 0)
+        _check_fraction("prominence", self.prominence, low_open=False)
+        _check_fraction("rel_height", self.rel_height)
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float, np.floating)) or self.budget < 0:
+            raise DeriveError(f"budget must be a number >= 0 (mean vision tokens per layer), got {self.budget!r}")
+        if self.convention not in CONVENTIONS:
+            raise DeriveError(f"convention={self.convention!r} is not one of {list(CONVENTIONS)}")
+        if self.placement not in PLACEMENTS:
+            raise DeriveError(f"placement={self.placement!r} is not one of {list(PLACEMENTS)}")
+
+    def fit(self, result: ShiftResult, provenance: Optional[Mapping[str, Any]] = None) -> "ScheduleDeriver":
+        """Derive the schedule from a ShiftResult; sets regions_, layers_ and schedule_."""
+        self.sanity_check()
+        self.schedule_ = derive_schedule(
+            result, self.n_stages, self.budget, convention=self.convention, placement=self.placement,
+            prominence=self.prominence, rel_height=self.rel_height, distance=self.distance,
+            min_layer=self.min_layer, positions=self.positions, name=self.name, provenance=provenance,
+        )
+        self.regions_ = [Region(**r) for r in self.schedule_.provenance["dense_regions"]]
+        self.layers_ = list(self.schedule_.layers)
+        return self
+
+
 def _jsonable(x: Any) -> Any:
     """Plain Python types (numpy scalars and arrays converted) for YAML/JSON writing."""
     return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from analysis.derive import (
     DeriveError,
     Region,
+    ScheduleDeriver,
     derive_schedule,
     find_dense_regions,
     place_stages,
@@ -139,6 +140,20 @@ def test_derive_schedule_meets_budget(planted_result, convention: str, budget: i
     assert back.layers == schedule.layers and back.keep_counts() == counts
     assert back.provenance == prov
     assert back.budget(convention=convention) == schedule.budget(convention=convention)
+
+
+def test_schedule_deriver_estimator(planted_result) -> None:
+    deriver = ScheduleDeriver(n_stages=3, budget=32, placement="before").fit(planted_result)
+    assert deriver.layers_ == [6, 18, 24]
+    assert spans(deriver.regions_) == [(7, 8, 9), (19, 20, 21)]
+    assert deriver.schedule_.layers == deriver.layers_
+    assert abs(deriver.schedule_.budget() - 32) <= 1
+    with pytest.raises(DeriveError, match="placement='inside'"):
+        ScheduleDeriver(placement="inside")
+    with pytest.raises(DeriveError, match="rel_height must be in"):
+        ScheduleDeriver(rel_height=0)
+    with pytest.raises(DeriveError, match="budget must be a number"):
+        ScheduleDeriver(budget="64")
 
 
 def test_derive_schedule_errors(planted_result) -> None:
