@@ -252,11 +252,12 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
     buffer = _ShardBuffer(store, shard_size)
     model = loaded.model
     with tqdm(total=target, desc=f"collect {data['name']}", unit="sample") as progress, \
-            AttentionCollector(loaded, reducer=reducer) as collector, torch.inference_mode():
+            AttentionCollector(loaded, reducer=reducer) as collector:
         for batch in _batches(all_samples(), done, batch_size, progress):
             inputs = encode_batch(loaded.processor, batch, device=loaded.device, dtype=loaded.dtype)
             try:
-                model(**inputs, use_cache=False, logits_to_keep=1)
+                with torch.inference_mode():
+                    model(**inputs, use_cache=False, logits_to_keep=1)
             except BaseException:
                 collector.discard()
                 raise

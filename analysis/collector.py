@@ -243,8 +243,8 @@ class AttentionCollector:
                 "per batch inside the collector, without a cache from earlier steps"
             )
         records = BatchRecords(
-            t2v=self._t2v.to("cpu", torch.float32),
-            scalars={name: value.to("cpu", torch.float32) for name, value in self._scalars.items()},
+            t2v=self._t2v.to("cpu", torch.float32, copy=True),  # a copy: never the collector's own buffer
+            scalars={name: value.to("cpu", torch.float32, copy=True) for name, value in self._scalars.items()},
             layers=list(self.layers),
         )
         self._clear()

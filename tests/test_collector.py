@@ -111,11 +111,12 @@ def test_memory_holds_only_the_current_batch(model4):
         assert collector.buffered_samples() == 0 and not collector.pending
         for step in range(3):
             inputs = make_prompts(N_VISION, [3 + step, 4, 1 + step], seed=10 + step)
-            with torch.no_grad():
+            with torch.inference_mode():
                 model(**inputs, pixel_values=pixel_values(3, seed=step))
             assert collector.buffered_samples() == 3
             records = collector.consume()
             assert len(records) == 3
+            assert not records.t2v.is_inference(), "consume() hands back ordinary tensors, not the buffers"
             assert collector.buffered_samples() == 0 and not collector.pending
             assert collector._probe.rows == {}, "rows are reduced in the callback, never kept per layer"
         # a second forward without consume() is refused rather than accumulated
