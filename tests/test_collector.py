@@ -11,7 +11,8 @@ from vlm.models import build_random_model
 
 N_VISION = 16  # 56 px / 14 -> 4x4 patches
 LENGTHS = [5, 9, 2]  # text tokens per row: a left-padded batch of 3
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
 
 
 def _eager_attentions(model, inputs, pix):
