@@ -8,6 +8,12 @@ the first layer of the new regime; the token's **shift layer** is `b - 1`, the l
 change (a token whose attention bursts at layer 9 has its cumulative curve step between layers 8 and
 9, so its shift layer is 8). The histogram counts shift layers over all selected tokens and samples.
 
+Two properties of this procedure worth knowing when reading a histogram: with the l2 cost on a cumulative
+trajectory, a token with no shift at all (a steady ramp) gets its breakpoint near the middle of the stack, so
+a mid-stack peak can appear without any attention shift (tests/test_shift.py shows it); and a sustained level
+change of the raw attention appears as a kink of the cumulative curve, which l2 places inside the high
+regime rather than at its onset (use trajectory="raw" to locate level changes).
+
 `density` is the histogram smoothed with a Gaussian of `sigma` layers
 (`scipy.ndimage.gaussian_filter1d`, `mode="constant"`, i.e. zero outside the layer range, truncated
 at 4 sigma) and normalised to sum to 1; `sigma=0` means no smoothing.

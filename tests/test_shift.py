@@ -223,3 +223,12 @@ def test_structureless_attention_lands_mid_stack() -> None:
     h = ShiftDetector().fit(t2v).result_.histogram
     assert 13 <= h.argmax() <= 17
     assert h[12:19].sum() >= 0.6 * h.sum()
+
+
+def test_cumulative_l2_places_a_level_change_inside_the_high_regime() -> None:
+    """The other documented property: a sustained level change after layer 8 is a kink of the cumulative
+    curve, and one l2 breakpoint lands well inside the high regime (layers 16-17), not at 8; the raw
+    trajectory finds 8 (test_raw_trajectory_finds_level_shift)."""
+    t2v = planted_t2v([8] * 6, kind="level", noise=2e-3)
+    h = ShiftDetector(trajectory="cumulative").fit(t2v).result_.histogram
+    assert h[8] == 0 and 14 <= h.argmax() <= 19
