@@ -314,8 +314,9 @@ class ShiftDetector:
         for i in range(n):
             layers: list[int] = []
             for j in range(k):
-                # a fresh estimator per trajectory: ruptures' CostRbf keeps the Gram matrix of the first
-                # signal it was fitted on, so a reused estimator would segment every later token wrongly
+                # a fresh estimator per trajectory: ruptures 1.1.10's CostRbf/CostCosine keep the Gram matrix
+                # (and rbf's median-heuristic gamma) of the first signal they were fitted on, so a reused
+                # estimator segments every later token wrongly (ruptures issue #372, fix proposed in PR #373)
                 estimator = self._estimator().fit(traj[i, j])
                 if self.penalty is not None:
                     bkps = estimator.predict(pen=self.penalty)
