@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 import torch
@@ -308,6 +308,13 @@ class RecordStore:
             scalars={k: torch.cat(v, dim=0) for k, v in scalars.items()},
             manifest=dict(self.manifest),
         )
+
+    def iter_shards(self) -> Iterator[Records]:
+        """Each listed shard as Records, in writing order, validated like load() (for runs too big to concatenate)."""
+        for entry in self.manifest["shards"]:
+            data = self._read_shard(entry)
+            yield Records(ids=list(data["ids"]), t2v=data["t2v"], scalars=dict(data["scalars"]),
+                          manifest=dict(self.manifest))
 
     def _read_shard(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Load and validate one listed shard; RecordsError names the file and the remedy."""

@@ -62,6 +62,9 @@ def test_write_reopen_and_done_ids(tmp_path: Path) -> None:
     assert torch.equal(rec.scalars["prior_entropy"][3:5], sc1["prior_entropy"])
     assert torch.allclose(rec.mean_t2v(), rec.t2v.mean(0))
     assert rec.manifest["reducer"] == "mean"
+    parts = list(reopened.iter_shards())
+    assert [len(p) for p in parts] == [3, 2, 4]
+    assert torch.equal(torch.cat([p.t2v for p in parts]), rec.t2v)
 
 
 def test_resume_equals_single_run(tmp_path: Path) -> None:
