@@ -74,6 +74,19 @@ class LoadedModel:
         return next(self.model.parameters()).dtype
 
 
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The language model's decoder layers of a LLaVA model (or of a bare causal LM); None if there are none."""
+    for path in ("model.language_model.layers", "language_model.layers", "model.layers", "layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    return None
+
+
 def vision_tokens_per_image(config: LlavaConfig) -> int:
     """Vision tokens one image contributes: (image_size / patch_size)^2, plus CLS for the 'full' strategy."""
     vc = config.vision_config

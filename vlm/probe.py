@@ -19,6 +19,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vlm.models import find_decoder_layers
+
 PROBE_PREFIX = "probe_"
 _SITE_ATTR = "_attention_probe_site"
 
@@ -150,7 +152,9 @@ class AttentionProbe:
         include_decode: bool = False,
     ) -> None:
         self.model = model
-        decoder_layers = _decoder_layers(model)
+        decoder_layers = find_decoder_layers(model)
+        if decoder_layers is None:
+            raise ProbeError(f"cannot find decoder layers in {type(model).__name__}; expected model.language_model.layers")
         self.sites: dict[Any, nn.Module] = {}
         for layer in layers:
             if not 0 <= int(layer) < len(decoder_layers):
@@ -236,16 +240,3 @@ class AttentionProbe:
         if isinstance(sel, Tensor):
             return sel.to(device), (self.row_mask.to(device) if self.row_mask is not None else None)
         return sel(call)
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The language model's decoder layers of a LLaVA model (or of a bare causal LM)."""
-    for path in ("model.language_model.layers", "language_model.layers", "model.layers", "layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ProbeError(f"cannot find decoder layers in {type(model).__name__}; expected model.language_model.layers")
