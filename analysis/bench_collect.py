@@ -97,6 +97,11 @@ def bench(loaded: LoadedModel, batch: int, text_len: int, repeats: int, reducer:
             if round_ > 0:  # round 0 is the warm-up
                 times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(ts) for name, ts in times.items()}
+    tc = loaded.config.text_config
+    n = int(inputs["input_ids"].shape[1])
+    n_text = text_len
+    eager_bytes = loaded.num_layers * tc.num_attention_heads * n * n * torch.finfo(loaded.dtype).bits // 8
+    rows_bytes = tc.num_attention_heads * n_text * n * 4  # float32 text rows of one layer, freed after its reduction
     return {
         "model": loaded.name, "device": str(device), "dtype": str(loaded.dtype).replace("torch.", ""),
         "num_layers": loaded.num_layers, "vision_layers": loaded.config.vision_config.num_hidden_layers,
@@ -104,6 +109,8 @@ def bench(loaded: LoadedModel, batch: int, text_len: int, repeats: int, reducer:
         "batch_size": batch, "repeats": repeats, "reducer": reducer,
         "ms_per_sample": {name: round(1000 * t / batch, 3) for name, t in median.items()},
         "ratio_to_sdpa": {name: round(t / median["sdpa"], 3) for name, t in median.items() if name != "sdpa"},
+        "attention_mib_per_sample": {"collector_rows_one_layer": round(rows_bytes / 2**20, 2),
+                                     "eager_output_attentions_all_layers": round(eager_bytes / 2**20, 2)},
     }
 
 
