@@ -180,3 +180,13 @@ def test_bad_arguments_are_clear_errors(model4):
         with pytest.raises(CollectorError, match="begin_batch"):
             with torch.no_grad():
                 model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+
+
+def test_bench_collect_smoke():
+    from analysis.bench_collect import main
+
+    result = main(["--model", "tiny", "--num-layers", "2", "--batch-size", "2", "--text-len", "6", "--repeats", "1",
+                   "--device", "cpu"])
+    assert result["num_layers"] == 2 and result["num_vision"] == 576
+    assert set(result["ms_per_sample"]) == {"sdpa", "collector", "eager_output_attentions"}
+    assert all(v > 0 for v in result["ms_per_sample"].values())
