@@ -22,8 +22,9 @@ from vlm.models import (
 
 
 def _tiny_processor(vocab_size: int = 64) -> LlavaProcessor:
-    words = {f"w{i}": i for i in range(vocab_size)}
-    words.update({"<pad>": PAD_TOKEN_ID, "<image>": IMAGE_TOKEN_ID, "<unk>": 1})
+    specials = {"<pad>": PAD_TOKEN_ID, "<image>": IMAGE_TOKEN_ID, "<unk>": 1}
+    words = {f"w{i}": i for i in range(vocab_size) if i not in specials.values()}  # one token per id
+    words.update(specials)
     tok = Tokenizer(models.WordLevel({k: v for k, v in words.items()}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
