@@ -1,0 +1,324 @@
+"""The benchmark's results: one tidy CSV table (append, dedupe, retention), a markdown summary and trade-off plots.
+
+Layout of a results directory (shared by every run and every Hydra multirun job that points at it)::
+
+    results.csv          one row per (model, task, split, limit, convention, method, budget)
+    results.csv.lock     advisory lock held while the table is rewritten (parallel jobs)
+    config.yaml          the resolved config of the latest run
+    configs/<id>.yaml    the resolved config of every run; rows name theirs in `config_id`
+    summary.md           pivots per (model, task, split): method x budget accuracy / retention / latency / TFLOPs
+    plots/*.png          metric vs budget, latency vs budget, accuracy vs TFLOPs
+
+Rows are keyed by KEY_COLUMNS; writing a row whose key is already in the table replaces the old row.
+`retention` is recomputed on every write from the unpruned row of the same (model, task, split, limit).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import pandas as pd
+
+RESULTS_NAME = "results.csv"
+SUMMARY_NAME = "summary.md"
+PLOTS_DIR = "plots"
+BASELINE_METHOD = "unpruned"
+KEY_COLUMNS: tuple[str, ...] = ("model", "task", "split", "limit", "convention", "method", "budget")
+GROUP_COLUMNS: tuple[str, ...] = ("model", "task", "split", "limit")
+# Leading columns, in this order; metric_* and any others follow.
+COLUMNS: tuple[str, ...] = (
+    "model", "task", "split", "limit", "convention", "method", "budget", "status", "scorer", "schedule",
+    "positions", "budget_processed", "budget_paper", "accuracy", "retention", "prefill_ms", "generate_ms",
+    "tflops", "peak_mem_mb", "n_samples", "batch_size", "timing_batch", "vision_per_layer", "tokens_per_layer",
+    "device", "config_id", "timestamp", "note",
+)
+STATUS_OK = "ok"
+STATUS_INFEASIBLE = "infeasible"
+
+
+class ResultsError(ValueError):
+    """A results table or row that cannot be used; the message says what is wrong and what would be right."""
+
+
+def key_value(value: Any) -> str:
+    """Canonical string of a key cell, so that 64, 64.0, '64' and None/NaN/'' compare as they should."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        if value.is_integer():
+            return str(int(value))
+        return repr(round(value, 6))
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return text
+        return key_value(number) if text.lower() not in ("nan", "") else ""
+    return str(value)
+
+
+def row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """The dedupe key of a row (KEY_COLUMNS as canonical strings)."""
+    missing = [c for c in KEY_COLUMNS if c not in row]
+    if missing:
+        raise ResultsError(f"result row lacks key columns {missing}; every row needs {list(KEY_COLUMNS)}")
+    return tuple(key_value(row[c]) for c in KEY_COLUMNS)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path`.lock (parallel multirun jobs share one table)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_table(results_dir: str | Path) -> pd.DataFrame:
+    """The results table in `results_dir` (empty, with the leading columns, when there is none yet)."""
+    path = Path(results_dir) / RESULTS_NAME
+    if not path.exists():
+        return pd.DataFrame(columns=list(COLUMNS))
+    try:
+        table = pd.read_csv(path, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=list(COLUMNS))
+    missing = [c for c in KEY_COLUMNS if c not in table.columns]
+    if missing:
+        raise ResultsError(f"{path} lacks the key columns {missing}; it is not a results table of this toolkit")
+    return table
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    lead = [c for c in COLUMNS if c in table.columns]
+    metrics = sorted(c for c in table.columns if c.startswith("metric_"))
+    rest = [c for c in table.columns if c not in lead and c not in metrics]
+    return table[lead + metrics + rest]
+
+
+def with_retention(table: pd.DataFrame) -> pd.DataFrame:
+    """`retention` = accuracy / the unpruned accuracy of the same (model, task, split, limit); NaN without one."""
+    table = table.copy()
+    if table.empty:
+        table["retention"] = pd.Series(dtype=float)
+        return table
+    keys = table[list(GROUP_COLUMNS)].map(key_value).apply(tuple, axis=1)
+    accuracy = pd.to_numeric(table["accuracy"], errors="coerce")
+    baseline: dict[tuple, float] = {}
+    for k, method, acc in zip(keys, table["method"], accuracy):
+        if method == BASELINE_METHOD and not math.isnan(acc):
+            baseline[k] = acc
+    retention = []
+    for k, acc in zip(keys, accuracy):
+        base = baseline.get(k)
+        retention.append(acc / base if base not in (None, 0.0) and not math.isnan(acc) else float("nan"))
+    table["retention"] = retention
+    return table
+
+
+def upsert_rows(results_dir: str | Path, rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Add `rows` to the table, replacing rows with the same key; recompute retention; write atomically."""
+    path = Path(results_dir) / RESULTS_NAME
+    new = pd.DataFrame([dict(r) for r in rows])
+    with locked(path):
+        table = read_table(results_dir)
+        if not new.empty:
+            new_keys = {row_key(r) for r in rows}
+            if not table.empty:
+                old_keys = table[list(KEY_COLUMNS)].apply(lambda r: row_key(r.to_dict()), axis=1)
+                table = table[[k not in new_keys for k in old_keys]]
+            frames = [f for f in (table, new) if not f.empty]
+            table = pd.concat(frames, ignore_index=True) if frames else new
+        table = _ordered(with_retention(table))
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".csv")
+        with os.fdopen(fd, "w") as handle:
+            table.to_csv(handle, index=False)
+        os.replace(tmp, path)
+    return table
+
+
+def has_row(table: pd.DataFrame, key: Mapping[str, Any]) -> bool:
+    """True when the table holds a row with this key (see KEY_COLUMNS)."""
+    if table.empty:
+        return False
+    wanted = row_key(key)
+    keys = table[list(KEY_COLUMNS)].apply(lambda r: row_key(r.to_dict()), axis=1)
+    return bool((keys == wanted).any())
+
+
+def find_baseline(table: pd.DataFrame, group: Mapping[str, Any]) -> pd.Series | None:
+    """The unpruned row for this (model, task, split, limit), or None."""
+    if table.empty:
+        return None
+    wanted = tuple(key_value(group[c]) for c in GROUP_COLUMNS)
+    for _, row in table[table["method"] == BASELINE_METHOD].iterrows():
+        if tuple(key_value(row[c]) for c in GROUP_COLUMNS) == wanted and str(row.get("status")) == STATUS_OK:
+            return row
+    return None
+
+
+# -- summary ----------------------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame, digits: int = 3, index_name: str = "") -> str:
+    """A pipe table of a (pivoted) frame; NaN shows as an em dash."""
+    header = [index_name or (frame.index.name or "")] + [_fmt(c, 0) if isinstance(c, float) else str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for idx, row in frame.iterrows():
+        lines.append("| " + " | ".join([str(idx)] + [_fmt(v, digits) for v in row.tolist()]) + " |")
+    return "\n".join(lines)
+
+
+def _budget_label(budget: Any) -> str:
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        return str(budget)
+    return str(int(value)) if value.is_integer() else f"{value:.1f}"
+
+
+def pivot(sub: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Method x budget pivot of one column (budgets descending, methods in first-seen order)."""
+    sub = sub.copy()
+    sub["_budget"] = pd.to_numeric(sub["budget"], errors="coerce")
+    sub[value] = pd.to_numeric(sub[value], errors="coerce")
+    table = sub.pivot_table(index="method", columns="_budget", values=value, aggfunc="first", dropna=False)
+    order = [m for m in dict.fromkeys(sub["method"]) if m in table.index]
+    table = table.loc[order, sorted(table.columns, reverse=True)]
+    table.columns = [_budget_label(c) for c in table.columns]
+    return table
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """The markdown summary: per (model, task, split, limit) the baseline and method x budget pivots."""
+    lines = ["# Benchmark summary", ""]
+    if table.empty:
+        return "\n".join(lines + ["(no results yet)", ""])
+    table = table.copy()
+    groups = table[list(GROUP_COLUMNS)].map(key_value).apply(tuple, axis=1)
+    for group in dict.fromkeys(groups):
+        sub = table[groups == group]
+        model, task, split, limit = group
+        lines += [f"## {task} ({split}, limit {limit or 'all'}) on {model}", ""]
+        base = sub[sub["method"] == BASELINE_METHOD]
+        pruned = sub[(sub["method"] != BASELINE_METHOD)]
+        conventions = sorted({key_value(c) for c in pruned["convention"]} - {""})
+        if not base.empty:
+            b = base.iloc[0]
+            lines.append(
+                f"Unpruned: accuracy {_fmt(float(b['accuracy']), 4)}, prefill {_fmt(float(b['prefill_ms']), 1)} ms, "
+                f"{_fmt(float(b['tflops']), 4)} TFLOPs/sample, {int(float(b['budget']))} vision tokens per layer."
+            )
+        else:
+            lines.append("Unpruned: not in the table (retention cannot be computed).")
+        lines += [
+            "",
+            f"Budget = mean vision tokens per decoder layer, {' / '.join(conventions) or 'processed'} convention "
+            "(columns budget_processed and budget_paper of results.csv hold both). — = not run or infeasible.",
+            "",
+        ]
+        if pruned.empty:
+            continue
+        for value, title, digits in (
+            ("accuracy", "Accuracy", 4), ("retention", "Retention (accuracy / unpruned)", 3),
+            ("prefill_ms", "Prefill latency (ms, median)", 1), ("tflops", "TFLOPs per sample (analytic)", 4),
+        ):
+            lines += [f"### {title}", "", markdown_table(pivot(pruned, value), digits, "method \\ budget"), ""]
+        infeasible = pruned[pruned["status"] == STATUS_INFEASIBLE]
+        if not infeasible.empty:
+            lines += ["Infeasible (budget below what the method's stage layers allow):", ""]
+            for _, row in infeasible.iterrows():
+                lines.append(f"- {row['method']} at {_budget_label(row['budget'])}: {row.get('note', '')}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_summary(results_dir: str | Path, table: pd.DataFrame | None = None) -> Path:
+    """Write summary.md from the table in `results_dir`; returns its path."""
+    table = read_table(results_dir) if table is None else table
+    path = Path(results_dir) / SUMMARY_NAME
+    path.write_text(summary_markdown(table))
+    return path
+
+
+# -- plots ------------------------------------------------------------------------------------------------------
+def _slug(*parts: Any) -> str:
+    text = "_".join(key_value(p) or "all" for p in parts)
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text)
+
+
+def plot_tradeoffs(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Per (model, task, split, limit): accuracy vs budget, prefill latency vs budget, accuracy vs TFLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if table.empty:
+        return written
+    table = table.copy()
+    for col in ("budget", "accuracy", "prefill_ms", "tflops"):
+        table[col] = pd.to_numeric(table[col], errors="coerce")
+    groups = table[list(GROUP_COLUMNS)].map(key_value).apply(tuple, axis=1)
+    for group in dict.fromkeys(groups):
+        sub = table[(groups == group) & (table["status"] == STATUS_OK)]
+        if sub.empty:
+            continue
+        model, task, split, limit = group
+        base = sub[sub["method"] == BASELINE_METHOD]
+        pruned = sub[sub["method"] != BASELINE_METHOD]
+        conv = " / ".join(sorted({key_value(c) for c in pruned["convention"]} - {""})) or "processed"
+        specs = (
+            ("budget", "accuracy", f"budget (mean vision tokens per layer, {conv})", "accuracy", "accuracy_vs_budget"),
+            ("budget", "prefill_ms", f"budget (mean vision tokens per layer, {conv})", "prefill latency (ms)",
+             "latency_vs_budget"),
+            ("tflops", "accuracy", "TFLOPs per sample (analytic prefill)", "accuracy", "accuracy_vs_tflops"),
+        )
+        for x, y, xlabel, ylabel, name in specs:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for method, rows in pruned.groupby("method", sort=False):
+                rows = rows.sort_values(x)
+                ax.plot(rows[x], rows[y], marker="o", label=method)
+            if not base.empty:
+                if x == "budget":
+                    ax.axhline(float(base[y].iloc[0]), color="k", ls="--", lw=1, label="unpruned")
+                else:
+                    ax.scatter(base[x], base[y], color="k", marker="*", s=120, label="unpruned", zorder=3)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{task} ({split}) on {model}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            path = out_dir / f"{_slug(model, task, split, limit)}_{name}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+__all__ = [
+    "BASELINE_METHOD", "COLUMNS", "KEY_COLUMNS", "RESULTS_NAME", "ResultsError", "STATUS_INFEASIBLE", "STATUS_OK",
+    "find_baseline", "has_row", "key_value", "markdown_table", "pivot", "plot_tradeoffs", "read_table", "row_key",
+    "summary_markdown", "upsert_rows", "with_retention", "write_summary",
+]
