@@ -97,6 +97,14 @@ def read_table(results_dir: str | Path) -> pd.DataFrame:
     missing = [c for c in KEY_COLUMNS if c not in table.columns]
     if missing:
         raise ResultsError(f"{path} lacks the key columns {missing}; it is not a results table of this toolkit")
+    return _with_columns(table)
+
+
+def _with_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with every leading column present (missing ones empty)."""
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        table = table.assign(**{c: float("nan") for c in missing})
     return table
 
 
@@ -140,7 +148,7 @@ def upsert_rows(results_dir: str | Path, rows: Sequence[Mapping[str, Any]]) -> p
                 table = table[[k not in new_keys for k in old_keys]]
             frames = [f for f in (table, new) if not f.empty]
             table = pd.concat(frames, ignore_index=True) if frames else new
-        table = _ordered(with_retention(table))
+        table = _ordered(with_retention(_with_columns(table)))
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".csv")
         with os.fdopen(fd, "w") as handle:
             table.to_csv(handle, index=False)

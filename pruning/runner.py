@@ -1,0 +1,264 @@
+"""The evaluation loop of one benchmark run: batched greedy generation, prefill timing, FLOPs and peak memory.
+
+One run = one model, one list of samples, one schedule + scorer (or none: the unpruned model). Measurements:
+
+* predictions: greedy decoding (`do_sample=False`, one beam) on left-padded batches of `batch_size`, at most
+  `max_new_tokens` new tokens, decoded without special tokens and stripped.
+* `generate_ms`: wall time of all `generate` calls divided by the number of samples (per sample, batched).
+* `prefill_ms`: a prefill-only forward (`use_cache=True, logits_to_keep=1`) on a fixed batch (the first
+  `timing.batch_size` samples), `timing.warmup` untimed calls first, then the median of `timing.repeats`
+  timed calls; CUDA events with synchronisation on GPU, `time.perf_counter` on CPU.
+* `tflops`: analytic prefill TFLOPs per sample (`pruning.flops`, 4nd^2 + 2n^2d + 3ndm per layer) from each
+  row's real (unpadded) token count and the vision tokens each layer processed (`engine.record.vision_per_layer`),
+  averaged over the samples; padding does not count, so the number does not depend on batching.
+* `peak_mem_mb`: on GPU `torch.cuda.max_memory_allocated` over the run (stats reset first); on CPU the process's
+  peak resident set size over the run (Linux: VmHWM after resetting it through /proc/self/clear_refs; where that
+  is not allowed, the lifetime peak `ru_maxrss`). On CPU it includes the weights and everything else the process
+  holds, so compare it between runs of one process.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pruning.engine import PruningEngine
+from pruning.flops import prefill_flops, sequence_tokens_per_layer, to_tflops
+from pruning.schedule import Schedule
+from vlm.models import LoadedModel
+from vlm.prompts import encode_batch
+from vlm.tasks.base import VQASample
+
+log = logging.getLogger(__name__)
+
+
+class RunnerError(ValueError):
+    """A run that cannot be evaluated as configured; the message names the setting and what would be right."""
+
+
+@dataclass
+class TimingSpec:
+    """How prefill latency is measured: the fixed batch size, untimed warm-up calls and timed repeats."""
+
+    batch_size: int = 1
+    warmup: int = 2
+    repeats: int = 5
+
+    def check(self) -> "TimingSpec":
+        """Validate; raise RunnerError naming the bad field."""
+        for name, low in (("batch_size", 1), ("warmup", 0), ("repeats", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise RunnerError(f"timing.{name}={value!r} must be an int >= {low}")
+        return self
+
+
+@dataclass
+class RunOutput:
+    """What one run measured (see the module docstring for each number's definition)."""
+
+    predictions: list[str]
+    prefill_ms: float
+    generate_ms: float
+    tflops: float
+    peak_mem_mb: float
+    vision_per_layer: list[int]
+    tokens_per_layer: list[int]  # sequence length each decoder layer processed, timing batch (incl. padding)
+    n_samples: int
+    timing_batch: int
+    device: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _reset_rss_peak() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux); False where that is not possible."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_mb() -> float:
+    """This process's peak RSS in MiB: VmHWM from /proc/self/status, else ru_maxrss."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class PeakMemory:
+    """Context manager: peak memory (MiB) of the enclosed code on `device` (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mb = float("nan")
+        self.source = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.source = "cuda.max_memory_allocated"
+        else:
+            self.source = "rss_peak (VmHWM, reset)" if _reset_rss_peak() else "ru_maxrss (process lifetime)"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.mb = _rss_peak_mb()
+
+
+# -- timing ------------------------------------------------------------------------------------------------------
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds one call of `fn` takes: CUDA events (synchronised) on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return float(start.elapsed_time(end))
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """Median milliseconds over `repeats` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(time_call(fn, device) for _ in range(repeats))
+
+
+# -- engine ------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def pruning(
+    loaded: LoadedModel, schedule: Schedule | None, scorer: str | None, scorer_options: dict | None = None, seed: int = 0
+) -> Iterator[PruningEngine | None]:
+    """The PruningEngine for this schedule and scorer, or nothing (the plain model) when schedule is None/empty."""
+    if schedule is None or not schedule.stages:
+        yield None
+        return
+    if not scorer:
+        raise RunnerError(f"schedule {schedule.name!r} has stages but no scorer was named; give the method a `scorer`")
+    with PruningEngine(loaded.model, schedule, scorer=scorer, scorer_options=scorer_options, seed=seed) as engine:
+        yield engine
+
+
+def _batches(items: Sequence[VQASample], size: int) -> Iterator[list[VQASample]]:
+    for i in range(0, len(items), size):
+        yield list(items[i:i + size])
+
+
+def _row_flops(loaded: LoadedModel, attention_mask: torch.Tensor, vision_per_layer: Sequence[int]) -> int:
+    """Analytic prefill FLOPs summed over the rows of a batch, each from its real (unpadded) token count."""
+    tc = loaded.config.text_config
+    n_vision = loaded.vision_tokens_per_image
+    total = 0
+    for real in attention_mask.sum(dim=1).tolist():
+        per_layer = sequence_tokens_per_layer(vision_per_layer, int(real) - n_vision)
+        total += prefill_flops(per_layer, tc.hidden_size, tc.intermediate_size)
+    return total
+
+
+def _vision_per_layer(loaded: LoadedModel, engine: PruningEngine | None) -> list[int]:
+    if engine is None:
+        return [loaded.vision_tokens_per_image] * loaded.num_layers
+    return list(engine.record.vision_per_layer)
+
+
+def evaluate(
+    loaded: LoadedModel,
+    samples: Sequence[VQASample],
+    *,
+    schedule: Schedule | None = None,
+    scorer: str | None = None,
+    scorer_options: dict | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    timing: TimingSpec | None = None,
+    progress: bool = True,
+    desc: str = "run",
+) -> RunOutput:
+    """Generate answers for `samples` (pruned by `schedule` + `scorer`, or unpruned) and measure the run."""
+    if not samples:
+        raise RunnerError("no samples to evaluate; check data.split / data.limit")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RunnerError(f"batch_size={batch_size!r} must be an int >= 1")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise RunnerError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    timing = (timing or TimingSpec()).check()
+    processor, model, device = loaded.processor, loaded.model, loaded.device
+    if processor is None:
+        raise RunnerError(f"model {loaded.name!r} has no processor; give its preset a `processor` (e.g. 'demo')")
+    tokenizer = processor.tokenizer
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id)
+    predictions: list[str] = []
+    flops_total = 0
+    generate_s = 0.0
+    vision_per_layer: list[int] = []
+    with PeakMemory(device) as memory, pruning(loaded, schedule, scorer, scorer_options, seed) as engine, \
+            torch.inference_mode():
+        timing_inputs = encode_batch(processor, list(samples[: timing.batch_size]), device=device, dtype=loaded.dtype)
+
+        def prefill() -> None:
+            model(**timing_inputs, use_cache=True, logits_to_keep=1)
+
+        prefill_ms = median_ms(prefill, device, timing.warmup, timing.repeats)
+        tokens_per_layer = list(engine.record.tokens_per_layer) if engine is not None else \
+            [int(timing_inputs["input_ids"].shape[1])] * loaded.num_layers
+        bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False)
+        for batch in _batches(samples, batch_size):
+            inputs = encode_batch(processor, batch, device=device, dtype=loaded.dtype)
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, **gen_kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            generate_s += time.perf_counter() - t0
+            new_tokens = out[:, inputs["input_ids"].shape[1]:]
+            predictions += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            vision_per_layer = _vision_per_layer(loaded, engine)
+            flops_total += _row_flops(loaded, inputs["attention_mask"], vision_per_layer)
+            bar.update(len(batch))
+        bar.close()
+    n = len(samples)
+    return RunOutput(
+        predictions=predictions,
+        prefill_ms=float(prefill_ms),
+        generate_ms=generate_s * 1e3 / n,
+        tflops=to_tflops(flops_total / n),
+        peak_mem_mb=float(memory.mb),
+        vision_per_layer=vision_per_layer,
+        tokens_per_layer=tokens_per_layer,
+        n_samples=n,
+        timing_batch=min(timing.batch_size, n),
+        device=str(device),
+        extras={"peak_mem_source": memory.source},
+    )
+
+
+__all__ = ["PeakMemory", "RunOutput", "RunnerError", "TimingSpec", "evaluate", "median_ms", "pruning", "time_call"]
