@@ -1,0 +1,320 @@
+"""Hand a pruned model to lmms-eval through its model API (`lmms_eval.api.model.lmms`), without a fork.
+
+`PrunedLLaVA` wraps a `LoadedModel` and a `PruningEngine` (schedule + scorer) and implements the "simple" model
+API of lmms-eval: `generate_until`, `loglikelihood` and `generate_until_multi_round`. Requests carry
+`args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)` for generation and
+`(context, doc_to_target, doc_to_visual, doc_id, task, split)` for log-likelihood; the document is looked up in
+`self.task_dict[task][split][doc_id]`, which lmms-eval's evaluator fills in before it calls the model.
+
+When lmms-eval is importable the class subclasses its `lmms` base and is registered as `adaptinfer_pruned`:
+
+    python -m lmms_eval --model adaptinfer_pruned \
+        --model_args model=llava-1.5-7b,method=adaptinfer,budget=64,convention=processed --tasks pope
+    # (the model must be importable first: `import pruning.lmms_adapter` from a plugin or wrapper script)
+
+Without lmms-eval the same class works on any object with that `args` tuple (tests use a stand-in).
+Pruning happens in every prefill (generation and log-likelihood); the unpruned model is `method=unpruned`.
+One image per request (LLaVA-1.5's single vision span); text-only requests run without pruning.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pruning.benchmark import CONFIGS_DIR, SCHEDULE_NONE, check_method, load_method, method_schedule
+from pruning.engine import PruningEngine
+from pruning.schedule import Schedule
+from vlm.models import LoadedModel, load_from_config
+from vlm.prompts import encode_batch, format_prompt
+from vlm.tasks.base import VQASample
+
+log = logging.getLogger(__name__)
+
+REGISTERED_NAME = "adaptinfer_pruned"
+DEFAULT_MAX_NEW_TOKENS = 32
+IMAGE_PLACEHOLDER = "<image>"
+
+try:  # pragma: no cover - depends on the environment
+    from lmms_eval.api.model import lmms as _LMMSBase
+
+    HAVE_LMMS_EVAL = True
+except Exception:  # lmms-eval absent (or broken): a plain base with the same attributes
+    HAVE_LMMS_EVAL = False
+
+    class _LMMSBase:  # type: ignore[no-redef]
+        """Stand-in for lmms_eval.api.model.lmms when lmms-eval is not installed."""
+
+        is_simple: bool = True
+
+        def __init__(self) -> None:
+            self._rank = 0
+            self._world_size = 1
+            self.task_dict: dict = {}
+
+        @property
+        def rank(self) -> int:
+            return self._rank
+
+        @property
+        def world_size(self) -> int:
+            return self._world_size
+
+
+class AdapterError(ValueError):
+    """A request or option the adapter cannot serve; the message says what would work."""
+
+
+def _flatten_visuals(visuals: Any) -> list[Image.Image]:
+    """doc_to_visual output (an image, a list, or nested lists) as a flat list of PIL images."""
+    if visuals is None:
+        return []
+    if isinstance(visuals, Image.Image):
+        return [visuals]
+    out: list[Image.Image] = []
+    for v in visuals:
+        out += _flatten_visuals(v)
+    return out
+
+
+def _as_bool(value: Any) -> bool:
+    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
+class PrunedLLaVA(_LMMSBase):
+    """lmms-eval model: a LLaVA model whose prefill drops vision tokens by a schedule and a scorer.
+
+    Give either `loaded` (a LoadedModel) or `model` (a configs/model preset name or a YAML path); then either
+    `schedule` (a Schedule or a schedule YAML path) with `scorer`, or `method` (configs/method name) with `budget`.
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        model: str = "demo",
+        method: str = "adaptinfer",
+        budget: float | None = 64,
+        convention: str = "processed",
+        schedule: Schedule | str | None = None,
+        scorer: str | None = None,
+        scorer_options: Mapping[str, Any] | None = None,
+        batch_size: int = 1,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        device: str | None = None,
+        seed: int = 0,
+        loaded: LoadedModel | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise AdapterError(
+                f"unknown model_args {sorted(kwargs)}; accepted: model, method, budget, convention, schedule, scorer, "
+                "scorer_options, batch_size, max_new_tokens, device, seed"
+            )
+        if loaded is None:
+            loaded = load_from_config(self._model_preset(model, device))
+        self.loaded = loaded
+        self.processor = loaded.processor
+        if self.processor is None:
+            raise AdapterError(f"model {loaded.name!r} has no processor; lmms-eval needs one to build prompts")
+        self.batch_size_per_gpu = int(batch_size)
+        if self.batch_size_per_gpu < 1:
+            raise AdapterError(f"batch_size={batch_size!r} must be >= 1")
+        self.max_new_tokens = int(max_new_tokens)
+        self.seed = int(seed)
+        self.schedule, self.scorer, self.scorer_options = self._pruning(
+            method, budget, convention, schedule, scorer, dict(scorer_options or {})
+        )
+        self.model_name = f"{loaded.name}:{self.scorer or 'unpruned'}:{self.schedule_string}"
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _model_preset(model: str, device: str | None) -> dict[str, Any]:
+        path = Path(model) if str(model).endswith((".yaml", ".yml")) else CONFIGS_DIR / "model" / f"{model}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (CONFIGS_DIR / "model").glob("*.yaml"))
+            raise AdapterError(f"model={model!r}: no preset at {path}; use one of {known} or a YAML path")
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        if device:
+            cfg["device"] = device
+        return cfg  # type: ignore[return-value]
+
+    def _pruning(self, method: str, budget: float | None, convention: str, schedule: Schedule | str | None,
+                 scorer: str | None, options: dict) -> tuple[Schedule | None, str | None, dict]:
+        n_layers, n_vision = self.loaded.num_layers, self.loaded.vision_tokens_per_image
+        if schedule is not None:
+            sched = schedule if isinstance(schedule, Schedule) else Schedule.from_yaml(str(schedule))
+            sched.validate(num_layers=n_layers, initial=n_vision)
+            if sched.stages and not scorer:
+                raise AdapterError("a schedule with stages needs a scorer (e.g. scorer=adaptinfer)")
+            return (sched if sched.stages else None), scorer, options
+        spec = check_method(load_method(str(method)))
+        if spec["schedule"] == SCHEDULE_NONE:
+            return None, None, {}
+        if budget is None and spec["schedule"] in ("allocate", "derived"):
+            raise AdapterError(f"method={method!r} needs a budget (mean vision tokens per layer), e.g. budget=64")
+        sched = method_schedule(spec, n_layers, n_vision, float(budget or 0), convention)
+        return sched, scorer or spec["scorer"], {**(spec.get("scorer_options") or {}), **options}
+
+    @property
+    def schedule_string(self) -> str:
+        return ",".join(f"{s.layer}:{s.keep}" for s in self.schedule.stages) if self.schedule else "none"
+
+    # -- lmms-eval properties ------------------------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def eot_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    def _engine(self, with_image: bool):
+        """The pruning context for one forward/generate call (a no-op for the unpruned model or text-only input)."""
+        import contextlib
+
+        if self.schedule is None or not with_image:
+            return contextlib.nullcontext()
+        return PruningEngine(self.loaded.model, self.schedule, scorer=self.scorer, scorer_options=self.scorer_options,
+                             seed=self.seed)
+
+    def _doc(self, task: str, split: str, doc_id: Any) -> Any:
+        try:
+            return self.task_dict[task][split][doc_id]
+        except (KeyError, IndexError, TypeError) as err:
+            raise AdapterError(
+                f"document {doc_id!r} of task {task!r} split {split!r} is not in task_dict; lmms-eval's evaluator fills "
+                "model.task_dict[task][split] before calling the model (set it yourself when calling directly)"
+            ) from err
+
+    def _image(self, doc_to_visual: Callable[[Any], Any] | None, doc: Any) -> Image.Image | None:
+        images = _flatten_visuals(doc_to_visual(doc)) if doc_to_visual is not None else []
+        if len(images) > 1:
+            raise AdapterError(f"a request has {len(images)} images; this adapter serves one image per request (LLaVA-1.5)")
+        return images[0].convert("RGB") if images else None
+
+    @staticmethod
+    def _text(context: str) -> str:
+        return context.replace(IMAGE_PLACEHOLDER, "").strip()
+
+    def _encode(self, contexts: Sequence[str], images: Sequence[Image.Image | None]) -> dict[str, torch.Tensor]:
+        if all(img is not None for img in images):
+            samples = [VQASample(sample_id=str(i), image=img, question=c, prompt=self._text(c), answers=[])
+                       for i, (c, img) in enumerate(zip(contexts, images))]
+            return encode_batch(self.processor, samples, device=self.device, dtype=self.loaded.dtype)
+        if any(img is not None for img in images):
+            raise AdapterError("a batch mixes requests with and without an image; use batch_size=1 for such tasks")
+        texts = [format_prompt(self.processor, self._text(c)).replace(self.processor.image_token, "") for c in contexts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    @staticmethod
+    def _cut(text: str, until: Iterable[str]) -> str:
+        for stop in until:
+            if stop and stop in text:
+                text = text.split(stop, 1)[0]
+        return text
+
+    # -- the lmms-eval API -----------------------------------------------------------------------------------------
+    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        """Generate for each request until a stop string or max_new_tokens; greedy unless gen_kwargs ask to sample."""
+        args = [r.args for r in requests]
+        results: list[str | None] = [None] * len(args)
+        groups: dict[str, list[int]] = {}
+        for i, a in enumerate(args):
+            groups.setdefault(repr(sorted((a[1] or {}).items())), []).append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                gen_kwargs = dict(args[chunk[0]][1] or {})
+                until = gen_kwargs.pop("until", None)
+                if until is None:
+                    until = [self.tokenizer.decode([self.eot_token_id])] if self.eot_token_id is not None else []
+                until = [until] if isinstance(until, str) else list(until)
+                contexts = [args[i][0] for i in chunk]
+                images = [self._image(args[i][2], self._doc(args[i][4], args[i][5], args[i][3])) for i in chunk]
+                inputs = self._encode(contexts, images)
+                temperature = float(gen_kwargs.get("temperature", 0) or 0)
+                do_sample = _as_bool(gen_kwargs.get("do_sample", False)) and temperature > 0
+                kwargs: dict[str, Any] = dict(
+                    max_new_tokens=int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)), do_sample=do_sample,
+                    num_beams=int(gen_kwargs.get("num_beams", 1) or 1), pad_token_id=self.tokenizer.pad_token_id,
+                )
+                if do_sample:
+                    kwargs["temperature"] = temperature
+                    if gen_kwargs.get("top_p") is not None:
+                        kwargs["top_p"] = float(gen_kwargs["top_p"])
+                with self._engine(images[0] is not None), torch.inference_mode():
+                    out = self.model.generate(**inputs, **kwargs)
+                texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                for i, text in zip(chunk, texts):
+                    results[i] = self._cut(text, until).strip()
+        return [r if r is not None else "" for r in results]
+
+    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request."""
+        out: list[tuple[float, bool]] = []
+        for req in requests:
+            context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
+            doc = self._doc(task, split, doc_id)
+            continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            image = self._image(doc_to_visual, doc)
+            prompt_inputs = self._encode([context], [image])
+            cont_ids = self.tokenizer(str(continuation), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            cont_ids = cont_ids.to(self.device)
+            n_cont = int(cont_ids.shape[1])
+            if n_cont == 0:
+                out.append((0.0, True))
+                continue
+            inputs = dict(prompt_inputs)
+            inputs["input_ids"] = torch.cat([prompt_inputs["input_ids"], cont_ids], dim=1)
+            inputs["attention_mask"] = torch.cat([prompt_inputs["attention_mask"], torch.ones_like(cont_ids)], dim=1)
+            with self._engine(image is not None), torch.inference_mode():
+                logits = self.model(**inputs, use_cache=False).logits  # [1, N', vocab]; N' < N when pruned
+            # pruning drops vision tokens only, so the text (and continuation) stays at the end of the sequence
+            pred = logits[:, -n_cont - 1:-1].float().log_softmax(-1)  # [1, n_cont, vocab]
+            logprob = pred.gather(-1, cont_ids[..., None])[..., 0].sum().item()
+            greedy = bool((pred.argmax(-1) == cont_ids).all().item())
+            out.append((float(logprob), greedy))
+        return out
+
+    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[str]:
+        """Multi-round generation is not supported (LLaVA-1.5 single-turn prompts); raises AdapterError."""
+        raise AdapterError("generate_until_multi_round is not supported by the pruned LLaVA adapter; "
+                           "use tasks whose output_type is generate_until or loglikelihood")
+
+
+def register() -> bool:
+    """Register PrunedLLaVA with lmms-eval under REGISTERED_NAME; False when lmms-eval is not importable."""
+    if not HAVE_LMMS_EVAL:
+        return False
+    try:
+        from lmms_eval.api.registry import register_model
+    except Exception as err:  # pragma: no cover - a broken lmms-eval install
+        log.warning("lmms-eval is importable but its registry is not (%s); PrunedLLaVA not registered", err)
+        return False
+    register_model(REGISTERED_NAME)(PrunedLLaVA)
+    return True
+
+
+REGISTERED = register()
+
+__all__ = ["AdapterError", "HAVE_LMMS_EVAL", "PrunedLLaVA", "REGISTERED", "REGISTERED_NAME", "register"]

@@ -1,0 +1,171 @@
+"""The lmms-eval adapter: requests in lmms-eval's shape in, pruned generations and log-likelihoods out.
+
+Runs against lmms-eval's own `lmms` base, `Instance` and registry when lmms-eval is importable, otherwise against
+a stand-in `Instance` with the same `args` tuples (lmms_eval/api/instance.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pruning import lmms_adapter
+from pruning.lmms_adapter import AdapterError, PrunedLLaVA
+from tests.bench_fixtures import save_processor, tiny_model_cfg
+
+try:
+    from lmms_eval.api.instance import Instance as _RealInstance
+except Exception:  # lmms-eval is not installed here
+    _RealInstance = None
+
+
+@dataclass
+class _FakeInstance:
+    """lmms-eval's Instance as the model sees it: request_type, arguments (-> args), idx, metadata."""
+
+    request_type: str
+    arguments: tuple
+    idx: int
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def args(self) -> tuple:
+        return self.arguments
+
+
+def instance(request_type: str, arguments: tuple, idx: int):
+    meta = {"task": arguments[4], "doc_id": arguments[3], "repeats": 1}
+    cls = _RealInstance or _FakeInstance
+    return cls(request_type=request_type, arguments=arguments, idx=idx, metadata=meta)
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    from vlm.models import load_from_config
+
+    return load_from_config(tiny_model_cfg(save_processor(tmp_path_factory.mktemp("proc"))))
+
+
+@pytest.fixture(scope="module")
+def docs():
+    from vlm.shapes.world import make_scene, render_scene
+
+    out = []
+    for seed in range(3):
+        scene = make_scene(seed)
+        out.append({"image": render_scene(scene), "question": scene.questions[0].text})
+    return out
+
+
+def _adapter(loaded, docs, **kwargs) -> PrunedLLaVA:
+    model = PrunedLLaVA(loaded=loaded, **kwargs)
+    model.task_dict = {"toy": {"test": docs}}
+    return model
+
+
+def _gen_requests(docs, gen_kwargs):
+    return [instance("generate_until", (d["question"], dict(gen_kwargs), lambda doc: [doc["image"]], i, "toy", "test"), i)
+            for i, d in enumerate(docs)]
+
+
+def test_is_an_lmms_eval_model_when_lmms_eval_is_installed():
+    if not lmms_adapter.HAVE_LMMS_EVAL:
+        pytest.skip("lmms-eval not installed: the adapter runs on its stand-in base (the other tests use a fake Instance)")
+    from lmms_eval.api.model import lmms
+    from lmms_eval.api.registry import get_model
+
+    assert issubclass(PrunedLLaVA, lmms)
+    assert get_model(lmms_adapter.REGISTERED_NAME) is PrunedLLaVA
+
+
+def test_generate_until_prunes_and_keeps_request_order(loaded, docs):
+    model = _adapter(loaded, docs, method="fastv", budget=128, convention="paper", batch_size=2)
+    assert model.schedule is not None and model.schedule.stages[0].layer == 0
+    seen: list[int] = []
+    handle = loaded.decoder_layers[-1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]) if a else None)
+    try:
+        out = model.generate_until(_gen_requests(docs, {"max_new_tokens": 3, "until": ["\n\n"]}))
+    finally:
+        handle.remove()
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)
+    assert max(seen) < loaded.vision_tokens_per_image  # the last layer never saw all 576 vision tokens
+    # the same requests one by one give the same answers (batching and grouping keep the order)
+    single = _adapter(loaded, docs, method="fastv", budget=128, convention="paper", batch_size=1)
+    assert single.generate_until(_gen_requests(docs, {"max_new_tokens": 3})) == out
+
+
+def test_until_cuts_the_generation(loaded, docs):
+    model = _adapter(loaded, docs, method="unpruned")
+    full = model.generate_until(_gen_requests(docs[:1], {"max_new_tokens": 4}))[0]
+    words = full.split()
+    if len(words) < 2:
+        pytest.skip(f"the random model generated {full!r}: nothing to cut")
+    cut = model.generate_until(_gen_requests(docs[:1], {"max_new_tokens": 4, "until": [" " + words[1]]}))[0]
+    assert cut == words[0]
+
+
+def _manual_logprob(loaded, model: PrunedLLaVA, doc, continuation: str) -> float:
+    inputs = model._encode([doc["question"]], [doc["image"]])
+    cont = model.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([inputs["input_ids"], cont], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"]).logits
+    n = inputs["input_ids"].shape[1]
+    logp = logits[0, n - 1:-1].log_softmax(-1)
+    return float(logp.gather(-1, cont[0][:, None]).sum())
+
+
+def test_loglikelihood_matches_a_manual_forward_unpruned_and_differs_pruned(loaded, docs):
+    reqs = [instance("loglikelihood", (d["question"], "red circle", lambda doc: [doc["image"]], i, "toy", "test"), i)
+            for i, d in enumerate(docs)]
+    plain = _adapter(loaded, docs, method="unpruned")
+    got = plain.loglikelihood(reqs)
+    for (logprob, greedy), doc in zip(got, docs):
+        assert logprob == pytest.approx(_manual_logprob(loaded, plain, doc, "red circle"), abs=1e-4)
+        assert isinstance(greedy, bool) and logprob < 0
+    pruned = _adapter(loaded, docs, method="adaptinfer", budget=64, convention="paper").loglikelihood(reqs)
+    assert all(lp < 0 for lp, _ in pruned)
+    assert any(abs(a[0] - b[0]) > 1e-4 for a, b in zip(got, pruned))  # pruning changed the model's view
+
+
+def test_loglikelihood_greedy_flag_agrees_with_generation(loaded, docs):
+    model = _adapter(loaded, docs, method="adaptinfer", budget=64, convention="paper")
+    inputs = model._encode([docs[0]["question"]], [docs[0]["image"]])
+    with model._engine(True), torch.inference_mode():
+        first = int(loaded.model.generate(**inputs, max_new_tokens=1, do_sample=False,
+                                          pad_token_id=model.tokenizer.pad_token_id)[0, -1])
+    word = model.tokenizer.convert_ids_to_tokens(first)
+    if word in model.tokenizer.all_special_tokens or model.tokenizer(word, add_special_tokens=False)["input_ids"] != [first]:
+        pytest.skip(f"the random model's greedy token {word!r} is not a plain word")
+    other = "yes" if word != "yes" else "no"
+    req = lambda cont: instance("loglikelihood", (docs[0]["question"], cont, lambda d: [d["image"]], 0, "toy", "test"), 0)
+    (lp_greedy, is_greedy), (lp_other, other_greedy) = model.loglikelihood([req(word), req(other)])
+    assert is_greedy and not other_greedy and lp_greedy > lp_other
+
+
+def test_multi_round_and_bad_options_are_refused(loaded, docs):
+    model = _adapter(loaded, docs, method="unpruned")
+    with pytest.raises(AdapterError, match="not supported"):
+        model.generate_until_multi_round([])
+    with pytest.raises(AdapterError, match="unknown model_args"):
+        PrunedLLaVA(loaded=loaded, method="unpruned", temperature=0.2)
+    with pytest.raises(AdapterError, match="needs a budget"):
+        PrunedLLaVA(loaded=loaded, method="adaptinfer", budget=None)
+    bad = _adapter(loaded, docs, method="unpruned")
+    bad.task_dict = {}
+    with pytest.raises(AdapterError, match="task_dict"):
+        bad.generate_until(_gen_requests(docs[:1], {}))
+
+
+def test_builds_from_a_model_preset_path_like_lmms_eval_model_args(tmp_path):
+    preset = tiny_model_cfg(save_processor(tmp_path / "proc"))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    # lmms-eval passes model_args as parsed strings/numbers: model=...,method=visionzip,budget=32
+    model = PrunedLLaVA(model=str(path), method="visionzip", budget=32)
+    assert model.schedule.stages[0].layer == -1 and model.schedule.stages[0].keep == 32
+    assert model.scorer == "visionzip"
