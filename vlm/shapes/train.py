@@ -29,6 +29,7 @@ from vlm.shapes.world import (COLORS, FAMILIES, GRID, SHAPES, Scene, WorldOption
                               render_scene, split_seeds)
 
 NEG = torch.finfo(torch.float32).min
+OBJECT_ONLY = ("shape", "center")  # stage-1 labels whose loss is taken on object patches only
 
 
 def pixel_batch(scenes: list[Scene]) -> torch.Tensor:
@@ -99,19 +100,24 @@ def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, l
     if start >= steps:
         return
     tower.train()
-    weights = {"color": 1.0, "shape": 1.0, "center": 0.5, "row": 0.2, "col": 0.2}
+    weights = {"color": 1.0, "shape": 2.0, "center": 1.0, "row": 0.2, "col": 0.2}
     t0 = time.time()
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         rng = np.random.default_rng([seed, 1, step])
         scenes = [make_scene(train_seed(seed + 1, step, i),
-                             WorldOptions(min_objects=int(rng.integers(1, 4)), max_objects=6, min_palette=1,
+                             WorldOptions(min_objects=int(rng.integers(2, 5)), max_objects=6, min_palette=1,
                                           max_palette=6)) for i in range(batch)]
         labels = [patch_labels(s) for s in scenes]
         target = {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in weights}  # [B, 576] each
         logits = heads(vision_features(model, pixel_batch(scenes)))
-        losses = {k: nn.functional.cross_entropy(logits[k].flatten(0, 1), target[k].flatten()) for k in weights}
+        # shape and centre are judged on object patches only: on all patches the background dominates the loss
+        obj = (target["color"] > 0).flatten()
+        losses = {k: nn.functional.cross_entropy(logits[k].flatten(0, 1)[obj] if k in OBJECT_ONLY else
+                                                 logits[k].flatten(0, 1),
+                                                 target[k].flatten()[obj] if k in OBJECT_ONLY else target[k].flatten())
+                  for k in weights}
         loss = sum(weights[k] * v for k, v in losses.items())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,16 +248,23 @@ def packed_accuracy(model: nn.Module, packer: Packer, split: str, n_scenes: int)
 
 
 def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: float, batch: int, seed: int,
-               lr: float, eval_every: int) -> None:
-    """Train projector + language model on packed questions (tower frozen); resumes from out/stage2.pt."""
+               lr: float, eval_every: int, tower_lr_scale: float = 0.0) -> None:
+    """Train projector + language model on packed questions; resumes from out/stage2.pt.
+
+    The tower is frozen when `tower_lr_scale` is 0, else tuned too at `tower_lr_scale` times the learning rate.
+    """
     ckpt = out / "stage2.pt"
-    model.model.vision_tower.requires_grad_(False)
-    model.model.vision_tower.eval()
+    tower = model.model.vision_tower
+    tower.requires_grad_(tower_lr_scale > 0)
+    tower_ids = {id(p) for p in tower.parameters()}
     params = [p for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.98))
+    groups = []
+    for is_tower, scale in ((False, 1.0), (True, tower_lr_scale)):
+        for wd in (0.01, 0.0):
+            ps = [p for p in params if (id(p) in tower_ids) == is_tower and (p.ndim >= 2) == (wd > 0)]
+            if ps:
+                groups.append({"params": ps, "weight_decay": wd, "scale": scale})
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98))
     start, elapsed = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu")
@@ -261,7 +274,8 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         print(f"[stage2] resumed at step {start} ({elapsed / 60:.1f} min used)", flush=True)
     packer = Packer(processor)
     model.train()
-    model.model.vision_tower.eval()
+    if tower_lr_scale <= 0:
+        tower.eval()
     budget = minutes * 60
     step = start
     t_last = time.time()
@@ -271,7 +285,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         if progress >= 1.0:
             break
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+            g["lr"] = g["scale"] * lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         rng = np.random.default_rng([seed, 2, step])
         scenes = []
         for i in range(batch):
@@ -328,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stage2-minutes", type=float, default=60.0, help="wall-clock budget of stage 2")
     ap.add_argument("--stage2-batch", type=int, default=4, help="images per step (all their questions packed)")
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
+    ap.add_argument("--stage2-tower-lr-scale", type=float, default=0.0,
+                    help="0: vision tower frozen in stage 2; > 0: tuned at this fraction of the stage-2 lr")
     ap.add_argument("--eval-every", type=int, default=200)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -339,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     if (args.out / "stage1.pt").exists():  # stage 2 always starts from the finished tower
         model.model.vision_tower.load_state_dict(torch.load(args.out / "stage1.pt", map_location="cpu")["tower"])
     run_stage2(model, processor, args.out, args.stage2_steps, args.stage2_minutes, args.stage2_batch, args.seed,
-               args.stage2_lr, args.eval_every)
+               args.stage2_lr, args.eval_every, args.stage2_tower_lr_scale)
     final = args.out / "final"
     model.eval()
     model.save_pretrained(final, safe_serialization=True)

@@ -1,0 +1,67 @@
+"""The shapes world as a task: generated scenes and questions, exact match per question family and overall."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Iterator, Sequence
+
+from vlm.shapes.world import FAMILIES, SPLIT_SEEDS, WorldOptions, iter_split_questions, render_scene
+from vlm.tasks.base import Task, TaskError, VQASample, register_task
+from vlm.tasks.metrics import check_lengths, exact_match, grouped_mean
+
+
+@register_task("shapes")
+class ShapesTask(Task):
+    """Procedural VQA on the shapes world (no download): `n_per_family` questions of each family per split.
+
+    Questions come one per scene and family, scenes in seed order from the split's first seed, interleaved,
+    so any prefix of a split is about balanced over families and the same on every machine. The prompt is the
+    bare question: the demo model was trained on `USER: <image>\\n{question} ASSISTANT:` with no suffix.
+    """
+
+    name = "shapes"
+    splits = tuple(SPLIT_SEEDS)
+    max_new_tokens = 2
+
+    def __init__(self, split: str = "test", limit: int | None = None, n_per_family: int = 200,
+                 families: Sequence[str] = FAMILIES, min_objects: int | None = None,
+                 max_objects: int | None = None, prompt_suffix: str = "") -> None:
+        unknown = set(families) - set(FAMILIES)
+        if unknown:
+            raise TaskError(f"shapes: unknown families {sorted(unknown)}; known: {list(FAMILIES)}")
+        if n_per_family < 1:
+            raise TaskError(f"shapes: n_per_family must be >= 1, got {n_per_family}")
+        if split not in self.splits:
+            raise TaskError(f"shapes: no split {split!r}; available splits: {list(self.splits)}")
+        opts = WorldOptions()
+        if min_objects is not None:
+            opts = replace(opts, min_objects=min_objects)
+        if max_objects is not None:
+            opts = replace(opts, max_objects=max_objects)
+        try:
+            self.options = opts.check()
+        except ValueError as e:
+            raise TaskError(f"shapes: {e}") from e
+        self.split = split
+        self.limit = limit
+        self.n_per_family = n_per_family
+        self.families = tuple(families)
+        self.prompt_suffix = prompt_suffix
+
+    def samples(self, split: str | None = None, limit: int | None = None) -> Iterator[VQASample]:
+        """The split's samples (default: the configured split and limit)."""
+        return super().samples(split or self.split, limit if limit is not None else self.limit)
+
+    def _load(self, split: str) -> Iterator[VQASample]:
+        for scene, q in iter_split_questions(split, self.n_per_family, self.options, self.families):
+            qi = scene.questions.index(q)
+            meta: dict[str, Any] = {"family": q.family, "seed": scene.seed, "question_index": qi,
+                                    "objects": list(q.objects), "n_objects": len(scene.objects)}
+            yield VQASample(sample_id=f"{split}/{scene.seed}/{qi}", image=render_scene(scene), question=q.text,
+                            prompt=f"{q.text}{self.prompt_suffix}", answers=[q.answer], meta=meta)
+
+    def score(self, predictions: Sequence[str], samples: Sequence[VQASample]) -> dict[str, float]:
+        """"score" = exact-match accuracy over all questions; "accuracy/<family>" per family."""
+        check_lengths(predictions, samples, self.name)
+        hits = [exact_match(p, s.answers) for p, s in zip(predictions, samples)]
+        out = {"score": sum(hits) / len(hits), "accuracy": sum(hits) / len(hits), "n": float(len(hits))}
+        return out | grouped_mean(hits, [s.meta["family"] for s in samples], "accuracy")
