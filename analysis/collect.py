@@ -94,8 +94,8 @@ def versions() -> dict[str, str]:
     """Versions of torch, transformers and this toolkit (plus its git commit when available)."""
     try:
         toolkit = metadata.version(TOOLKIT_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        toolkit = "unknown"
+    except metadata.PackageNotFoundError:  # running from a checkout that is not pip-installed
+        toolkit = _setup_cfg_version() or "unknown"
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "toolkit": toolkit}
     try:
         commit = subprocess.run(
@@ -107,6 +107,16 @@ def versions() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return out
+
+
+def _setup_cfg_version() -> str | None:
+    """The version in the checkout's setup.cfg, if there is one."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    if parser.read(Path(__file__).resolve().parents[1] / "setup.cfg"):
+        return parser.get("metadata", "version", fallback=None)
+    return None
 
 
 def model_identity(model_cfg: Mapping[str, Any], loaded: LoadedModel) -> dict[str, Any]:
