@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from vlm.layout import TokenLayout
-from vlm.models import LoadedModel
+from vlm.models import LoadedModel, find_decoder_layers
 from vlm.probe import AttentionProbe, ProbeCall
 
 SCALAR_NAMES: tuple[str, ...] = ("vision_share", "prior_entropy")
@@ -174,7 +174,12 @@ class AttentionCollector:
         if reducer not in REDUCERS:
             raise CollectorError(f"unknown reducer {reducer!r}; choose one of {sorted(REDUCERS)}")
         self.reducer = reducer
-        n_layers = _num_decoder_layers(self.model)
+        decoder_layers = find_decoder_layers(self.model)
+        if decoder_layers is None:
+            raise CollectorError(
+                f"cannot find decoder layers in {type(self.model).__name__}; expected model.language_model.layers"
+            )
+        n_layers = len(decoder_layers)
         chosen = list(range(n_layers)) if layers is None else [int(l) for l in layers]
         bad = [l for l in chosen if not 0 <= l < n_layers]
         if bad or not chosen or len(set(chosen)) != len(chosen):
@@ -318,19 +323,6 @@ class AttentionCollector:
         for name, value in scalars.items():
             self._scalars[name][:, slot] = value
         self._filled[slot] = True
-
-
-def _num_decoder_layers(model: nn.Module) -> int:
-    """Decoder layers of the language model inside a LLaVA model."""
-    for path in ("model.language_model.layers", "language_model.layers", "model.layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return len(obj)
-    raise CollectorError(f"cannot find decoder layers in {type(model).__name__}; expected model.language_model.layers")
 
 
 def _model_device(model: nn.Module) -> torch.device:
