@@ -309,6 +309,8 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
     rerun = bool(cfg.get("rerun", False))
     progress = bool(cfg.get("progress", True))
     seed = int(cfg.get("seed", 0))
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
     cfg_id = config_id(cfg)
     _write_config(results_dir, cfg, cfg_id)
 
