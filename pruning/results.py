@@ -39,6 +39,7 @@ COLUMNS: tuple[str, ...] = (
 )
 STATUS_OK = "ok"
 STATUS_INFEASIBLE = "infeasible"
+RETENTION_TARGET = 0.95  # the summary names the methods that keep this share of the unpruned accuracy
 
 
 class ResultsError(ValueError):
@@ -249,6 +250,7 @@ def summary_markdown(table: pd.DataFrame) -> str:
             ("prefill_ms", "Prefill latency (ms, median)", 1), ("tflops", "TFLOPs per sample (analytic)", 4),
         ):
             lines += [f"### {title}", "", markdown_table(pivot(pruned, value), digits, "method \\ budget"), ""]
+        lines += ranking_lines(pruned)
         infeasible = pruned[pruned["status"] == STATUS_INFEASIBLE]
         if not infeasible.empty:
             lines += ["Infeasible (budget below what the method's stage layers allow):", ""]
@@ -256,6 +258,24 @@ def summary_markdown(table: pd.DataFrame) -> str:
                 lines.append(f"- {row['method']} at {_budget_label(row['budget'])}: {row.get('note', '')}")
             lines.append("")
     return "\n".join(lines)
+
+
+def ranking_lines(pruned: pd.DataFrame, target: float = RETENTION_TARGET) -> list[str]:
+    """Markdown lines: per budget, the methods ranked by accuracy, and which keep `target` of unpruned accuracy."""
+    ok = pruned[pruned["status"] == STATUS_OK].copy()
+    if ok.empty:
+        return []
+    ok["_budget"] = pd.to_numeric(ok["budget"], errors="coerce")
+    ok["accuracy"] = pd.to_numeric(ok["accuracy"], errors="coerce")
+    ok["retention"] = pd.to_numeric(ok["retention"], errors="coerce")
+    lines = ["### Ranking by accuracy at each budget", ""]
+    for budget in sorted(ok["_budget"].dropna().unique(), reverse=True):
+        rows = ok[ok["_budget"] == budget].sort_values("accuracy", ascending=False, kind="stable")
+        ranked = ", ".join(f"{m} {_fmt(a, 4)}" for m, a in zip(rows["method"], rows["accuracy"]))
+        keep = [m for m, r in zip(rows["method"], rows["retention"]) if not math.isnan(r) and r >= target]
+        lines.append(f"- budget {_budget_label(budget)}: {ranked}; retention >= {target:.0%}: "
+                     f"{', '.join(keep) if keep else 'none'}")
+    return lines + [""]
 
 
 def write_summary(results_dir: str | Path, table: pd.DataFrame | None = None) -> Path:

@@ -70,6 +70,8 @@ def test_summary_pivots_method_by_budget(tmp_path):
     assert "| fastv | 0.6000 | — |" in text
     assert "fastv at 64: allowed range 72..576" in text
     assert "Unpruned: accuracy 0.8000" in text
+    assert "- budget 128: adaptinfer 0.7800, fastv 0.6000; retention >= 95%: adaptinfer" in text
+    assert "- budget 64: adaptinfer 0.7000; retention >= 95%: none" in text
 
 
 def test_plots_are_written_per_group(tmp_path):
