@@ -51,9 +51,9 @@ def curriculum(progress: float, rng: np.random.Generator) -> WorldOptions:
                         families=("color", "shape", "exist"), questions_per_family=2)
     mid = WorldOptions(min_objects=1, max_objects=4, min_palette=1, max_palette=3, questions_per_family=2)
     full = WorldOptions(questions_per_family=3)
-    if progress < 0.06:
+    if progress < 0.12:
         return easy
-    if progress < 0.2:
+    if progress < 0.35:
         return mid if rng.random() < 0.8 else easy
     return full if rng.random() < 0.85 else mid
 
@@ -73,6 +73,27 @@ class PatchHeads(nn.Module):
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """feats [B, 576, D] -> logits per label name, each [B, 576, C]."""
         return {k: getattr(self, k)(feats) for k in ("color", "shape", "center", "row", "col")}
+
+
+PATCH_LOSS_WEIGHTS = {"color": 1.0, "shape": 2.0, "center": 1.0, "row": 0.2, "col": 0.2}
+
+
+def patch_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    """Per-patch labels of the scenes, each [B, 576]."""
+    labels = [patch_labels(s) for s in scenes]
+    return {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in PATCH_LOSS_WEIGHTS}
+
+
+def patch_loss(logits: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Weighted per-patch cross-entropy; shape and centre on object patches only (the background would dominate)."""
+    obj = (target["color"] > 0).flatten()
+    total = torch.zeros(())
+    for k, w in PATCH_LOSS_WEIGHTS.items():
+        lg, tg = logits[k].flatten(0, 1), target[k].flatten()
+        if k in OBJECT_ONLY:
+            lg, tg = lg[obj], tg[obj]
+        total = total + w * nn.functional.cross_entropy(lg, tg)
+    return total
 
 
 def vision_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -100,7 +121,6 @@ def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, l
     if start >= steps:
         return
     tower.train()
-    weights = {"color": 1.0, "shape": 2.0, "center": 1.0, "row": 0.2, "col": 0.2}
     t0 = time.time()
     for step in range(start, steps):
         for g in opt.param_groups:
@@ -109,16 +129,9 @@ def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, l
         scenes = [make_scene(train_seed(seed + 1, step, i),
                              WorldOptions(min_objects=int(rng.integers(2, 5)), max_objects=6, min_palette=1,
                                           max_palette=6)) for i in range(batch)]
-        labels = [patch_labels(s) for s in scenes]
-        target = {k: torch.from_numpy(np.stack([lab[k] for lab in labels])) for k in weights}  # [B, 576] each
+        target = patch_targets(scenes)
         logits = heads(vision_features(model, pixel_batch(scenes)))
-        # shape and centre are judged on object patches only: on all patches the background dominates the loss
-        obj = (target["color"] > 0).flatten()
-        losses = {k: nn.functional.cross_entropy(logits[k].flatten(0, 1)[obj] if k in OBJECT_ONLY else
-                                                 logits[k].flatten(0, 1),
-                                                 target[k].flatten()[obj] if k in OBJECT_ONLY else target[k].flatten())
-                  for k in weights}
-        loss = sum(weights[k] * v for k, v in losses.items())
+        loss = patch_loss(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -248,16 +261,33 @@ def packed_accuracy(model: nn.Module, packer: Packer, split: str, n_scenes: int)
 
 
 def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: float, batch: int, seed: int,
-               lr: float, eval_every: int, tower_lr_scale: float = 0.0) -> None:
+               lr: float, eval_every: int, tower_lr_scale: float = 0.0, patch_weight: float = 0.0) -> None:
     """Train projector + language model on packed questions; resumes from out/stage2.pt.
 
-    The tower is frozen when `tower_lr_scale` is 0, else tuned too at `tower_lr_scale` times the learning rate.
+    The tower is frozen when `tower_lr_scale` is 0, else tuned too at `tower_lr_scale` times the learning rate;
+    with `patch_weight` > 0 it keeps learning the stage-1 per-patch labels (stage-1 heads) alongside the questions.
     """
     ckpt = out / "stage2.pt"
     tower = model.model.vision_tower
     tower.requires_grad_(tower_lr_scale > 0)
-    tower_ids = {id(p) for p in tower.parameters()}
-    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    heads = PatchHeads(model.config.vision_config.hidden_size)
+    captured: dict[str, torch.Tensor] = {}
+    hook = None
+    if patch_weight > 0:
+        if tower_lr_scale <= 0:
+            raise ValueError("patch_weight > 0 needs a tuned tower: set tower_lr_scale > 0")
+        heads.load_state_dict(torch.load(out / "stage1.pt", map_location="cpu")["heads"])
+        layer = model.config.vision_feature_layer
+
+        def grab(module: nn.Module, args: tuple, output) -> None:
+            captured["feats"] = output.hidden_states[layer][:, 1:]  # [B, 576, D_vision]
+
+        hook = tower.register_forward_hook(grab)
+    else:
+        heads.requires_grad_(False)
+    tower_ids = {id(p) for p in tower.parameters()} | {id(p) for p in heads.parameters()}
+    params = [p for n, p in model.named_parameters() if p.requires_grad] + [p for p in heads.parameters()
+                                                                            if p.requires_grad]
     groups = []
     for is_tower, scale in ((False, 1.0), (True, tower_lr_scale)):
         for wd in (0.01, 0.0):
@@ -269,6 +299,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu")
         model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
         print(f"[stage2] resumed at step {start} ({elapsed / 60:.1f} min used)", flush=True)
@@ -295,6 +326,8 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         b = packer.pack(scenes)
         logits = packed_logits(model, b)
         loss = nn.functional.cross_entropy(logits, b.target_ids)
+        if patch_weight > 0:
+            loss = loss + patch_weight * patch_loss(heads(captured.pop("feats")), patch_targets(scenes))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -316,9 +349,13 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             print("[stage2] held-out (calibration) " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
             t_last = time.time()  # evaluation time does not count against the budget
         if step % 50 == 0:
-            _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed},
+            _atomic_save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "step": step,
+                           "elapsed": elapsed},
                          ckpt)
-    _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}, ckpt)
+    _atomic_save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "step": step,
+                           "elapsed": elapsed}, ckpt)
+    if hook is not None:
+        hook.remove()
     acc = packed_accuracy(model, packer, "calibration", 96)
     print(f"[stage2] done at step {step}: held-out " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
 
@@ -344,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stage2-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-tower-lr-scale", type=float, default=0.0,
                     help="0: vision tower frozen in stage 2; > 0: tuned at this fraction of the stage-2 lr")
+    ap.add_argument("--stage2-patch-weight", type=float, default=0.0,
+                    help="> 0: keep the stage-1 per-patch loss on the tower during stage 2, with this weight")
     ap.add_argument("--eval-every", type=int, default=200)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -355,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     if (args.out / "stage1.pt").exists():  # stage 2 always starts from the finished tower
         model.model.vision_tower.load_state_dict(torch.load(args.out / "stage1.pt", map_location="cpu")["tower"])
     run_stage2(model, processor, args.out, args.stage2_steps, args.stage2_minutes, args.stage2_batch, args.seed,
-               args.stage2_lr, args.eval_every, args.stage2_tower_lr_scale)
+               args.stage2_lr, args.eval_every, args.stage2_tower_lr_scale,
+               args.stage2_patch_weight)
     final = args.out / "final"
     model.eval()
     model.save_pretrained(final, safe_serialization=True)
