@@ -334,8 +334,11 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
         if m is baseline or m["schedule"] == SCHEDULE_NONE:
             continue
         if fixed_budget(m):
-            preset = named_schedule(str(m["schedule"]))
-            plan.append((m, round(preset.budget(n_layers, n_vision, convention), 3)))
+            try:
+                preset = named_schedule(str(m["schedule"]))
+                plan.append((m, round(preset.budget(n_layers, n_vision, convention), 3)))
+            except ScheduleError:  # made for another model: recorded as an infeasible row below
+                plan.append((m, float("nan")))
         else:
             plan += [(m, float(b)) for b in budgets]
 
@@ -344,7 +347,7 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
     for method, budget in outer:
         is_base = method["schedule"] == SCHEDULE_NONE
         key = {**group, "convention": "" if is_base else convention, "method": method["name"],
-               "budget": int(budget) if float(budget).is_integer() else budget}
+               "budget": int(budget) if math.isfinite(budget) and float(budget).is_integer() else budget}
         if not rerun and res.has_row(table, key):
             log.info("skip %s at %s: already in %s", method["name"], key["budget"], results_dir)
             continue

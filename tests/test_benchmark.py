@@ -151,6 +151,13 @@ REPO = Path(__file__).resolve().parents[1]
 TOY_CALLBACK = "+hydra.callbacks.toy._target_=tests.bench_fixtures.RegisterToyTask"
 
 
+def test_a_preset_for_another_model_gives_an_infeasible_row(processor_dir, tmp_path):
+    cfg = bench_cfg(processor_dir, tmp_path, ["adaptinfer_preset"], [64], baseline=False, limit=2)
+    table = res.read_table(run_benchmark(cfg))  # the 7B preset (32 layers) on the 8-layer tiny model
+    assert list(table["status"]) == [res.STATUS_INFEASIBLE]
+    assert "32-layer model" in table["note"].iloc[0]
+
+
 def _run_hydra_main(argv: list[str]) -> None:
     """`python -m pruning.benchmark ARGS` from the repository root, as a user runs it."""
     import subprocess
