@@ -25,8 +25,8 @@ from torch import nn
 
 from vlm.shapes.model_config import build_demo_model
 from vlm.shapes.processor import CLIP_MEAN, CLIP_STD, IMAGE_PREFIX, build_processor
-from vlm.shapes.world import (COLORS, FAMILIES, GRID, SHAPES, Scene, WorldOptions, make_scene, patch_labels,
-                              render_scene, split_seeds)
+from vlm.shapes.world import (COLORS, FAMILIES, GRID, SHAPES, Scene, WorldOptions, make_scene, patch_coverage,
+                              patch_labels, render_scene, split_seeds)
 
 NEG = torch.finfo(torch.float32).min
 OBJECT_ONLY = ("shape", "center")  # stage-1 labels whose loss is taken on object patches only
@@ -166,6 +166,8 @@ class PackedBatch:
     target_ids: torch.Tensor  # [N] the token to predict there
     is_answer: torch.Tensor  # [N] True where the target is the answer word (False: the closing </s>)
     families: list[str]  # [N] family of each supervised position
+    named_patches: list[np.ndarray | None]  # [N] patch indices (0..575) of the objects the question names, or None
+    image_start: int  # sequence index of the first vision token (the same in every row)
 
 
 class Packer:
@@ -196,18 +198,21 @@ class Packer:
 
     def pack(self, scenes: list[Scene], with_eos: bool = True) -> PackedBatch:
         """One row per scene holding all its questions; each question sees the image and itself only."""
-        rows, poss, segs, targets = [], [], [], []
+        rows, poss, segs, targets, named = [], [], [], [], []
         p = len(self.prefix)
         for b, scene in enumerate(scenes):
             ids, pos, seg = list(self.prefix), list(range(p)), [0] * p
+            cover = patch_coverage(scene).reshape(len(scene.objects), -1) > 0  # [n_objects, 576]
             for qi, q in enumerate(scene.questions):
                 body = self._ids(q.text + " ASSISTANT:")
                 ans = self.answer_id(q.answer)
                 piece = body + [ans] + ([self.eos] if with_eos else [])
                 start = len(ids)
                 targets.append((b, start + len(body) - 1, ans, True, q.family))
+                named.append(np.nonzero(cover[list(q.objects)].any(axis=0))[0] if q.objects else None)
                 if with_eos:
                     targets.append((b, start + len(body), self.eos, False, q.family))
+                    named.append(None)
                 ids += piece
                 pos += list(range(p, p + len(piece)))
                 seg += [qi + 1] * len(piece)
@@ -230,14 +235,31 @@ class Packer:
         mask = torch.zeros((n, 1, t, t), dtype=torch.float32).masked_fill(~allowed[:, None], NEG)
         tr = list(zip(*targets))
         return PackedBatch(input_ids, position_ids, mask, pixel_batch(scenes), torch.tensor(tr[0]),
-                           torch.tensor(tr[1]), torch.tensor(tr[2]), torch.tensor(tr[3]), list(tr[4]))
+                           torch.tensor(tr[1]), torch.tensor(tr[2]), torch.tensor(tr[3]), list(tr[4]), named,
+                           self.prefix.index(self.tok.convert_tokens_to_ids("<image>")))
 
 
-def packed_logits(model: nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Logits at the supervised positions of a packed batch: [N, vocab]."""
-    hidden = model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
-                         attention_mask=batch.attention_mask, position_ids=batch.position_ids).last_hidden_state
-    return model.lm_head(hidden[batch.target_rows, batch.target_cols])
+def packed_logits(model: nn.Module, batch: PackedBatch, attn_layers: tuple[int, ...] = ()
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits at the supervised positions of a packed batch [N, vocab], and, when `attn_layers` is given (eager
+    attention needed), the attention-grounding loss: mean over questions naming objects and over those layers of
+    -log(share of the answer position's head-mean vision attention on the named objects' patches)."""
+    out = model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                      attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                      output_attentions=bool(attn_layers))
+    logits = model.lm_head(out.last_hidden_state[batch.target_rows, batch.target_cols])
+    if not attn_layers:
+        return logits, None
+    v0 = batch.image_start
+    terms = []
+    for l in attn_layers:
+        rows = out.attentions[l][batch.target_rows, :, batch.target_cols].mean(1)  # [N, T]
+        vis = rows[:, v0:v0 + 576]  # [N, 576]
+        for n, patches in enumerate(batch.named_patches):
+            if patches is not None and len(patches):
+                share = vis[n, torch.from_numpy(patches)].sum() / vis[n].sum().clamp_min(1e-9)
+                terms.append(-torch.log(share.clamp_min(1e-6)))
+    return logits, (torch.stack(terms).mean() if terms else torch.zeros(()))
 
 
 @torch.no_grad()
@@ -251,7 +273,7 @@ def packed_accuracy(model: nn.Module, packer: Packer, split: str, n_scenes: int)
     for i in range(0, n_scenes, 8):
         scenes = [make_scene(start + j, opts) for j in range(i, min(i + 8, n_scenes))]
         batch = packer.pack(scenes, with_eos=False)
-        pred = packed_logits(model, batch).argmax(-1)
+        pred = packed_logits(model, batch)[0].argmax(-1)
         for ok, fam in zip((pred == batch.target_ids).tolist(), batch.families):
             hits[fam].append(ok)
     model.train(was)
@@ -261,12 +283,19 @@ def packed_accuracy(model: nn.Module, packer: Packer, split: str, n_scenes: int)
 
 
 def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: float, batch: int, seed: int,
-               lr: float, eval_every: int, tower_lr_scale: float = 0.0, patch_weight: float = 0.0) -> None:
+               lr: float, eval_every: int, tower_lr_scale: float = 0.0, patch_weight: float = 0.0,
+               attn_weight: float = 0.0, attn_layers: tuple[int, ...] = ()) -> None:
     """Train projector + language model on packed questions; resumes from out/stage2.pt.
 
     The tower is frozen when `tower_lr_scale` is 0, else tuned too at `tower_lr_scale` times the learning rate;
     with `patch_weight` > 0 it keeps learning the stage-1 per-patch labels (stage-1 heads) alongside the questions.
+    With `attn_weight` > 0 the answer position's attention at `attn_layers` is pulled onto the named objects'
+    patches (the generator's masks), which needs eager attention in the language model during training.
     """
+    if attn_weight <= 0:
+        attn_layers = ()
+    elif attn_layers:
+        model.model.language_model.config._attn_implementation = "eager"
     ckpt = out / "stage2.pt"
     tower = model.model.vision_tower
     tower.requires_grad_(tower_lr_scale > 0)
@@ -324,8 +353,10 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             if scene.questions:
                 scenes.append(scene)
         b = packer.pack(scenes)
-        logits = packed_logits(model, b)
+        logits, ground = packed_logits(model, b, attn_layers)
         loss = nn.functional.cross_entropy(logits, b.target_ids)
+        if ground is not None:
+            loss = loss + attn_weight * ground
         if patch_weight > 0:
             loss = loss + patch_weight * patch_loss(heads(captured.pop("feats")), patch_targets(scenes))
         opt.zero_grad(set_to_none=True)
@@ -341,6 +372,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             with torch.no_grad():
                 acc = (logits.argmax(-1) == b.target_ids)[b.is_answer].float().mean().item()
             print(f"[stage2] step {step} progress {progress:.3f} loss {loss.item():.4f} train-acc {acc:.3f} "
+                  + (f"ground {ground.item():.3f} " if ground is not None else "") +
                   f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min, {answers / 20:.0f} answers/step",
                   flush=True)
             answers = 0
@@ -383,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="0: vision tower frozen in stage 2; > 0: tuned at this fraction of the stage-2 lr")
     ap.add_argument("--stage2-patch-weight", type=float, default=0.0,
                     help="> 0: keep the stage-1 per-patch loss on the tower during stage 2, with this weight")
+    ap.add_argument("--stage2-attn-weight", type=float, default=0.0,
+                    help="> 0: pull the answer position's attention onto the named objects at --stage2-attn-layers")
+    ap.add_argument("--stage2-attn-layers", type=int, nargs="*", default=[2, 3, 4])
     ap.add_argument("--eval-every", type=int, default=200)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -395,8 +430,10 @@ def main(argv: list[str] | None = None) -> None:
         model.model.vision_tower.load_state_dict(torch.load(args.out / "stage1.pt", map_location="cpu")["tower"])
     run_stage2(model, processor, args.out, args.stage2_steps, args.stage2_minutes, args.stage2_batch, args.seed,
                args.stage2_lr, args.eval_every, args.stage2_tower_lr_scale,
-               args.stage2_patch_weight)
+               args.stage2_patch_weight, args.stage2_attn_weight, tuple(args.stage2_attn_layers))
     final = args.out / "final"
+    model.model.language_model.config._attn_implementation = "sdpa"  # training may have switched it to eager
+    model.config._attn_implementation = "sdpa"
     model.eval()
     model.save_pretrained(final, safe_serialization=True)
     processor.save_pretrained(final)
