@@ -220,6 +220,15 @@ def build_random_model(
     return LoadedModel(model=model, processor=processor, source=f"random:{name}", name=name)
 
 
+def load_processor(source: str) -> Any:
+    """A processor by name: 'shapes' (the demo world's, built in code), or anything AutoProcessor loads."""
+    if source == "shapes":
+        from vlm.shapes.processor import build_processor
+
+        return build_processor()
+    return AutoProcessor.from_pretrained(resolve_source(source))
+
+
 def match_processor(arch: Mapping[str, Any], processor: Any) -> dict[str, Any]:
     """Size a random model's vocabulary and image token to a processor's tokenizer, so its prompts fit."""
     tokenizer = processor.tokenizer
@@ -247,7 +256,7 @@ def load_from_config(cfg: Mapping[str, Any]) -> LoadedModel:
         arch = {k: dict(v) if isinstance(v, Mapping) else v for k, v in dict(cfg["arch"]).items()}
         processor = None
         if cfg.get("processor"):
-            processor = AutoProcessor.from_pretrained(resolve_source(cfg["processor"]))
+            processor = load_processor(cfg["processor"])
             arch = match_processor(arch, processor)
         return build_random_model(arch, seed=int(cfg.get("seed", 0)), name=name, processor=processor, **common)
     raise ModelConfigError(f"model preset {name!r} needs either `source` (hub id, path or 'demo') or `arch`")
