@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -116,7 +116,6 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
     """Median decoder-loop time per variant (interleaved), with the analytic FLOPs of each."""
     inputs = synthetic_inputs(loaded, batch, text_len, system_len)
     n_layers = loaded.num_layers
-    variants: dict[str, Callable[[], Any]] = {"unpruned": lambda: torch.no_grad()}
     schedules: dict[str, Schedule] = {}
     for preset in PAPER_PRESETS:
         sched = Schedule.from_yaml(ROOT / "configs" / "schedule" / f"{preset}.yaml")

@@ -176,7 +176,7 @@ def test_bad_arguments_are_clear_errors(model4):
     model = model4.model
     inputs = make_prompts(N_VISION, [3], seed=2)
     embeds = model.get_input_embeddings()(inputs["input_ids"])
-    with AttentionCollector(model4) as collector:
+    with AttentionCollector(model4):
         with pytest.raises(CollectorError, match="begin_batch"):
             with torch.no_grad():
                 model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])

@@ -9,7 +9,6 @@ import torch
 from pruning.engine import PruningEngine
 from pruning.schedule import Schedule
 from tests.conftest import make_prompts, pixel_values, tiny_arch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: F401  (reference uses the stock layers)
 from vlm.layout import TokenLayout
 from vlm.models import build_random_model
 
@@ -49,7 +48,6 @@ def _reference_logits(model, inputs, stages, kept_positions, positions="keep"):
     is_vision = torch.zeros(batch, seq, dtype=torch.bool).scatter(1, layout.vision_index, True)
     first = stages[0][0]
     hidden = out.hidden_states[first + 1]  # output of the first stage layer
-    position_ids = torch.arange(seq).expand(batch, seq)
     for layer_idx in range(first + 1, len(lm.layers)):
         stage_done = [i for i, (l, _) in enumerate(stages) if l == layer_idx - 1]
         if stage_done:
@@ -60,9 +58,7 @@ def _reference_logits(model, inputs, stages, kept_positions, positions="keep"):
             hidden = hidden.gather(1, sel[..., None].expand(-1, -1, hidden.shape[-1]))
             cur = cur.gather(1, sel)
         n = cur.shape[1]
-        pos = cur if positions == "keep" else torch.arange(n).expand(batch, n) + (cur[:, :1] - 0)
-        if positions == "renumber":
-            pos = cur - (cur - torch.arange(n))  # contiguous
+        pos = cur if positions == "keep" else torch.arange(n).expand(batch, n)  # original or contiguous positions
         cos, sin = lm.rotary_emb(hidden, position_ids=pos)
         kv_valid = valid.gather(1, cur)
         causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
@@ -202,7 +198,6 @@ def test_decode_with_pruned_cache_equals_reference_on_the_full_sequence(model6, 
         out = model6.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
                               return_dict_in_generate=True)
         kept = [p.clone() for p in engine.record.kept_positions]
-    seq = inputs["input_ids"].shape[1]
     full = {"input_ids": out.sequences,
             "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 5, dtype=torch.long)], 1),
             "pixel_values": inputs["pixel_values"]}

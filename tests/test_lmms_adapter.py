@@ -6,7 +6,6 @@ a stand-in `Instance` with the same `args` tuples (lmms_eval/api/instance.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Model layer: loading path on a local save_pretrained directory, presets, the 7B-shape preset on meta."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from tests.conftest import IMAGE_TOKEN_ID, PAD_TOKEN_ID, pixel_values, tiny_arch
+from tests.conftest import IMAGE_TOKEN_ID, PAD_TOKEN_ID, tiny_arch
 from vlm.models import (
     ModelConfigError,
     UnsupportedModelError,
