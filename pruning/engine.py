@@ -51,8 +51,6 @@ class _RowState:
     pos_full: Tensor | None = None  # [B, N] original position ids (from layer 0's kwargs)
     cos_sin_full: tuple[Tensor, Tensor] | None = None  # original (cos, sin) [B|1, N, hd]
     pending: Tensor | None = None  # [B, N''] keep-index into the current sequence, applied at the next layer
-    stage_rows: dict[int, Tensor] = field(default_factory=dict)  # stage layer -> attention rows [B, H, R, K]
-    stage_query: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 class PruningEngine:
@@ -86,8 +84,11 @@ class PruningEngine:
         self.stage_layers = [s.layer for s in schedule.stages]
         if any(layer == -1 for layer in self.stage_layers) and scorer != "visionzip":
             raise EngineError(f"a stage at layer -1 (before the language model) needs scorer 'visionzip', not {scorer!r}")
-        if scorer == "visionzip" and self.stage_layers[:1] != [-1]:
-            raise EngineError("scorer 'visionzip' selects before the language model: its schedule's first stage is layer -1")
+        if scorer == "visionzip" and self.stage_layers != [-1]:
+            raise EngineError(
+                f"scorer 'visionzip' selects once, before the language model: its schedule is one stage at layer -1, "
+                f"not layers {self.stage_layers}"
+            )
         self.record = PrefillRecord()
         self._handles: list[Any] = []
         self._probe: AttentionProbe | None = None
@@ -268,14 +269,10 @@ class PruningEngine:
     def _probe_rows(self, call: ProbeCall):
         if self._state is None or call.q_len == 1:
             return None
-        index, mask = self._query_rows()
-        self._state.stage_query[call.site] = (index, mask)
-        return index, mask
+        return self._query_rows()
 
     def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor, mask: Tensor | None) -> None:
-        st = self._state
-        index_q, mask_q = st.stage_query[call.site]
-        ctx = self._context(attn=rows, query_index=index_q, query_mask=mask_q)
+        ctx = self._context(attn=rows, query_index=index, query_mask=mask)
         self._apply_selection(call.site, run_scorer(self.scorer, ctx))
 
     def _context(self, **kw: Any) -> ScoringContext:
@@ -342,10 +339,14 @@ class PruningEngine:
 
         self._handles.append(attn_module.k_proj.register_forward_hook(keys_hook))
         self._handles.append(self.model.model.multi_modal_projector.register_forward_pre_hook(projector_hook))
-        zero = torch.zeros(1, 1, dtype=torch.long)
-        self._vz_probe = AttentionProbe(self.model, modules={"vision_cls": attn_module}, rows=lambda c: (zero.expand(c.batch, 1).to(_device(self.model)), None), on_rows=on_cls)
-        self._vz_probe.__enter__()
-        self._handles.append(_Closer(self._vz_probe))
+        zero = torch.zeros(1, 1, dtype=torch.long)  # the CLS row
+        device = _device(self.model)
+        cls_probe = AttentionProbe(
+            self.model, modules={"vision_cls": attn_module}, rows=lambda c: (zero.expand(c.batch, 1).to(device), None),
+            on_rows=on_cls,
+        )
+        cls_probe.__enter__()
+        self._handles.append(_Closer(cls_probe))
 
     def _visionzip_stage(self, hidden: Tensor) -> Tensor:
         st = self._state
