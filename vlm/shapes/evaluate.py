@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", type=Path, default=Path("vlm/assets/shapes_llava"))
     ap.add_argument("--split", default="test")
     ap.add_argument("--n-per-family", type=int, default=200)
+    ap.add_argument("--min-objects", type=int, default=None, help="world option (default: the full world)")
+    ap.add_argument("--max-objects", type=int, default=None, help="world option (default: the full world)")
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--keep", type=int, default=64)
     ap.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the numbers (markdown beside it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    task = build_task("shapes", split=args.split, n_per_family=args.n_per_family)
+    task = build_task("shapes", split=args.split, n_per_family=args.n_per_family, min_objects=args.min_objects,
+                      max_objects=args.max_objects)
     samples = list(task.samples())
     model, processor = load_local(args.model, attn_implementation="eager")
     t0 = time.time()
@@ -160,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     tables = {name: accuracy_table(p, samples) for name, p in preds.items()}
     rand = [tables[f"random/{s}"]["overall"] for s in args.random_seeds]
     summary = {
-        "model": str(args.model), "split": args.split, "n_questions": len(samples), "layer": args.layer,
+        "model": str(args.model), "split": args.split, "min_objects": args.min_objects,
+        "max_objects": args.max_objects, "n_questions": len(samples), "layer": args.layer,
         "keep": args.keep, "random_seeds": args.random_seeds, "tables": tables,
         "attention_retention": tables["attention"]["overall"] / tables["unpruned"]["overall"],
         "random_mean": float(np.mean(rand)), "random_std": float(np.std(rand)),
@@ -178,8 +182,10 @@ def markdown(summary: dict) -> str:
     """The accuracy table (rows: unpruned, attention top-k, each random draw; columns: families) in markdown."""
     tables = summary["tables"]
     fams = [k for k in tables["unpruned"] if k != "overall"]
-    lines = [f"# Shapes demo model: accuracy and pruning check ({summary['split']} split, "
-             f"{summary['n_questions']} questions)", "",
+    world = ("full world (3-6 objects)" if summary.get("min_objects") is None and summary.get("max_objects") is None
+             else f"objects {summary.get('min_objects') or 3}-{summary.get('max_objects') or 6}")
+    lines = [f"# Shapes demo model: accuracy and pruning check ({summary['split']} split, {world}, "
+             f"{summary['n_questions']} questions)", "", f"Model `{summary['model']}`.", "",
              f"Keep {summary['keep']} of 576 vision tokens after layer {summary['layer']}: by the last prompt token's "
              "head-mean attention at that layer, or at random (one row per seed). Exact match, %.", "",
              "| selection | overall | " + " | ".join(fams) + " |", "|---|---|" + "---|" * len(fams)]
