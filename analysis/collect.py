@@ -32,12 +32,11 @@ from analysis.collector import REDUCERS, AttentionCollector, BatchRecords
 from analysis.records import RecordStore
 from vlm.models import LoadedModel, load_from_config
 from vlm.prompts import encode_batch
-from vlm.tasks.base import Task, VQASample, build_task
+from vlm.tasks.base import Task, TaskError, VQASample, build_task, data_spec
 
 log = logging.getLogger(__name__)
 
 TOOLKIT_DISTRIBUTION = "adaptinfer-toolkit"
-DATA_RESERVED_KEYS = ("name", "task", "split", "limit", "options")
 
 
 class CollectError(ValueError):
@@ -58,25 +57,6 @@ def _positive_int(cfg: Mapping[str, Any], key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise CollectError(f"{key}={value!r} must be a positive integer")
     return value
-
-
-def data_spec(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The data group as {task, split, limit, options}, validated."""
-    data = dict(data or {})
-    task = data.get("task")
-    split = data.get("split")
-    if not task or not split:
-        raise CollectError(
-            f"the data config needs `task` (a registered task name) and `split`, got task={task!r} split={split!r}; "
-            "see configs/data/shapes_calibration.yaml"
-        )
-    limit = data.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise CollectError(f"data.limit={limit!r} must be a positive integer or null")
-    options = dict(data.get("options") or {})
-    options.update({k: v for k, v in data.items() if k not in DATA_RESERVED_KEYS})
-    return {"name": data.get("name", f"{task}_{split}"), "task": str(task), "split": str(split), "limit": limit,
-            "options": options}
 
 
 def output_dir(cfg: Mapping[str, Any]) -> Path:
@@ -232,7 +212,10 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
     reducer = str(cfg.get("reducer"))
     if reducer not in REDUCERS:
         raise CollectError(f"reducer={reducer!r} is unknown; choose one of {sorted(REDUCERS)}")
-    data = data_spec(cfg.get("data") or {})
+    try:
+        data = data_spec(cfg.get("data") or {})
+    except TaskError as err:
+        raise CollectError(str(err)) from err
     run_dir = output_dir(cfg)
     if cfg.get("seed") is not None:
         torch.manual_seed(int(cfg["seed"]))

@@ -38,12 +38,11 @@ from pruning import results as res
 from pruning.runner import RunOutput, TimingSpec, evaluate
 from pruning.schedule import BEFORE_LM, CONVENTIONS, Schedule, ScheduleError, allocate_keep, round_half_up
 from vlm.models import LoadedModel, load_from_config
-from vlm.tasks.base import Task, VQASample, build_task
+from vlm.tasks.base import Task, TaskError, VQASample, build_task, data_spec
 
 log = logging.getLogger(__name__)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-DATA_RESERVED_KEYS = ("name", "task", "split", "limit", "options")
 METHOD_KEYS = ("name", "scorer", "schedule", "layers", "reference_layers", "positions", "scorer_options",
                "schedule_path")
 SCHEDULE_NONE, SCHEDULE_ALLOCATE, SCHEDULE_DERIVED = "none", "allocate", "derived"
@@ -59,24 +58,6 @@ def plain(cfg: Any) -> Any:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
-
-
-def data_spec(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The data group as {name, task, split, limit, options}; options = `options:` plus the other top-level keys."""
-    data = dict(data or {})
-    task, split = data.get("task"), data.get("split")
-    if not task or not split:
-        raise BenchmarkError(
-            f"the data config needs `task` (a registered task name) and `split`, got task={task!r} split={split!r}; "
-            "see configs/data/"
-        )
-    limit = data.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise BenchmarkError(f"data.limit={limit!r} must be a positive integer or null")
-    options = dict(data.get("options") or {})
-    options.update({k: v for k, v in data.items() if k not in DATA_RESERVED_KEYS})
-    return {"name": data.get("name", f"{task}_{split}"), "task": str(task), "split": str(split), "limit": limit,
-            "options": options}
 
 
 def load_method(name: str, configs_dir: Path = CONFIGS_DIR) -> dict[str, Any]:
@@ -301,7 +282,10 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
         raise BenchmarkError(f"convention={convention!r} must be one of {list(CONVENTIONS)}")
     methods = methods_from_config(cfg)
     budgets = budgets_from_config(cfg)
-    data = data_spec(cfg.get("data") or {})
+    try:
+        data = data_spec(cfg.get("data") or {})
+    except TaskError as err:
+        raise BenchmarkError(str(err)) from err
     results_dir = Path(str(cfg.get("results_dir") or "outputs/benchmark"))
     results_dir.mkdir(parents=True, exist_ok=True)
     timing = TimingSpec(**dict(cfg.get("timing") or {})).check()

@@ -49,6 +49,27 @@ class Task:
         raise NotImplementedError  # pragma: no cover - abstract
 
 
+DATA_RESERVED_KEYS = ("name", "task", "split", "limit", "options")
+
+
+def data_spec(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A `configs/data/*.yaml` group as {name, task, split, limit, options}; options = `options:` plus other keys."""
+    data = dict(data or {})
+    task, split = data.get("task"), data.get("split")
+    if not task or not split:
+        raise TaskError(
+            f"the data config needs `task` (a registered task name) and `split`, got task={task!r} split={split!r}; "
+            "see configs/data/"
+        )
+    limit = data.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise TaskError(f"data.limit={limit!r} must be a positive integer or null")
+    options = dict(data.get("options") or {})
+    options.update({k: v for k, v in data.items() if k not in DATA_RESERVED_KEYS})
+    return {"name": data.get("name", f"{task}_{split}"), "task": str(task), "split": str(split), "limit": limit,
+            "options": options}
+
+
 _TASKS: dict[str, Callable[..., Task]] = {}
 
 
