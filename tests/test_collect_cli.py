@@ -170,8 +170,6 @@ def test_bad_settings_are_clear_errors(processor_dir, tmp_path, bad, match):
 def test_collect_config_composes_into_run_collect_settings():
     from hydra import compose, initialize_config_dir
 
-    if not (REPO / "configs" / "data" / "shapes_calibration.yaml").exists():
-        pytest.skip("configs/data/shapes_calibration.yaml is not there yet")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="collect")
     assert cfg.n_samples == 256 and cfg.batch_size == 8 and cfg.reducer == "adaptinfer" and cfg.shard_size == 64
