@@ -1,6 +1,7 @@
 """The shapes world: determinism, answers consistent with the rendered pixels, disjoint splits, the processor."""
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -59,6 +60,7 @@ def test_count_answers_match_connected_components_of_the_rendered_image():
 
 
 def test_answers_consistent_with_the_scene():
+    nearest = 0
     for seed in SEEDS:
         scene = make_scene(seed)
         objs = scene.objects
@@ -75,6 +77,16 @@ def test_answers_consistent_with_the_scene():
             elif q.family == "count" and "objects" not in q.text:
                 shape = next(s for s, p in PLURALS.items() if f" {p} " in q.text)
                 assert NUMBER_WORDS[sum(o.shape == shape for o in objs)] == q.answer
+            elif q.family == "relative" and "closest" in q.text:
+                m = re.fullmatch(r"What (color|shape) is the object closest to the (\w+) (\w+)\?", q.text)
+                assert m, q.text
+                [a] = [o for o in objs if (o.color, o.shape) == m.group(2, 3)]
+                others = sorted(objs, key=lambda o: math.hypot(o.cx - a.cx, o.cy - a.cy))[1:]
+                assert len(others) >= 2
+                d0, d1 = (math.hypot(o.cx - a.cx, o.cy - a.cy) for o in others[:2])
+                assert d0 * 1.3 <= d1  # clearly the closest
+                assert q.answer == (others[0].color if m.group(1) == "color" else others[0].shape)
+                nearest += 1
             elif q.family == "relative":
                 m = re.fullmatch(r"Is the (\w+) (\w+) (left of|right of|above|below) the (\w+) (\w+)\?", q.text)
                 assert m, q.text
@@ -84,6 +96,7 @@ def test_answers_consistent_with_the_scene():
                 holds = {"left of": a.cx < b.cx, "right of": a.cx > b.cx, "above": a.cy < b.cy,
                          "below": a.cy > b.cy}[rel]
                 assert q.answer == ("yes" if holds else "no")
+    assert nearest > 5  # the two-hop questions are generated and checked
 
 
 def test_patch_labels_follow_the_masks():
@@ -104,7 +117,7 @@ def test_test_split_is_balanced_and_large_enough():
     qs = list(iter_split_questions("test", 200))
     assert len(qs) == 200 * len(FAMILIES)
     assert {f: sum(q.family == f for _, q in qs) for f in FAMILIES} == {f: 200 for f in FAMILIES}
-    yes_no = [q.answer for _, q in qs if q.family in ("exist", "relative")]
+    yes_no = [q.answer for _, q in qs if q.family in ("exist", "relative") and q.answer in ("yes", "no")]
     assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6
 
 

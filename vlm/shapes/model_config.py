@@ -8,7 +8,7 @@ from vlm.shapes.processor import SPECIAL_TOKENS, vocabulary
 from vlm.shapes.world import IMAGE_SIZE, PATCH_SIZE
 
 VISION_WIDTH = 128
-VISION_LAYERS = 2
+VISION_LAYERS = 3
 TEXT_WIDTH = 128
 TEXT_LAYERS = 8
 TEXT_HEADS = 4

@@ -4,6 +4,7 @@ Everything is a pure function of the seed and the `WorldOptions`, so a split is 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
@@ -24,7 +25,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles"}
-SIZES: dict[str, int] = {"small": 34, "large": 50}  # bounding-box side in pixels
+SIZES: dict[str, int] = {"small": 44, "large": 62}  # bounding-box side in pixels
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 FAMILIES: tuple[str, ...] = ("color", "shape", "exist", "count", "relative")
@@ -35,6 +36,8 @@ SPLIT_SEEDS: dict[str, tuple[int, int]] = {
     "calibration": (1_000_000, 2_000_000),
     "train": (10_000_000, 2**31 - 1),
 }
+NEAREST_RATIO = 1.3  # the closest object must be this many times closer than the next one
+NEAREST_SHARE = 0.5  # share of relative-position questions that are two-hop "closest to" questions
 RELATION_MARGIN = 14  # centres must differ by this many pixels along the axis for a relation question
 
 
@@ -149,6 +152,29 @@ def _relation_holds(a: ShapeObject, b: ShapeObject, relation: str) -> bool | Non
     return d > 0
 
 
+def _nearest_questions(objects: list[ShapeObject], unique: list[int]) -> list[Question]:
+    """Two-hop questions: the colour or shape of the object closest to a uniquely named one.
+
+    Asked only with at least two other objects (so "closest" is not just "the other one") and when the closest
+    is clearly closer than the runner-up (distance ratio NEAREST_RATIO), so the answer is well defined.
+    """
+    out: list[Question] = []
+    if len(objects) < 3:
+        return out
+    for i in unique:
+        a = objects[i]
+        d = sorted((math.hypot(o.cx - a.cx, o.cy - a.cy), j) for j, o in enumerate(objects) if j != i)
+        if d[0][0] * NEAREST_RATIO > d[1][0]:
+            continue
+        j = d[0][1]
+        name = objects[i].name
+        out.append(Question(f"What color is the object closest to the {name}?", objects[j].color, "relative",
+                            (j, i)))
+        out.append(Question(f"What shape is the object closest to the {name}?", objects[j].shape, "relative",
+                            (j, i)))
+    return out
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -210,7 +236,11 @@ def _questions(rng: np.random.Generator, objects: list[ShapeObject], opts: World
                         qq = Question(f"Is the {names[i]} {rel} the {names[j]}?", "yes" if holds else "no",
                                       family, (i, j))
                         (yes if holds else no).append(qq)
+            near = _nearest_questions(objects, unique)
             for _ in range(q):
+                if near and (rng.random() < NEAREST_SHARE or not (yes or no)):
+                    out.append(near.pop(int(rng.integers(len(near)))))
+                    continue
                 pool = yes if (rng.random() < 0.5 and yes) or not no else no
                 if pool:
                     out.append(pool.pop(int(rng.integers(len(pool)))))
@@ -310,6 +340,6 @@ def iter_split_questions(split: str, n_per_family: int, options: WorldOptions | 
 def vocabulary_words() -> list[str]:
     """Every word the generator can put in a question or an answer (lower case), sorted."""
     words = {"what", "color", "is", "the", "shape", "object", "objects", "there", "a", "an", "how", "many", "are",
-             "yes", "no", "left", "right", "of", "above", "below"}
+             "yes", "no", "left", "right", "of", "above", "below", "closest", "to"}
     words |= set(COLORS) | set(SHAPES) | set(PLURALS.values()) | set(NUMBER_WORDS)
     return sorted(words)
