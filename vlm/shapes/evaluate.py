@@ -1,6 +1,6 @@
 """Evaluate the demo model on the shapes test split: unpruned accuracy per family and an offline pruning check.
 
-The pruning check (a stand-in until the toolkit's pruning engine replaces it): after layer `layer`, keep
+The pruning check (deliberately independent of `pruning.engine`, so it also cross-checks it): after layer `layer`, keep
 `keep` of the 576 vision tokens, chosen either by the last prompt token's head-mean attention at that layer
 or at random. Dropping is emulated exactly for the text tokens: forward pre-hooks on the decoder layers
 after `layer` mask the dropped vision columns out of their attention mask, so no later layer lets any
@@ -130,6 +130,20 @@ def pruning_check(model_eager: LlavaForConditionalGeneration, processor, samples
     return preds
 
 
+@torch.no_grad()
+def single_prompt_forward_ms(model_dir: str | Path, sample: VQASample, repeats: int = 20) -> float:
+    """Median wall time (ms) of one full forward (vision tower + projector + language model) of one prompt, SDPA."""
+    model, processor = load_local(model_dir, attn_implementation="sdpa")
+    inputs = prompt_inputs(processor, [sample])
+    model(**inputs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**inputs)
+        times.append(1000 * (time.perf_counter() - t0))
+    return float(np.median(times))
+
+
 def accuracy_table(preds: Sequence[str], samples: Sequence[VQASample]) -> dict[str, float]:
     """Exact match overall and per family (fractions)."""
     hits = np.array([exact_match(p, s.answers) for p, s in zip(preds, samples)])
@@ -170,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         "random_mean": float(np.mean(rand)), "random_std": float(np.std(rand)),
         "random_drop_points": 100 * (tables["unpruned"]["overall"] - float(np.mean(rand))),
         "seconds": time.time() - t0,
+        "forward_ms_one_prompt": single_prompt_forward_ms(args.model, samples[0]),
+        "threads": args.threads,
     }
     print(json.dumps(summary, indent=1))
     if args.out:
@@ -194,6 +210,9 @@ def markdown(summary: dict) -> str:
     lines += ["", f"Attention top-{summary['keep']} keeps {100 * summary['attention_retention']:.1f}% of the unpruned "
               f"accuracy; random-{summary['keep']} loses {summary['random_drop_points']:.1f} points "
               f"(mean of {len(summary['random_seeds'])} draws, std {100 * summary['random_std']:.1f}).", ""]
+    if "forward_ms_one_prompt" in summary:
+        lines += [f"One prompt's full forward (SDPA, fp32, {summary.get('threads', '?')} CPU threads): "
+                  f"{summary['forward_ms_one_prompt']:.1f} ms (median of 20).", ""]
     return "\n".join(lines)
 
 

@@ -47,10 +47,11 @@ def train_seed(base_seed: int, step: int, i: int) -> int:
 
 def curriculum(progress: float, rng: np.random.Generator) -> WorldOptions:
     """World options for one training image at `progress` in [0, 1]: small worlds first, then the full one."""
+    # many questions per image: the 576 vision tokens cost far more than a dozen question tokens
     easy = WorldOptions(min_objects=1, max_objects=2, min_palette=1, max_palette=2,
-                        families=("color", "shape", "exist"), questions_per_family=2)
-    mid = WorldOptions(min_objects=1, max_objects=4, min_palette=1, max_palette=3, questions_per_family=2)
-    full = WorldOptions(questions_per_family=3)
+                        families=("color", "shape", "exist"), questions_per_family=5)
+    mid = WorldOptions(min_objects=1, max_objects=4, min_palette=1, max_palette=3, questions_per_family=4)
+    full = WorldOptions(questions_per_family=4)
     if progress < 0.12:
         return easy
     if progress < 0.35:
@@ -103,7 +104,8 @@ def vision_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[layer][:, 1:]
 
 
-def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, lr: float) -> None:
+def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, lr: float, save_every: int = 100,
+               log_every: int = 25) -> None:
     """Train the vision tower on per-patch labels; resumes from out/stage1.pt; writes the tower when done."""
     ckpt = out / "stage1.pt"
     tower = model.model.vision_tower
@@ -136,7 +138,7 @@ def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, l
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        if (step + 1) % 25 == 0 or step + 1 == steps:
+        if (step + 1) % log_every == 0 or step + 1 == steps:
             with torch.no_grad():
                 obj = target["color"] > 0
                 acc_c = (logits["color"].argmax(-1) == target["color"]).float().mean().item()
@@ -147,7 +149,7 @@ def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, l
             print(f"[stage1] step {step + 1}/{steps} loss {loss.item():.4f} color {acc_c:.4f} "
                   f"color@obj {acc_c_obj:.4f} shape@obj {acc_s_obj:.4f} center-recall {rec_ctr:.3f} "
                   f"{(time.time() - t0) / (step + 1 - start):.2f}s/step", flush=True)
-        if (step + 1) % 100 == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 == steps:
             _atomic_save({"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
                           "step": step + 1}, ckpt)
 
@@ -284,7 +286,8 @@ def packed_accuracy(model: nn.Module, packer: Packer, split: str, n_scenes: int)
 
 def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: float, batch: int, seed: int,
                lr: float, eval_every: int, tower_lr_scale: float = 0.0, patch_weight: float = 0.0,
-               attn_weight: float = 0.0, attn_layers: tuple[int, ...] = ()) -> None:
+               attn_weight: float = 0.0, attn_layers: tuple[int, ...] = (), save_every: int = 50,
+               log_every: int = 20, eval_scenes: int = 96) -> None:
     """Train projector + language model on packed questions; resumes from out/stage2.pt.
 
     The tower is frozen when `tower_lr_scale` is 0, else tuned too at `tower_lr_scale` times the learning rate;
@@ -368,19 +371,19 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         elapsed += now - t_last
         t_last = now
         answers += int(b.is_answer.sum())
-        if step % 20 == 0:
+        if step % log_every == 0:
             with torch.no_grad():
                 acc = (logits.argmax(-1) == b.target_ids)[b.is_answer].float().mean().item()
             print(f"[stage2] step {step} progress {progress:.3f} loss {loss.item():.4f} train-acc {acc:.3f} "
                   + (f"ground {ground.item():.3f} " if ground is not None else "") +
-                  f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min, {answers / 20:.0f} answers/step",
+                  f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min, {answers / log_every:.0f} answers/step",
                   flush=True)
             answers = 0
         if step % eval_every == 0:
-            acc = packed_accuracy(model, packer, "calibration", 48)
+            acc = packed_accuracy(model, packer, "calibration", max(8, eval_scenes // 2))
             print("[stage2] held-out (calibration) " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
             t_last = time.time()  # evaluation time does not count against the budget
-        if step % 50 == 0:
+        if step % save_every == 0:
             _atomic_save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(), "step": step,
                            "elapsed": elapsed},
                          ckpt)
@@ -388,7 +391,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
                            "elapsed": elapsed}, ckpt)
     if hook is not None:
         hook.remove()
-    acc = packed_accuracy(model, packer, "calibration", 96)
+    acc = packed_accuracy(model, packer, "calibration", eval_scenes)
     print(f"[stage2] done at step {step}: held-out " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
 
 
@@ -418,19 +421,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stage2-attn-weight", type=float, default=0.0,
                     help="> 0: pull the answer position's attention onto the named objects at --stage2-attn-layers")
     ap.add_argument("--stage2-attn-layers", type=int, nargs="*", default=[2, 3, 4])
-    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=200, help="stage-2 steps between held-out evaluations")
+    ap.add_argument("--eval-scenes", type=int, default=96, help="calibration scenes of the final evaluation")
+    ap.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (stage 1: twice this)")
+    ap.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_demo_model(args.seed)
     processor = build_processor()
     print(f"[train] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; args {vars(args)}", flush=True)
-    run_stage1(model, args.out, args.stage1_steps, args.stage1_batch, args.seed, args.stage1_lr)
+    run_stage1(model, args.out, args.stage1_steps, args.stage1_batch, args.seed, args.stage1_lr,
+               save_every=2 * args.save_every, log_every=args.log_every)
     if (args.out / "stage1.pt").exists():  # stage 2 always starts from the finished tower
         model.model.vision_tower.load_state_dict(torch.load(args.out / "stage1.pt", map_location="cpu")["tower"])
     run_stage2(model, processor, args.out, args.stage2_steps, args.stage2_minutes, args.stage2_batch, args.seed,
                args.stage2_lr, args.eval_every, args.stage2_tower_lr_scale,
-               args.stage2_patch_weight, args.stage2_attn_weight, tuple(args.stage2_attn_layers))
+               args.stage2_patch_weight, args.stage2_attn_weight, tuple(args.stage2_attn_layers),
+               save_every=args.save_every, log_every=args.log_every, eval_scenes=args.eval_scenes)
     final = args.out / "final"
     model.model.language_model.config._attn_implementation = "sdpa"  # training may have switched it to eager
     model.config._attn_implementation = "sdpa"
