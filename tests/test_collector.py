@@ -182,8 +182,15 @@ def test_bad_arguments_are_clear_errors(model4):
                 model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
 
 
-def test_bench_collect_smoke():
-    from analysis.bench_collect import main
+def test_collect_overhead_benchmark_smoke():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "collect_overhead.py"
+    spec = importlib.util.spec_from_file_location("collect_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main = module.main
 
     result = main(["--model", "tiny", "--num-layers", "2", "--batch-size", "2", "--text-len", "6", "--repeats", "1",
                    "--device", "cpu"])

@@ -1,7 +1,7 @@
 """Cost of collecting records: a forward inside `AttentionCollector` vs a plain SDPA forward vs eager attention.
 
-    python -m analysis.bench_collect --model tiny --batch-size 4 --repeats 5
-    python -m analysis.bench_collect --model llava-1.5-7b-arch --num-layers 2 --vision-layers 2 --batch-size 1
+    python benchmarks/collect_overhead.py --model tiny --batch-size 4 --repeats 5
+    python benchmarks/collect_overhead.py --model llava-1.5-7b-arch --num-layers 2 --vision-layers 2 --batch-size 1
 
 Random weights from the preset's `arch` (or the real checkpoint for presets with a `source`, given
 --use-source) and synthetic left-padded prompts `[system][V image tokens][text]`, so no processor or
@@ -17,11 +17,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import sys
+
 import torch
 from omegaconf import OmegaConf
 
-from analysis.collector import AttentionCollector
-from vlm.models import LoadedModel, build_random_model, load_from_config, resolve_device
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.collector import AttentionCollector  # noqa: E402
+from vlm.models import LoadedModel, build_random_model, load_from_config, resolve_device  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
