@@ -8,7 +8,14 @@ vision tokens are paid once for many answers. A curriculum goes from one or two 
 families to the full world. Learning rate and curriculum follow the fraction of the step budget or of the
 time budget already used, whichever is larger, so a run can be given a wall-clock budget.
 
-    python -m vlm.shapes.train --out checkpoints --stage1-steps 500 --stage2-steps 3000 --stage2-minutes 60
+The shipped model (vlm/assets/shapes_llava) came from, on the quiet 2-core CPU (stage 1 about 5 min, stage 2
+115 min of its own time budget; the run was resumed twice, see benchmarks/results/shapes_demo_eval.md):
+
+    python -m vlm.shapes.train --out checkpoints --threads 2 --stage1-steps 1200 --stage1-batch 8 \
+        --stage2-steps 100000 --stage2-minutes 115 --eval-every 300
+
+Run it in the background (nohup ... > checkpoints/train.log &); rerunning the same command resumes from the
+last checkpoint. Set --threads to the free cores: oversubscribed threads made steps up to 9x slower here.
 """
 from __future__ import annotations
 
