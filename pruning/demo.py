@@ -106,7 +106,7 @@ def collect_step(model: Mapping[str, Any], data: Mapping[str, Any], out_dir: Pat
 
 def derive_step(records: Path, out_dir: Path, model_name: str, budgets: Sequence[float], convention: str,
                 min_layer: int) -> Path:
-    """A 3-stage schedule from the records at the first reachable budget of `budgets`; returns schedule.yaml."""
+    """A schedule from the records: the most stages (up to 3), then the first reachable budget; returns schedule.yaml."""
     from analysis.derive import SCHEDULE_FILE, DeriveError, run_derive
 
     target = out_dir / f"derive_{model_name}"
@@ -115,17 +115,22 @@ def derive_step(records: Path, out_dir: Path, model_name: str, budgets: Sequence
         print(f"derive: reusing {schedule}")
         return schedule
     errors = []
-    for budget in budgets:
-        cfg = _compose("derive", [f"input={records}"])
-        cfg.update(output=str(target), budget=budget, n_stages=N_STAGES, convention=convention, min_layer=min_layer)
-        try:
-            run_derive(cfg)
-            if budget != budgets[0]:
-                print(f"\n{BANNER}\nNOTE: budget {budgets[0]} is out of reach of the derived stage layers; the schedule "
-                      f"was derived at budget {budget} and the benchmark re-solves its keep counts per budget.\n{BANNER}")
-            return schedule
-        except (DeriveError, ScheduleError) as err:
-            errors.append(f"budget {budget}: {err}")
+    # the AdaptInfer rule puts stages outside the dense regions; on an 8-layer model a wide dense region can leave
+    # room for fewer than N_STAGES stages, so fewer stages are tried before a higher budget
+    for n_stages in range(N_STAGES, 0, -1):
+        for budget in budgets:
+            cfg = _compose("derive", [f"input={records}"])
+            cfg.update(output=str(target), budget=budget, n_stages=n_stages, convention=convention,
+                       min_layer=min_layer)
+            try:
+                run_derive(cfg)
+                if budget != budgets[0] or n_stages != N_STAGES:
+                    print(f"\n{BANNER}\nNOTE: {N_STAGES} stages at budget {budgets[0]} are out of reach of the "
+                          f"derived stage layers; the schedule was derived with {n_stages} stages at budget {budget} "
+                          f"and the benchmark re-solves its keep counts per budget.\n{BANNER}")
+                return schedule
+            except (DeriveError, ScheduleError) as err:
+                errors.append(f"{n_stages} stages, budget {budget}: {err}")
     raise DemoError("analysis.derive found no reachable budget:\n" + "\n".join(errors))
 
 
