@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from vlm.shapes.world import WorldOptions
 from vlm.tasks.base import VQASample, build_task
 from vlm.tasks.metrics import exact_match
 
@@ -151,6 +152,17 @@ def accuracy_table(preds: Sequence[str], samples: Sequence[VQASample]) -> dict[s
     return {"overall": float(hits.mean())} | {f: float(hits[fams == f].mean()) for f in sorted(set(fams))}
 
 
+def relative_split(preds: Sequence[str], samples: Sequence[VQASample]) -> dict[str, dict[str, float]]:
+    """Accuracy and count of the relative family's two kinds: two-hop "closest to" and yes/no relation questions."""
+    out = {}
+    for kind, is_kind in (("closest", lambda q: "closest" in q), ("yes/no", lambda q: "closest" not in q)):
+        hits = [exact_match(p, s.answers) for p, s in zip(preds, samples)
+                if s.meta["family"] == "relative" and is_kind(s.question)]
+        if hits:
+            out[kind] = {"accuracy": float(np.mean(hits)), "n": len(hits)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: unpruned accuracy and the pruning check on the test split, as JSON and markdown."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": str(args.model), "split": args.split, "min_objects": args.min_objects,
         "max_objects": args.max_objects, "n_questions": len(samples), "layer": args.layer,
         "keep": args.keep, "random_seeds": args.random_seeds, "tables": tables,
+        "relative_split": {name: relative_split(p, samples) for name, p in preds.items()},
         "attention_retention": tables["attention"]["overall"] / tables["unpruned"]["overall"],
         "random_mean": float(np.mean(rand)), "random_std": float(np.std(rand)),
         "random_drop_points": 100 * (tables["unpruned"]["overall"] - float(np.mean(rand))),
@@ -198,8 +211,10 @@ def markdown(summary: dict) -> str:
     """The accuracy table (rows: unpruned, attention top-k, each random draw; columns: families) in markdown."""
     tables = summary["tables"]
     fams = [k for k in tables["unpruned"] if k != "overall"]
-    world = ("full world (3-6 objects)" if summary.get("min_objects") is None and summary.get("max_objects") is None
-             else f"objects {summary.get('min_objects') or 3}-{summary.get('max_objects') or 6}")
+    full = WorldOptions()
+    lo, hi = summary.get("min_objects") or full.min_objects, summary.get("max_objects") or full.max_objects
+    world = (f"full world ({lo}-{hi} objects)" if summary.get("min_objects") is None
+             and summary.get("max_objects") is None else f"objects {lo}-{hi}")
     lines = [f"# Shapes demo model: accuracy and pruning check ({summary['split']} split, {world}, "
              f"{summary['n_questions']} questions)", "", f"Model `{summary['model']}`.", "",
              f"Keep {summary['keep']} of 576 vision tokens after layer {summary['layer']}: by the last prompt token's "
@@ -210,6 +225,17 @@ def markdown(summary: dict) -> str:
     lines += ["", f"Attention top-{summary['keep']} keeps {100 * summary['attention_retention']:.1f}% of the unpruned "
               f"accuracy; random-{summary['keep']} loses {summary['random_drop_points']:.1f} points "
               f"(mean of {len(summary['random_seeds'])} draws, std {100 * summary['random_std']:.1f}).", ""]
+    split = summary.get("relative_split", {})
+    if split:
+        kinds = sorted({k for v in split.values() for k in v})
+        lines += ["Relative family by kind (two-hop \"What color/shape is the object closest to the X?\" and yes/no "
+                  "\"Is the X left of / right of / above / below the Y?\"), %:", "",
+                  "| selection | " + " | ".join(f"{k} (n={next(v[k]['n'] for v in split.values() if k in v)})"
+                                                for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for name, v in split.items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * v[k]['accuracy']:.1f}" if k in v else "-"
+                                                      for k in kinds) + " |")
+        lines.append("")
     if "forward_ms_one_prompt" in summary:
         lines += [f"One prompt's full forward (SDPA, fp32, {summary.get('threads', '?')} CPU threads): "
                   f"{summary['forward_ms_one_prompt']:.1f} ms (median of 20).", ""]
