@@ -154,13 +154,12 @@ def accuracy_table(preds: Sequence[str], samples: Sequence[VQASample]) -> dict[s
 
 def relative_split(preds: Sequence[str], samples: Sequence[VQASample]) -> dict[str, dict[str, float]]:
     """Accuracy and count of the relative family's two kinds: two-hop "closest to" and yes/no relation questions."""
-    out = {}
-    for kind, is_kind in (("closest", lambda q: "closest" in q), ("yes/no", lambda q: "closest" not in q)):
-        hits = [exact_match(p, s.answers) for p, s in zip(preds, samples)
-                if s.meta["family"] == "relative" and is_kind(s.question)]
-        if hits:
-            out[kind] = {"accuracy": float(np.mean(hits)), "n": len(hits)}
-    return out
+    hits: dict[str, list[bool]] = {}
+    for p, s in zip(preds, samples):
+        if s.meta["family"] == "relative":
+            kind = "closest" if "closest" in s.question else "yes/no"
+            hits.setdefault(kind, []).append(exact_match(p, s.answers))
+    return {k: {"accuracy": float(np.mean(hits[k])), "n": len(hits[k])} for k in sorted(hits)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,14 +226,13 @@ def markdown(summary: dict) -> str:
               f"(mean of {len(summary['random_seeds'])} draws, std {100 * summary['random_std']:.1f}).", ""]
     split = summary.get("relative_split", {})
     if split:
-        kinds = sorted({k for v in split.values() for k in v})
+        first = next(iter(split.values()))  # every selection answered the same questions
         lines += ["Relative family by kind (two-hop \"What color/shape is the object closest to the X?\" and yes/no "
                   "\"Is the X left of / right of / above / below the Y?\"), %:", "",
-                  "| selection | " + " | ".join(f"{k} (n={next(v[k]['n'] for v in split.values() if k in v)})"
-                                                for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+                  "| selection | " + " | ".join(f"{k} (n={v['n']})" for k, v in first.items()) + " |",
+                  "|---|" + "---|" * len(first)]
         for name, v in split.items():
-            lines.append(f"| {name} | " + " | ".join(f"{100 * v[k]['accuracy']:.1f}" if k in v else "-"
-                                                      for k in kinds) + " |")
+            lines.append(f"| {name} | " + " | ".join(f"{100 * v[k]['accuracy']:.1f}" for k in first) + " |")
         lines.append("")
     if "forward_ms_one_prompt" in summary:
         lines += [f"One prompt's full forward (SDPA, fp32, {summary.get('threads', '?')} CPU threads): "
