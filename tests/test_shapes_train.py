@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from vlm.shapes import train
 from vlm.shapes.model_config import build_demo_model
+from vlm.shapes.world import FAMILIES
 
 # a few steps of both stages, a checkpoint after every step, a tiny final evaluation
 COMMON = ["--threads", "1", "--stage1-steps", "2", "--stage1-batch", "2", "--stage2-steps", "4",
@@ -59,3 +61,86 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch,
     assert not torch.allclose(a[name], fresh[key])
     # the finished run saved a loadable save_pretrained directory with its processor
     assert {"config.json", "model.safetensors"} <= {p.name for p in (resumed / "final").iterdir()}
+
+
+FINETUNE = ["--threads", "1", "--stage2-steps", "3", "--stage2-minutes", "1000000", "--stage2-batch", "1",
+            "--eval-every", "1000", "--eval-scenes", "8", "--save-every", "1", "--log-every", "1",
+            "--stage2-position-weight", "0.5", "--stage2-curriculum", "relations"]
+
+
+def test_fine_tuning_from_a_trained_model_resumes_with_its_position_head(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "base"
+    train.main(["--out", str(base)] + COMMON)
+    capsys.readouterr()
+    init = ["--init-model", str(base / "final")]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(["--out", str(straight)] + init + FINETUNE)
+    log = capsys.readouterr().out
+    assert "[stage1]" not in log  # fine-tuning starts from the given model, not from a new tower
+    assert "pos-mse" in log
+
+    calls = {"n": 0}
+    pack = train.Packer.pack
+
+    def interrupted_pack(self, scenes, with_eos=True):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return pack(self, scenes, with_eos)
+
+    monkeypatch.setattr(train.Packer, "pack", interrupted_pack)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--out", str(resumed)] + init + FINETUNE)
+    monkeypatch.setattr(train.Packer, "pack", pack)
+    train.main(["--out", str(resumed)] + init + FINETUNE)
+    assert "[stage2] resumed at step 2" in capsys.readouterr().out
+    saved = torch.load(resumed / "stage2.pt", map_location="cpu")
+    assert saved["position"]["xy.weight"].abs().sum() > 0  # the head trained and was checkpointed
+
+    a, b, start = _weights(straight), _weights(resumed), _weights(base)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
+    name = next(n for n in a if n.endswith("multi_modal_projector.linear_2.weight"))
+    assert not torch.allclose(a[name], start[name])  # the projector was tuned from the given model's weights
+    tower = next(n for n in a if "vision_tower" in n and n.endswith("q_proj.weight"))
+    torch.testing.assert_close(a[tower], start[tower])  # and the tower kept them (frozen)
+
+
+def test_init_model_must_be_a_saved_model(tmp_path):
+    with pytest.raises(SystemExit, match="config.json"):
+        train.main(["--out", str(tmp_path / "o"), "--init-model", str(tmp_path)] + FINETUNE)
+
+
+def test_position_head_measures_linear_position_in_the_embeddings():
+    torch.manual_seed(0)
+    head = train.PositionHead(32)
+    content = torch.randn(4, 576, 32)
+    start = head.loss(content).item()
+    assert start == pytest.approx(float((head.target ** 2).mean()), rel=1e-5)  # zero init: predicts the mean
+
+    def fit(embeds: torch.Tensor) -> float:
+        h = train.PositionHead(32)
+        opt = torch.optim.Adam(h.parameters(), lr=0.05)
+        for _ in range(200):
+            opt.zero_grad()
+            loss = h.loss(embeds)
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    with_position = content.clone()
+    with_position[..., :2] = head.target * 3  # x and y written along two directions
+    assert fit(with_position) < 0.1 * start
+    assert fit(content) > 0.8 * start  # random content holds no position to read
+
+
+def test_relation_curriculum_mixes_the_full_world_with_relation_only_scenes():
+    rng = np.random.default_rng(0)
+    for progress in (0.0, 0.5, 0.99):
+        opts = [train.relation_curriculum(progress, rng).check() for _ in range(200)]
+        only = [o for o in opts if o.families == ("relative",)]
+        assert 60 < len(only) < 140
+        assert all(o.families == FAMILIES for o in opts if o not in only)
+        assert max(o.max_objects for o in only) == (3 if progress < 0.3 else 6)
+    with pytest.raises(ValueError, match="unknown curriculum"):
+        train.run_stage2(build_demo_model(0), None, Path("."), 1, 1.0, 1, 0, 1e-3, 10, schedule="nope")
