@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from vlm.shapes import train
 from vlm.shapes.model_config import build_demo_model
-from vlm.shapes.world import FAMILIES
+from vlm.shapes.world import FAMILIES, RELATIONS
 
 # a few steps of both stages, a checkpoint after every step, a tiny final evaluation
 COMMON = ["--threads", "1", "--stage1-steps", "2", "--stage1-batch", "2", "--stage2-steps", "4",
@@ -141,6 +141,8 @@ def test_relation_curriculum_mixes_the_full_world_with_relation_only_scenes():
         only = [o for o in opts if o.families == ("relative",)]
         assert 60 < len(only) < 140
         assert all(o.families == FAMILIES for o in opts if o not in only)
-        assert max(o.max_objects for o in only) == (3 if progress < 0.3 else 6)
+        assert max(o.max_objects for o in only) == (3 if progress < 0.4 else 6)
+        # one direction per axis first (no parity to learn from chance), all four relations later
+        assert {r for o in only for r in o.relations} == ({"left of", "above"} if progress < 0.4 else set(RELATIONS))
     with pytest.raises(ValueError, match="unknown curriculum"):
         train.run_stage2(build_demo_model(0), None, Path("."), 1, 1.0, 1, 0, 1e-3, 10, schedule="nope")

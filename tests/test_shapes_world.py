@@ -126,6 +126,15 @@ def test_bad_options_are_rejected():
         make_scene(0, WorldOptions(min_objects=5, max_objects=2))
     with pytest.raises(ValueError, match="families"):
         make_scene(0, WorldOptions(families=("colour",)))
+    with pytest.raises(ValueError, match="relations"):
+        make_scene(0, WorldOptions(relations=("left",)))
+
+
+def test_relation_questions_use_only_the_allowed_relations():
+    opts = WorldOptions(families=("relative",), relations=("left of", "above"), questions_per_family=8)
+    texts = [q.text for seed in SEEDS for q in make_scene(seed, opts).questions if q.text.startswith("Is the")]
+    assert texts and all(" right of " not in t and " below " not in t for t in texts)
+    assert any(" left of " in t for t in texts) and any(" above " in t for t in texts)
 
 
 def test_processor_expands_the_image_to_576_tokens_like_llava():

@@ -50,6 +50,7 @@ class WorldOptions:
     min_palette: int = 2  # colours used by one scene, so that colours repeat and counting is non-trivial
     max_palette: int = 4
     families: tuple[str, ...] = FAMILIES
+    relations: tuple[str, ...] = RELATIONS  # the relations yes/no relative-position questions may use
     questions_per_family: int = 2
     background_noise: float = 10.0  # std of the background texture, in 0-255 units
 
@@ -63,6 +64,9 @@ class WorldOptions:
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown question families {sorted(unknown)}; known: {list(FAMILIES)}")
+        bad = set(self.relations) - set(RELATIONS)
+        if bad or not self.relations:
+            raise ValueError(f"relations must be a non-empty subset of {list(RELATIONS)}, got {list(self.relations)}")
         return self
 
 
@@ -229,7 +233,7 @@ def _questions(rng: np.random.Generator, objects: list[ShapeObject], opts: World
                 for j in unique:
                     if i == j:
                         continue
-                    for rel in RELATIONS:
+                    for rel in opts.relations:
                         holds = _relation_holds(objects[i], objects[j], rel)
                         if holds is None:
                             continue
