@@ -134,15 +134,15 @@ def test_position_head_measures_linear_position_in_the_embeddings():
     assert fit(content) > 0.8 * start  # random content holds no position to read
 
 
-def test_relation_curriculum_mixes_the_full_world_with_relation_only_scenes():
+def test_relation_curriculum_mixes_the_full_world_with_position_scenes():
     rng = np.random.default_rng(0)
-    for progress in (0.0, 0.5, 0.99):
+    for progress in (0.0, 0.4, 0.99):
         opts = [train.relation_curriculum(progress, rng).check() for _ in range(200)]
-        only = [o for o in opts if o.families == ("relative",)]
-        assert 60 < len(only) < 140
-        assert all(o.families == FAMILIES for o in opts if o not in only)
-        assert max(o.max_objects for o in only) == (3 if progress < 0.4 else 6)
-        # one direction per axis first (no parity to learn from chance), all four relations later
-        assert {r for o in only for r in o.relations} == ({"left of", "above"} if progress < 0.4 else set(RELATIONS))
+        aux = [o for o in opts if o.families == ("position", "relative")]
+        assert 60 < len(aux) < 140
+        assert all(o.families == FAMILIES for o in opts if o not in aux)
+        assert max(o.max_objects for o in aux) == (3 if progress < 0.3 else 6)
+        # one direction per axis first (no parity to learn from chance), all four relations last
+        assert {r for o in aux for r in o.relations} == ({"left of", "above"} if progress < 0.55 else set(RELATIONS))
     with pytest.raises(ValueError, match="unknown curriculum"):
         train.run_stage2(build_demo_model(0), None, Path("."), 1, 1.0, 1, 0, 1e-3, 10, schedule="nope")

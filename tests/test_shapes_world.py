@@ -166,3 +166,19 @@ def test_task_scores_exact_match_per_family():
     wrong = task.score(["purple"] * len(samples), samples)
     assert wrong["score"] < 0.3
     assert wrong["accuracy/exist"] == 0.0
+
+
+def test_training_only_position_questions_match_the_scene_and_stay_out_of_the_splits():
+    opts = WorldOptions(families=("position",), questions_per_family=6)
+    n = 0
+    for seed in SEEDS:
+        scene = make_scene(seed, opts)
+        for q in scene.questions:
+            o = scene.objects[q.objects[0]]
+            assert [p.name for p in scene.objects].count(o.name) == 1  # the named object is unique
+            coord = o.cx if q.text.endswith("on the left?") else o.cy
+            assert q.text in (f"Is the {o.name} on the left?", f"Is the {o.name} at the top?")
+            assert q.answer == ("yes" if coord < 168 else "no") and abs(coord - 168) >= 14
+            n += 1
+    assert n > 50
+    assert all(q.family in FAMILIES for _, q in iter_split_questions("test", 20))

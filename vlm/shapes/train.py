@@ -69,21 +69,28 @@ def curriculum(progress: float, rng: np.random.Generator) -> WorldOptions:
 
 def relation_curriculum(progress: float, rng: np.random.Generator) -> WorldOptions:
     """World options for fine-tuning a trained model on relative position: half the images are the full
-    world (all families, so the others are not forgotten), half ask relative-position questions only.
+    world (all families, so the others are not forgotten), half ask position questions only: where one named
+    object is (the training-only "position" family) and how two compare ("relative").
 
-    Those start on scenes of two or three objects and with only "left of" and "above". With all four
-    relations balanced, the answer is uncorrelated with either object's position and with their difference
-    (it is the sign of the difference times the relation's direction, a parity), so a model at chance gets
-    no first-order gradient toward reading positions: the shipped run stayed at chance on them for 115 min,
-    and so did 20 min of this fine-tuning with all four. With one direction per axis the difference alone
-    predicts the answer; "right of" and "below" come in once that is learnt."""
+    A yes/no relation answer is the sign of the position difference times the relation's direction; with
+    all four relations balanced it is uncorrelated with either object's position, and when the answer
+    position reads both objects alike even "left of" alone gives it nothing to learn from. The shipped run
+    stayed at chance on them for 115 min, and so did 20 min of fine-tuning with the position head, with all
+    four relations or with only "left of" and "above". So the curriculum first asks where one object is
+    ("on the left?", "at the top?": reading the named object's position is then directly rewarded) and only
+    one direction per axis of the relations, on scenes of two or three objects; then scenes of up to six;
+    "right of" and "below" come last."""
     if rng.random() < 0.5:
         return WorldOptions(questions_per_family=4)
-    if progress < 0.4:
-        return WorldOptions(min_objects=2, max_objects=3, min_palette=2, max_palette=4, families=("relative",),
-                            relations=("left of", "above"), questions_per_family=8)
-    return WorldOptions(min_objects=2, max_objects=6, min_palette=2, max_palette=4, families=("relative",),
-                        questions_per_family=8)
+    families = ("position", "relative")
+    if progress < 0.3:
+        return WorldOptions(min_objects=2, max_objects=3, min_palette=2, max_palette=4, families=families,
+                            relations=("left of", "above"), questions_per_family=5)
+    if progress < 0.55:
+        return WorldOptions(min_objects=2, max_objects=6, min_palette=2, max_palette=4, families=families,
+                            relations=("left of", "above"), questions_per_family=5)
+    return WorldOptions(min_objects=2, max_objects=6, min_palette=2, max_palette=4, families=families,
+                        questions_per_family=5)
 
 
 CURRICULA = {"shipped": curriculum, "relations": relation_curriculum}

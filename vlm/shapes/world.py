@@ -29,6 +29,9 @@ SIZES: dict[str, int] = {"small": 44, "large": 62}  # bounding-box side in pixel
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 FAMILIES: tuple[str, ...] = ("color", "shape", "exist", "count", "relative")
+# Families asked in training only, never in a split's evaluation: "position" asks where one named object is
+# ("Is the red circle on the left?"), a first step toward comparing two objects' positions.
+TRAINING_FAMILIES: tuple[str, ...] = ("position",)
 
 # Disjoint seed ranges per split: [start, stop)
 SPLIT_SEEDS: dict[str, tuple[int, int]] = {
@@ -61,9 +64,10 @@ class WorldOptions:
         if not 1 <= self.min_palette <= self.max_palette <= len(COLORS):
             raise ValueError(f"need 1 <= min_palette <= max_palette <= {len(COLORS)}, got "
                              f"{self.min_palette}, {self.max_palette}")
-        unknown = set(self.families) - set(FAMILIES)
+        unknown = set(self.families) - set(FAMILIES) - set(TRAINING_FAMILIES)
         if unknown:
-            raise ValueError(f"unknown question families {sorted(unknown)}; known: {list(FAMILIES)}")
+            raise ValueError(f"unknown question families {sorted(unknown)}; known: {list(FAMILIES)}, and for "
+                             f"training only {list(TRAINING_FAMILIES)}")
         bad = set(self.relations) - set(RELATIONS)
         if bad or not self.relations:
             raise ValueError(f"relations must be a non-empty subset of {list(RELATIONS)}, got {list(self.relations)}")
@@ -225,6 +229,14 @@ def _questions(rng: np.random.Generator, objects: list[ShapeObject], opts: World
             nonzero = [c for c in cands if c.answer != "zero"]
             zero = [c for c in cands if c.answer == "zero"]
             cands = nonzero if rng.random() < 0.85 and nonzero else (zero or nonzero)
+        elif family == "position":
+            for i, o in enumerate(objects):
+                if names.count(o.name) != 1:
+                    continue
+                for text, d in ((f"Is the {o.name} on the left?", IMAGE_SIZE / 2 - o.cx),
+                                (f"Is the {o.name} at the top?", IMAGE_SIZE / 2 - o.cy)):
+                    if abs(d) >= RELATION_MARGIN:
+                        cands.append(Question(text, "yes" if d > 0 else "no", family, (i,)))
         elif family == "relative":
             unique = [i for i, o in enumerate(objects) if names.count(o.name) == 1]
             yes: list[Question] = []
@@ -346,4 +358,5 @@ def vocabulary_words() -> list[str]:
     words = {"what", "color", "is", "the", "shape", "object", "objects", "there", "a", "an", "how", "many", "are",
              "yes", "no", "left", "right", "of", "above", "below", "closest", "to"}
     words |= set(COLORS) | set(SHAPES) | set(PLURALS.values()) | set(NUMBER_WORDS)
-    return sorted(words)
+    # words added after the first shipped model go last, so that the ids of the others do not move
+    return sorted(words) + ["on", "at", "top"]
