@@ -146,3 +146,16 @@ def test_relation_curriculum_mixes_the_full_world_with_position_scenes():
         assert {r for o in aux for r in o.relations} == ({"left of", "above"} if progress < 0.55 else set(RELATIONS))
     with pytest.raises(ValueError, match="unknown curriculum"):
         train.run_stage2(build_demo_model(0), None, Path("."), 1, 1.0, 1, 0, 1e-3, 10, schedule="nope")
+
+
+def test_position_loss_counts_only_the_given_patches():
+    torch.manual_seed(0)
+    head = train.PositionHead(16)
+    torch.nn.init.normal_(head.xy.weight)
+    embeds = torch.randn(2, 576, 16)
+    on = torch.zeros(2, 576, dtype=torch.bool)
+    on[0, :30], on[1, 100:110] = True, True
+    changed = embeds.clone()
+    changed[~on] = head.xy.weight[0].detach()  # off the mask: far from any position; it must not count
+    assert head.loss(changed, on).item() == pytest.approx(head.loss(embeds, on).item(), rel=1e-6)
+    assert head.loss(changed).item() != pytest.approx(head.loss(embeds).item(), rel=1e-2)

@@ -132,10 +132,17 @@ class PositionHead(nn.Module):
         grid = torch.stack([idx % GRID, idx // GRID], dim=-1).float()
         self.register_buffer("target", grid / (GRID - 1) * 2 - 1, persistent=False)  # [576, 2]
 
-    def loss(self, embeds: torch.Tensor) -> torch.Tensor:
-        """embeds [B, 576, D] -> mean squared error of the (x, y) read-out."""
+    def loss(self, embeds: torch.Tensor, on: torch.Tensor | None = None) -> torch.Tensor:
+        """embeds [B, 576, D] -> mean squared error of the (x, y) read-out, over the patches where `on`
+        [B, 576] is True (all when None). Training takes it on object patches, where the language model reads
+        an object's position: taken over all patches, the background (most of them) dominated, and after
+        14 min of fine-tuning the error over all patches was 0.035 while a linear read-out of the column on
+        object patches explained only 31% of its variance."""
         normed = nn.functional.layer_norm(embeds, embeds.shape[-1:])  # the projector's output scale is arbitrary
-        return nn.functional.mse_loss(self.xy(normed), self.target.expand(embeds.shape[0], -1, -1))
+        err = (self.xy(normed) - self.target).pow(2).mean(-1)  # [B, 576]
+        if on is None:
+            return err.mean()
+        return (err * on).sum() / on.sum().clamp_min(1)
 
 
 def patch_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
@@ -438,7 +445,9 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             loss = loss + attn_weight * ground
         if patch_weight > 0:
             loss = loss + patch_weight * patch_loss(heads(captured.pop("feats")), patch_targets(scenes))
-        pos_loss = position.loss(captured.pop("embeds")) if position_weight > 0 else None
+        pos_loss = None
+        if position_weight > 0:
+            pos_loss = position.loss(captured.pop("embeds"), patch_targets(scenes)["color"] > 0)
         if pos_loss is not None:
             loss = loss + position_weight * pos_loss
         opt.zero_grad(set_to_none=True)
