@@ -73,6 +73,9 @@ def test_fine_tuning_from_a_trained_model_resumes_with_its_position_head(tmp_pat
     train.main(["--out", str(base)] + COMMON)
     capsys.readouterr()
     init = ["--init-model", str(base / "final")]
+    with pytest.raises(SystemExit, match="stage-1 heads"):  # a tuned tower keeps its labels only with its heads
+        train.main(["--out", str(tmp_path / "no_heads"), "--stage2-tower-lr-scale", "0.1", "--stage2-patch-weight",
+                    "0.5"] + init + FINETUNE)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main(["--out", str(straight)] + init + FINETUNE)
     log = capsys.readouterr().out

@@ -531,8 +531,9 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.init_model / "config.json").is_file():
             raise SystemExit(f"--init-model {args.init_model}: no config.json there; give a save_pretrained folder "
                              "such as vlm/assets/shapes_llava")
-        if args.stage2_patch_weight > 0:
-            raise SystemExit("--init-model skips stage 1, so there are no stage-1 heads for --stage2-patch-weight")
+        if args.stage2_patch_weight > 0 and not (args.out / "stage1.pt").is_file():
+            raise SystemExit(f"--init-model skips stage 1: --stage2-patch-weight needs the stage-1 heads of the "
+                             f"model's tower in {args.out / 'stage1.pt'} (copy it from the model's training run)")
         model = LlavaForConditionalGeneration.from_pretrained(args.init_model, dtype=torch.float32)
     else:
         model = build_demo_model(args.seed)
