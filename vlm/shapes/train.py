@@ -126,7 +126,9 @@ class PositionHead(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.xy = nn.Linear(width, 2)
-        nn.init.zeros_(self.xy.weight)  # starts at the mean: no early pull on a trained projector
+        # small random weights: a zero-initialised read-out sends no gradient into the features, and where they
+        # hold no linear position (the shipped tower's object patches) it then never finds a direction either
+        nn.init.normal_(self.xy.weight, std=0.05)
         nn.init.zeros_(self.xy.bias)
         idx = torch.arange(GRID * GRID)
         grid = torch.stack([idx % GRID, idx // GRID], dim=-1).float()
@@ -525,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # every random init of the run (model, heads) follows the seed
     args.out.mkdir(parents=True, exist_ok=True)
     processor = build_processor()
     if args.init_model is not None:
