@@ -15,7 +15,12 @@ The shipped model (vlm/assets/shapes_llava) came from, on the quiet 2-core CPU (
         --stage2-steps 100000 --stage2-minutes 115 --eval-every 300
 
 Run it in the background (nohup ... > checkpoints/train.log &); rerunning the same command resumes from the
-last checkpoint. Set --threads to the free cores: oversubscribed threads made steps up to 9x slower here.
+last checkpoint.
+
+`--init-model DIR` fine-tunes a trained model (stage 2 only). The "relations" curriculum, the training-only
+"position" questions and the projector's position read-out (`--stage2-position-weight`) were built to teach
+relative position by fine-tuning; they did not (benchmarks/results/shapes_training_trials.md, session 4)
+and are not part of the shipped recipe. Set --threads to the free cores: oversubscribed threads made steps up to 9x slower here.
 """
 from __future__ import annotations
 
