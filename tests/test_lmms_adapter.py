@@ -99,11 +99,13 @@ def test_generate_until_prunes_and_keeps_request_order(loaded, docs):
 def test_until_cuts_the_generation(loaded, docs):
     model = _adapter(loaded, docs, method="unpruned")
     full = model.generate_until(_gen_requests(docs[:1], {"max_new_tokens": 4}))[0]
-    words = full.split()
-    if len(words) < 2:
+    if len(full) < 2:
         pytest.skip(f"the random model generated {full!r}: nothing to cut")
-    cut = model.generate_until(_gen_requests(docs[:1], {"max_new_tokens": 4, "until": [" " + words[1]]}))[0]
-    assert cut == words[0]
+    # cut inside the generated text (a stop string need not start at a word): what precedes it is kept
+    cut = model.generate_until(_gen_requests(docs[:1], {"max_new_tokens": 4, "until": ["@@", full[1:]]}))[0]
+    assert cut == full[:1]
+    kept = model.generate_until(_gen_requests(docs[:1], {"max_new_tokens": 4, "until": ["@@"]}))[0]
+    assert kept == full  # a stop string that never appears cuts nothing
 
 
 def _manual_logprob(loaded, model: PrunedLLaVA, doc, continuation: str) -> float:
