@@ -15,12 +15,12 @@ The shipped model (vlm/assets/shapes_llava) came from, on the quiet 2-core CPU (
         --stage2-steps 100000 --stage2-minutes 115 --eval-every 300
 
 Run it in the background (nohup ... > checkpoints/train.log &); rerunning the same command resumes from the
-last checkpoint.
+last checkpoint. Set --threads to the free cores: oversubscribed threads made steps up to 9x slower here.
 
 `--init-model DIR` fine-tunes a trained model (stage 2 only). The "relations" curriculum, the training-only
 "position" questions and the projector's position read-out (`--stage2-position-weight`) were built to teach
 relative position by fine-tuning; they did not (benchmarks/results/shapes_training_trials.md, session 4)
-and are not part of the shipped recipe. Set --threads to the free cores: oversubscribed threads made steps up to 9x slower here.
+and are not part of the shipped recipe.
 """
 from __future__ import annotations
 
@@ -425,6 +425,11 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
         print(f"[stage2] resumed at step {start} ({elapsed / 60:.1f} min used)", flush=True)
+
+    def checkpoint() -> dict:
+        return {"model": model.state_dict(), "heads": heads.state_dict(), "position": position.state_dict(),
+                "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
+
     packer = Packer(processor)
     model.train()
     if tower_lr_scale <= 0:
@@ -455,7 +460,6 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         pos_loss = None
         if position_weight > 0:
             pos_loss = position.loss(captured.pop("embeds"), patch_targets(scenes)["color"] > 0)
-        if pos_loss is not None:
             loss = loss + position_weight * pos_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -480,13 +484,8 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             print("[stage2] held-out (calibration) " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()), flush=True)
             t_last = time.time()  # evaluation time does not count against the budget
         if step % save_every == 0:
-            _atomic_save({"model": model.state_dict(), "heads": heads.state_dict(), "position": position.state_dict(),
-                           "opt": opt.state_dict(), "step": step,
-                           "elapsed": elapsed},
-                         ckpt)
-    _atomic_save({"model": model.state_dict(), "heads": heads.state_dict(), "position": position.state_dict(),
-                           "opt": opt.state_dict(), "step": step,
-                           "elapsed": elapsed}, ckpt)
+            _atomic_save(checkpoint(), ckpt)
+    _atomic_save(checkpoint(), ckpt)
     for h in (hook, proj_hook):
         if h is not None:
             h.remove()
