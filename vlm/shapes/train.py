@@ -38,8 +38,8 @@ from transformers import LlavaForConditionalGeneration
 
 from vlm.shapes.model_config import build_demo_model
 from vlm.shapes.processor import CLIP_MEAN, CLIP_STD, IMAGE_PREFIX, build_processor
-from vlm.shapes.world import (COLORS, FAMILIES, GRID, SHAPES, Scene, WorldOptions, make_scene, patch_coverage,
-                              patch_labels, render_scene, split_seeds)
+from vlm.shapes.world import (COLORS, FAMILIES, GRID, RELATIONS, SHAPES, Scene, WorldOptions, make_scene,
+                              patch_coverage, patch_labels, render_scene, split_seeds)
 
 NEG = torch.finfo(torch.float32).min
 OBJECT_ONLY = ("shape", "center")  # stage-1 labels whose loss is taken on object patches only
@@ -87,15 +87,9 @@ def relation_curriculum(progress: float, rng: np.random.Generator) -> WorldOptio
     "right of" and "below" come last."""
     if rng.random() < 0.5:
         return WorldOptions(questions_per_family=4)
-    families = ("position", "relative")
-    if progress < 0.3:
-        return WorldOptions(min_objects=2, max_objects=3, min_palette=2, max_palette=4, families=families,
-                            relations=("left of", "above"), questions_per_family=5)
-    if progress < 0.55:
-        return WorldOptions(min_objects=2, max_objects=6, min_palette=2, max_palette=4, families=families,
-                            relations=("left of", "above"), questions_per_family=5)
-    return WorldOptions(min_objects=2, max_objects=6, min_palette=2, max_palette=4, families=families,
-                        questions_per_family=5)
+    return WorldOptions(min_objects=2, max_objects=3 if progress < 0.3 else 6, min_palette=2, max_palette=4,
+                        families=("position", "relative"),
+                        relations=("left of", "above") if progress < 0.55 else RELATIONS, questions_per_family=5)
 
 
 CURRICULA = {"shipped": curriculum, "relations": relation_curriculum}
@@ -455,11 +449,12 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         loss = nn.functional.cross_entropy(logits, b.target_ids)
         if ground is not None:
             loss = loss + attn_weight * ground
+        targets = patch_targets(scenes) if patch_weight > 0 or position_weight > 0 else None
         if patch_weight > 0:
-            loss = loss + patch_weight * patch_loss(heads(captured.pop("feats")), patch_targets(scenes))
+            loss = loss + patch_weight * patch_loss(heads(captured.pop("feats")), targets)
         pos_loss = None
         if position_weight > 0:
-            pos_loss = position.loss(captured.pop("embeds"), patch_targets(scenes)["color"] > 0)
+            pos_loss = position.loss(captured.pop("embeds"), targets["color"] > 0)
             loss = loss + position_weight * pos_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
