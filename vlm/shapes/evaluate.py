@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from vlm.shapes.world import WorldOptions
+from vlm.shapes.world import RELATIONS, WorldOptions
 from vlm.tasks.base import VQASample, build_task
 from vlm.tasks.metrics import exact_match
 
@@ -153,11 +153,11 @@ def accuracy_table(preds: Sequence[str], samples: Sequence[VQASample]) -> dict[s
 
 
 def relative_split(preds: Sequence[str], samples: Sequence[VQASample]) -> dict[str, dict[str, float]]:
-    """Accuracy and count of the relative family's two kinds: two-hop "closest to" and yes/no relation questions."""
+    """Accuracy and count of the relative family by axis: "left or right of" and "above or below" questions."""
     hits: dict[str, list[bool]] = {}
     for p, s in zip(preds, samples):
         if s.meta["family"] == "relative":
-            kind = "closest" if "closest" in s.question else "yes/no"
+            kind = next((r for r in RELATIONS if f" {r} " in s.question), "other")
             hits.setdefault(kind, []).append(exact_match(p, s.answers))
     return {k: {"accuracy": float(np.mean(hits[k])), "n": len(hits[k])} for k in sorted(hits)}
 
@@ -227,8 +227,8 @@ def markdown(summary: dict) -> str:
     split = summary.get("relative_split", {})
     if split:
         first = next(iter(split.values()))  # every selection answered the same questions
-        lines += ["Relative family by kind (two-hop \"What color/shape is the object closest to the X?\" and yes/no "
-                  "\"Is the X left of / right of / above / below the Y?\"), %:", "",
+        lines += ["Relative family by axis (\"Is the X left or right of the Y?\", \"Is the X above or below the Y?\"), "
+                  "%:", "",
                   "| selection | " + " | ".join(f"{k} (n={v['n']})" for k, v in first.items()) + " |",
                   "|---|" + "---|" * len(first)]
         for name, v in split.items():
