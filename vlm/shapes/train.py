@@ -8,19 +8,22 @@ vision tokens are paid once for many answers. A curriculum goes from one or two 
 families to the full world. Learning rate and curriculum follow the fraction of the step budget or of the
 time budget already used, whichever is larger, so a run can be given a wall-clock budget.
 
-The shipped model (vlm/assets/shapes_llava) came from, on the quiet 2-core CPU (stage 1 about 5 min, stage 2
-115 min of its own time budget; the run was resumed twice, see benchmarks/results/shapes_demo_eval.md):
+A model from scratch, as the session-2 model was made (on the quiet 2-core CPU: stage 1 about 5 min,
+stage 2 115 min of its own time budget):
 
     python -m vlm.shapes.train --out checkpoints --threads 2 --stage1-steps 1200 --stage1-batch 8 \
         --stage2-steps 100000 --stage2-minutes 115 --eval-every 300
 
+The shipped model (vlm/assets/shapes_llava) is that model fine-tuned on the current world for 105 min with
+`--init-model`; the command is in benchmarks/results/shapes_demo_eval.md.
+
 Run it in the background (nohup ... > checkpoints/train.log &); rerunning the same command resumes from the
 last checkpoint. Set --threads to the free cores: oversubscribed threads made steps up to 9x slower here.
 
-`--init-model DIR` fine-tunes a trained model (stage 2 only). The "relations" curriculum, the training-only
-"position" questions and the projector's position read-out (`--stage2-position-weight`) were built to teach
-relative position by fine-tuning; they did not (benchmarks/results/shapes_training_trials.md, session 4)
-and are not part of the shipped recipe.
+`--init-model DIR` fine-tunes a trained model (stage 2 only). For that, the "relations" curriculum, the
+training-only "position" questions, the projector's position read-out (`--stage2-position-weight`) and the
+answer positions' read-out of the named objects' centres (`--stage2-locate-weight`) teach relative position;
+benchmarks/results/shapes_training_trials.md tells which runs used them and what they gave.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from transformers import LlavaForConditionalGeneration
 
 from vlm.shapes.model_config import build_demo_model
 from vlm.shapes.processor import CLIP_MEAN, CLIP_STD, IMAGE_PREFIX, build_processor
-from vlm.shapes.world import (COLORS, FAMILIES, GRID, RELATIONS, SHAPES, Scene, WorldOptions, make_scene,
+from vlm.shapes.world import (COLORS, FAMILIES, GRID, IMAGE_SIZE, SHAPES, Scene, WorldOptions, make_scene,
                               patch_coverage, patch_labels, render_scene, split_seeds)
 
 NEG = torch.finfo(torch.float32).min
@@ -75,21 +78,12 @@ def curriculum(progress: float, rng: np.random.Generator) -> WorldOptions:
 def relation_curriculum(progress: float, rng: np.random.Generator) -> WorldOptions:
     """World options for fine-tuning a trained model on relative position: half the images are the full
     world (all families, so the others are not forgotten), half ask position questions only: where one named
-    object is (the training-only "position" family) and how two compare ("relative").
-
-    A yes/no relation answer is the sign of the position difference times the relation's direction; with
-    all four relations balanced it is uncorrelated with either object's position, and when the answer
-    position reads both objects alike even "left of" alone gives it nothing to learn from. The shipped run
-    stayed at chance on them for 115 min, and so did 20 min of fine-tuning with the position head, with all
-    four relations or with only "left of" and "above". So the curriculum first asks where one object is
-    ("on the left?", "at the top?": reading the named object's position is then directly rewarded) and only
-    one direction per axis of the relations, on scenes of two or three objects; then scenes of up to six;
-    "right of" and "below" come last."""
+    object is (the training-only "position" family) and which side of another it lies on ("relative"), on
+    scenes of two or three objects until 30% of the run, then of up to six."""
     if rng.random() < 0.5:
         return WorldOptions(questions_per_family=4)
     return WorldOptions(min_objects=2, max_objects=3 if progress < 0.3 else 6, min_palette=2, max_palette=4,
-                        families=("position", "relative"),
-                        relations=("left of", "above") if progress < 0.55 else RELATIONS, questions_per_family=5)
+                        families=("position", "relative"), questions_per_family=5)
 
 
 CURRICULA = {"shipped": curriculum, "relations": relation_curriculum}
@@ -144,6 +138,31 @@ class PositionHead(nn.Module):
         if on is None:
             return err.mean()
         return (err * on).sum() / on.sum().clamp_min(1)
+
+
+class LocateHead(nn.Module):
+    """Linear read-out, at a question's answer position and a middle layer of the language model, of the
+    centres of the objects the question names: (x, y) of the first and of the second, in [-1, 1].
+
+    A relative-position answer needs both objects' positions gathered at the answer position, and a model
+    at chance on those questions sends almost no gradient toward gathering them; this loss asks for them
+    directly, on every question that names one or two objects. Like the stage-1 heads it only shapes
+    training: it is not part of the saved model."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.xy = nn.Linear(width, 4)
+        nn.init.normal_(self.xy.weight, std=0.05)
+        nn.init.zeros_(self.xy.bias)
+
+    def loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] at answer positions, target [N, 4] with NaN where there is nothing to read
+        -> mean squared error over the known coordinates (0 when there are none)."""
+        known = ~torch.isnan(target)
+        if not known.any():
+            return hidden.sum() * 0.0
+        pred = self.xy(nn.functional.layer_norm(hidden, hidden.shape[-1:]))
+        return (pred - target.nan_to_num()).pow(2)[known].mean()
 
 
 def patch_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
@@ -236,6 +255,7 @@ class PackedBatch:
     is_answer: torch.Tensor  # [N] True where the target is the answer word (False: the closing </s>)
     families: list[str]  # [N] family of each supervised position
     named_patches: list[np.ndarray | None]  # [N] patch indices (0..575) of the objects the question names, or None
+    named_xy: torch.Tensor  # [N, 4] centres (x, y) of the first and second named object in [-1, 1], NaN if none
     image_start: int  # sequence index of the first vision token (the same in every row)
 
 
@@ -267,7 +287,7 @@ class Packer:
 
     def pack(self, scenes: list[Scene], with_eos: bool = True) -> PackedBatch:
         """One row per scene holding all its questions; each question sees the image and itself only."""
-        rows, poss, segs, targets, named = [], [], [], [], []
+        rows, poss, segs, targets, named, xy = [], [], [], [], [], []
         p = len(self.prefix)
         for b, scene in enumerate(scenes):
             ids, pos, seg = list(self.prefix), list(range(p)), [0] * p
@@ -279,9 +299,11 @@ class Packer:
                 start = len(ids)
                 targets.append((b, start + len(body) - 1, ans, True, q.family))
                 named.append(np.nonzero(cover[list(q.objects)].any(axis=0))[0] if q.objects else None)
+                xy.append(_named_centres(scene, q))
                 if with_eos:
                     targets.append((b, start + len(body), self.eos, False, q.family))
                     named.append(None)
+                    xy.append([math.nan] * 4)
                 ids += piece
                 pos += list(range(p, p + len(piece)))
                 seg += [qi + 1] * len(piece)
@@ -305,7 +327,18 @@ class Packer:
         tr = list(zip(*targets))
         return PackedBatch(input_ids, position_ids, mask, pixel_batch(scenes), torch.tensor(tr[0]),
                            torch.tensor(tr[1]), torch.tensor(tr[2]), torch.tensor(tr[3]), list(tr[4]), named,
-                           self.prefix.index(self.tok.convert_tokens_to_ids("<image>")))
+                           torch.tensor(xy, dtype=torch.float32), self.prefix.index(self.tok.convert_tokens_to_ids("<image>")))
+
+
+def _named_centres(scene: Scene, q) -> list[float]:
+    """Centres (x, y) in [-1, 1] of the first two objects a question names; NaN where it names fewer, and for
+    counting questions (their objects are a set, not a first and a second)."""
+    out = [math.nan] * 4
+    if q.family != "count":
+        for k, i in enumerate(q.objects[:2]):
+            o = scene.objects[i]
+            out[2 * k:2 * k + 2] = [o.cx / IMAGE_SIZE * 2 - 1, o.cy / IMAGE_SIZE * 2 - 1]
+    return out
 
 
 def packed_logits(model: nn.Module, batch: PackedBatch, attn_layers: tuple[int, ...] = ()
@@ -313,12 +346,21 @@ def packed_logits(model: nn.Module, batch: PackedBatch, attn_layers: tuple[int, 
     """Logits at the supervised positions of a packed batch [N, vocab], and, when `attn_layers` is given (eager
     attention needed), the attention-grounding loss: mean over questions naming objects and over those layers of
     -log(share of the answer position's head-mean vision attention on the named objects' patches)."""
+    logits, ground, _ = packed_forward(model, batch, attn_layers)
+    return logits, ground
+
+
+def packed_forward(model: nn.Module, batch: PackedBatch, attn_layers: tuple[int, ...] = (),
+                   hidden_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`packed_logits`, plus the language model's hidden states after `hidden_layer` layers at the supervised
+    positions [N, D] when `hidden_layer` is given (None otherwise)."""
     out = model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
                       attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                      output_attentions=bool(attn_layers))
+                      output_attentions=bool(attn_layers), output_hidden_states=hidden_layer is not None)
     logits = model.lm_head(out.last_hidden_state[batch.target_rows, batch.target_cols])
+    hidden = None if hidden_layer is None else out.hidden_states[hidden_layer][batch.target_rows, batch.target_cols]
     if not attn_layers:
-        return logits, None
+        return logits, None, hidden
     v0 = batch.image_start
     terms = []
     for l in attn_layers:
@@ -328,7 +370,7 @@ def packed_logits(model: nn.Module, batch: PackedBatch, attn_layers: tuple[int, 
             if patches is not None and len(patches):
                 share = vis[n, torch.from_numpy(patches)].sum() / vis[n].sum().clamp_min(1e-9)
                 terms.append(-torch.log(share.clamp_min(1e-6)))
-    return logits, (torch.stack(terms).mean() if terms else torch.zeros(()))
+    return logits, (torch.stack(terms).mean() if terms else torch.zeros(())), hidden
 
 
 @torch.no_grad()
@@ -355,7 +397,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
                lr: float, eval_every: int, tower_lr_scale: float = 0.0, patch_weight: float = 0.0,
                attn_weight: float = 0.0, attn_layers: tuple[int, ...] = (), save_every: int = 50,
                log_every: int = 20, eval_scenes: int = 96, position_weight: float = 0.0,
-               schedule: str = "shipped") -> None:
+               schedule: str = "shipped", locate_weight: float = 0.0, locate_layer: int = 5) -> None:
     """Train projector + language model on packed questions; resumes from out/stage2.pt.
 
     The tower is frozen when `tower_lr_scale` is 0, else tuned too at `tower_lr_scale` times the learning rate;
@@ -363,6 +405,8 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
     With `attn_weight` > 0 the answer position's attention at `attn_layers` is pulled onto the named objects'
     patches (the generator's masks), which needs eager attention in the language model during training.
     With `position_weight` > 0 a `PositionHead` on the projector's output is trained with the questions.
+    With `locate_weight` > 0 a `LocateHead` reads the named objects' centres from the answer positions' hidden
+    states after `locate_layer` language-model layers.
     `schedule` names the curriculum (`CURRICULA`): "shipped" from scratch, "relations" to fine-tune.
     """
     if schedule not in CURRICULA:
@@ -399,9 +443,15 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         proj_hook = model.model.multi_modal_projector.register_forward_hook(grab_embeds)
     else:
         position.requires_grad_(False)
+    n_layers = model.config.text_config.num_hidden_layers
+    if locate_weight > 0 and not 1 <= locate_layer <= n_layers:
+        raise ValueError(f"locate_layer must be within 1..{n_layers} (language-model layers), got {locate_layer}")
+    locate = LocateHead(model.config.text_config.hidden_size)
+    locate.requires_grad_(locate_weight > 0)
     tower_ids = {id(p) for p in tower.parameters()} | {id(p) for p in heads.parameters()}
     params = [p for n, p in model.named_parameters() if p.requires_grad] + [
-        p for p in list(heads.parameters()) + list(position.parameters()) if p.requires_grad]
+        p for p in list(heads.parameters()) + list(position.parameters()) + list(locate.parameters())
+        if p.requires_grad]
     groups = []
     for is_tower, scale in ((False, 1.0), (True, tower_lr_scale)):
         for wd in (0.01, 0.0):
@@ -416,13 +466,15 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         heads.load_state_dict(state["heads"])
         if "position" in state:
             position.load_state_dict(state["position"])
+        if "locate" in state:
+            locate.load_state_dict(state["locate"])
         opt.load_state_dict(state["opt"])
         start, elapsed = state["step"], state["elapsed"]
         print(f"[stage2] resumed at step {start} ({elapsed / 60:.1f} min used)", flush=True)
 
     def checkpoint() -> dict:
         return {"model": model.state_dict(), "heads": heads.state_dict(), "position": position.state_dict(),
-                "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
+                "locate": locate.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
 
     packer = Packer(processor)
     model.train()
@@ -445,8 +497,12 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             if scene.questions:
                 scenes.append(scene)
         b = packer.pack(scenes)
-        logits, ground = packed_logits(model, b, attn_layers)
+        logits, ground, hidden = packed_forward(model, b, attn_layers, locate_layer if locate_weight > 0 else None)
         loss = nn.functional.cross_entropy(logits, b.target_ids)
+        loc_loss = None
+        if hidden is not None:
+            loc_loss = locate.loss(hidden, b.named_xy)
+            loss = loss + locate_weight * loc_loss
         if ground is not None:
             loss = loss + attn_weight * ground
         targets = patch_targets(scenes) if patch_weight > 0 or position_weight > 0 else None
@@ -470,7 +526,8 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
                 acc = (logits.argmax(-1) == b.target_ids)[b.is_answer].float().mean().item()
             print(f"[stage2] step {step} progress {progress:.3f} loss {loss.item():.4f} train-acc {acc:.3f} "
                   + (f"ground {ground.item():.3f} " if ground is not None else "")
-                  + (f"pos-mse {pos_loss.item():.4f} " if pos_loss is not None else "") +
+                  + (f"pos-mse {pos_loss.item():.4f} " if pos_loss is not None else "")
+                  + (f"locate-mse {loc_loss.item():.4f} " if loc_loss is not None else "") +
                   f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min, {answers / log_every:.0f} answers/step",
                   flush=True)
             answers = 0
@@ -516,6 +573,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stage2-attn-layers", type=int, nargs="*", default=[2, 3, 4])
     ap.add_argument("--stage2-position-weight", type=float, default=0.0,
                     help="> 0: train a linear (x, y) read-out of the projector's output with this weight")
+    ap.add_argument("--stage2-locate-weight", type=float, default=0.0,
+                    help="> 0: train a read-out of the named objects' centres from the answer positions' hidden "
+                         "states (after --stage2-locate-layer language-model layers) with this weight")
+    ap.add_argument("--stage2-locate-layer", type=int, default=5)
     ap.add_argument("--stage2-curriculum", choices=sorted(CURRICULA), default="shipped",
                     help="stage-2 world schedule: 'shipped' (from scratch), 'relations' (fine-tuning)")
     ap.add_argument("--init-model", type=Path, default=None,
@@ -549,7 +610,8 @@ def main(argv: list[str] | None = None) -> None:
                args.stage2_lr, args.eval_every, args.stage2_tower_lr_scale,
                args.stage2_patch_weight, args.stage2_attn_weight, tuple(args.stage2_attn_layers),
                save_every=args.save_every, log_every=args.log_every, eval_scenes=args.eval_scenes,
-               position_weight=args.stage2_position_weight, schedule=args.stage2_curriculum)
+               position_weight=args.stage2_position_weight, schedule=args.stage2_curriculum,
+               locate_weight=args.stage2_locate_weight, locate_layer=args.stage2_locate_layer)
     final = args.out / "final"
     model.model.language_model.config._attn_implementation = "sdpa"  # training may have switched it to eager
     model.config._attn_implementation = "sdpa"
