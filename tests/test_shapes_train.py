@@ -215,3 +215,74 @@ def test_locate_loss_counts_only_known_coordinates_and_can_be_learned():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 * base
+
+
+def test_batches_made_by_worker_processes_equal_those_made_in_process():
+    """A GPU run makes its batches in worker processes (mask left to the device); they must be the same batches."""
+    packer = train.Packer(build_processor())
+    source = train.Prefetcher(train.stage2_worker_batch, workers=2, depth=3)
+    try:
+        for step in (0, 1, 2, 5):  # in order, then a jump (a resumed run asks for a later step first)
+            args = (0, step, 0.5, 2, "shipped", True)
+            got, got_targets = source.get(step, lambda s: (0, s, 0.5, 2, "shipped", True))
+            ref, ref_targets = train.stage2_batch(packer, *args)
+            assert got.attention_mask is None and got.pixel_values.dtype == torch.uint8  # compact form to send
+            got = got.to("cpu")
+            for f in ("input_ids", "position_ids", "attention_mask", "pixel_values", "target_ids", "named_mask",
+                      "segments"):
+                torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=0, atol=0, msg=f)
+            torch.testing.assert_close(got.named_xy, ref.named_xy, equal_nan=True)
+            for k in ref_targets:
+                assert torch.equal(got_targets[k], ref_targets[k])
+    finally:
+        source.close()
+
+
+def test_packed_mask_lets_each_question_see_the_image_and_itself_only():
+    many = next(s for s in (make_scene(seed, WorldOptions(questions_per_family=1)) for seed in range(50))
+                if len(s.questions) >= 3)
+    one = next(s for s in (make_scene(seed, WorldOptions(families=("shape",), questions_per_family=1))
+                           for seed in range(50)) if len(s.questions) == 1)
+    scenes = [many, one]
+    batch = train.Packer(build_processor()).pack(scenes)
+    allowed = batch.attention_mask[:, 0] == 0  # [B, T, T]
+    seg = batch.segments
+    for b in range(2):
+        q1 = (seg[b] == 1).nonzero()[:, 0]
+        q2 = (seg[b] == 2).nonzero()[:, 0]
+        img = (seg[b] == 0).nonzero()[:, 0]
+        assert allowed[b][q1[-1]][img].all() and allowed[b][q1[-1]][q1].all()
+        if len(q2):
+            assert not allowed[b][q2[-1]][q1].any()  # the second question never sees the first (or its answer)
+        pad = (seg[b] == -1).nonzero()[:, 0]
+        if len(pad):
+            assert not allowed[b][:, pad].any(dim=1)[seg[b] >= 0].any()  # nobody reads padding
+    assert (seg[1] == -1).any()  # the one-question row is padded to the longer one
+
+
+def test_training_with_worker_processes_reaches_the_same_weights(tmp_path):
+    train.main(["--out", str(tmp_path / "inline")] + COMMON)
+    train.main(["--out", str(tmp_path / "workers"), "--workers", "1"] + COMMON)
+    a, b = _weights(tmp_path / "inline"), _weights(tmp_path / "workers")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(SystemExit, match="--device"):
+        train.main(["--out", str(tmp_path / "x"), "--device", "tpu"] + COMMON)
+
+
+def test_grounding_loss_is_the_attention_share_on_the_named_patches():
+    torch.manual_seed(0)
+    model = build_demo_model(0)
+    model.model.language_model.config._attn_implementation = "eager"
+    scene = make_scene(7, WorldOptions(families=("color", "count"), questions_per_family=2))
+    batch = train.Packer(build_processor()).pack([scene])
+    _, ground, _ = train.packed_forward(model, batch, attn_layers=(2,))
+    out = model.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, output_attentions=True)
+    terms = []
+    for n in range(len(batch.families)):
+        if batch.named_mask[n].any():
+            row = out.attentions[2][0, :, batch.target_cols[n]].mean(0)[batch.image_start:batch.image_start + 576]
+            terms.append(-torch.log(row[batch.named_mask[n]].sum() / row.sum()))
+    assert len(terms) == len(scene.questions)  # every answer names objects; the closing </s> tokens do not count
+    assert ground.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)

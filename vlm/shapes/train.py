@@ -28,10 +28,14 @@ benchmarks/results/shapes_training_trials.md tells which runs used them and what
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
+from vlm.models import ModelConfigError, resolve_device
 from vlm.shapes.model_config import build_demo_model
 from vlm.shapes.processor import CLIP_MEAN, CLIP_STD, IMAGE_PREFIX, build_processor
 from vlm.shapes.world import (COLORS, FAMILIES, GRID, IMAGE_SIZE, SHAPES, Scene, WorldOptions, make_scene,
@@ -48,11 +53,21 @@ NEG = torch.finfo(torch.float32).min
 OBJECT_ONLY = ("shape", "center")  # stage-1 labels whose loss is taken on object patches only
 
 
+def rendered_batch(scenes: list[Scene]) -> torch.Tensor:
+    """Rendered scenes as uint8 [B, 3, 336, 336] (a quarter of the bytes of `pixel_batch`, for moving batches)."""
+    return torch.from_numpy(np.stack([np.asarray(render_scene(s), dtype=np.uint8) for s in scenes])).permute(0, 3, 1, 2)
+
+
+def normalised_pixels(rendered: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> CLIP-normalised float32 on the same device (the numbers the processor gives)."""
+    mean = torch.tensor(CLIP_MEAN, device=rendered.device)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=rendered.device)[:, None, None]
+    return (rendered.float() / 255.0 - mean) / std
+
+
 def pixel_batch(scenes: list[Scene]) -> torch.Tensor:
     """CLIP-normalised pixels of rendered scenes: [B, 3, 336, 336] (same numbers as the processor gives)."""
-    arr = np.stack([np.asarray(render_scene(s), dtype=np.float32) / 255.0 for s in scenes])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2)
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    return normalised_pixels(rendered_batch(scenes))
 
 
 def train_seed(base_seed: int, step: int, i: int) -> int:
@@ -174,7 +189,7 @@ def patch_targets(scenes: list[Scene]) -> dict[str, torch.Tensor]:
 def patch_loss(logits: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
     """Weighted per-patch cross-entropy; shape and centre on object patches only (the background would dominate)."""
     obj = (target["color"] > 0).flatten()
-    total = torch.zeros(())
+    total = torch.zeros((), device=obj.device)
     for k, w in PATCH_LOSS_WEIGHTS.items():
         lg, tg = logits[k].flatten(0, 1), target[k].flatten()
         if k in OBJECT_ONLY:
@@ -190,12 +205,67 @@ def vision_features(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[layer][:, 1:]
 
 
+def stage1_batch(seed: int, step: int, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Rendered images (uint8 [B, 3, 336, 336]) and per-patch labels of stage 1's `step` (deterministic)."""
+    rng = np.random.default_rng([seed, 1, step])
+    scenes = [make_scene(train_seed(seed + 1, step, i),
+                         WorldOptions(min_objects=int(rng.integers(2, 5)), max_objects=6, min_palette=1,
+                                      max_palette=6)) for i in range(batch)]
+    return rendered_batch(scenes), patch_targets(scenes)
+
+
+_WORKER_PACKER: "Packer | None" = None
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def stage2_worker_batch(seed: int, step: int, progress: float, batch: int, schedule: str,
+                        want_targets: bool) -> tuple["PackedBatch", dict[str, torch.Tensor] | None]:
+    """`stage2_batch` in a worker process, with its own packer and the mask left to the training device."""
+    global _WORKER_PACKER
+    if _WORKER_PACKER is None:
+        _WORKER_PACKER = Packer(build_processor())
+    return stage2_batch(_WORKER_PACKER, seed, step, progress, batch, schedule, want_targets, for_transfer=True)
+
+
+class Prefetcher:
+    """Makes the batches of the coming steps ahead of use: `get(step, args_of)` returns `fn(*args_of(step))` and
+    keeps `depth` later steps in flight in `workers` spawned processes, so that rendering and packing on the CPU
+    keep up with a GPU. With `workers=0` it calls `fn` in this process when asked (no look-ahead)."""
+
+    def __init__(self, fn: Callable[..., Any], workers: int, depth: int | None = None) -> None:
+        self.fn, self.workers = fn, workers
+        self.depth = depth or 2 * workers
+        self.pending: dict[int, Future] = {}
+        self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_init) if workers > 0 else None)
+
+    def get(self, step: int, args_of: Callable[[int], tuple]) -> Any:
+        if self.pool is None:
+            return self.fn(*args_of(step))
+        for s in range(step, step + self.depth):
+            if s not in self.pending:
+                self.pending[s] = self.pool.submit(self.fn, *args_of(s))
+        for s in [s for s in self.pending if s < step]:  # left over from before a restart of the count
+            self.pending.pop(s).cancel()
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
 def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, lr: float, save_every: int = 100,
-               log_every: int = 25) -> None:
-    """Train the vision tower on per-patch labels; resumes from out/stage1.pt; writes the tower when done."""
+               log_every: int = 25, workers: int = 0) -> None:
+    """Train the vision tower on per-patch labels; resumes from out/stage1.pt; writes the tower when done.
+    Runs on the model's device; `workers` processes make the batches ahead (0: made in this process)."""
     ckpt = out / "stage1.pt"
     tower = model.model.vision_tower
-    heads = PatchHeads(model.config.vision_config.hidden_size)
+    device = model.device
+    heads = PatchHeads(model.config.vision_config.hidden_size).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     start = 0
@@ -210,15 +280,13 @@ def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, l
         return
     tower.train()
     t0 = time.time()
+    source = Prefetcher(stage1_batch, workers)
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        rng = np.random.default_rng([seed, 1, step])
-        scenes = [make_scene(train_seed(seed + 1, step, i),
-                             WorldOptions(min_objects=int(rng.integers(2, 5)), max_objects=6, min_palette=1,
-                                          max_palette=6)) for i in range(batch)]
-        target = patch_targets(scenes)
-        logits = heads(vision_features(model, pixel_batch(scenes)))
+        pixels, target = source.get(step, lambda s: (seed, s, batch))
+        pixels, target = normalised_pixels(pixels.to(device)), {k: v.to(device) for k, v in target.items()}
+        logits = heads(vision_features(model, pixels))
         loss = patch_loss(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -238,6 +306,7 @@ def run_stage1(model: nn.Module, out: Path, steps: int, batch: int, seed: int, l
         if (step + 1) % save_every == 0 or step + 1 == steps:
             _atomic_save({"tower": tower.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
                           "step": step + 1}, ckpt)
+    source.close()
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
@@ -247,16 +316,38 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # [B, T]
     position_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, 1, T, T] additive float mask
-    pixel_values: torch.Tensor  # [B, 3, 336, 336]
+    attention_mask: torch.Tensor | None  # [B, 1, T, T] additive float mask (None: build it from `segments`)
+    pixel_values: torch.Tensor  # [B, 3, 336, 336] CLIP-normalised float32 (uint8 as rendered: `to` normalises)
     target_rows: torch.Tensor  # [N] batch index of each supervised position
     target_cols: torch.Tensor  # [N] sequence index of each supervised position
     target_ids: torch.Tensor  # [N] the token to predict there
     is_answer: torch.Tensor  # [N] True where the target is the answer word (False: the closing </s>)
     families: list[str]  # [N] family of each supervised position
-    named_patches: list[np.ndarray | None]  # [N] patch indices (0..575) of the objects the question names, or None
+    named_mask: torch.Tensor  # [N, 576] True on the patches of the objects the question names
     named_xy: torch.Tensor  # [N, 4] centres (x, y) of the first and second named object in [-1, 1], NaN if none
     image_start: int  # sequence index of the first vision token (the same in every row)
+    segments: torch.Tensor  # [B, T] 0 for the shared prefix, k for question k, -1 for padding
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """The batch with its tensors on `device`, the attention mask built there if it was left out."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        if self.attention_mask is None:
+            moved["attention_mask"] = segment_mask(moved["segments"])
+        if self.pixel_values.dtype == torch.uint8:
+            moved["pixel_values"] = normalised_pixels(moved["pixel_values"])
+        return dataclasses.replace(self, **moved)
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Additive attention mask [B, 1, T, T] of packed rows from their segments [B, T]: causal; each question sees
+    the shared prefix (segment 0) and itself; padding (-1) is seen by no other position."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    q_seg, k_seg = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)
+    allowed |= torch.eye(t, dtype=torch.bool, device=segments.device)  # padding rows see themselves: none is empty
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=segments.device).masked_fill(~allowed, NEG)[:, None]
 
 
 class Packer:
@@ -285,8 +376,11 @@ class Packer:
             raise ValueError(f"answer {answer!r} is {len(ids)} tokens; answers must be one word of the vocabulary")
         return ids[0]
 
-    def pack(self, scenes: list[Scene], with_eos: bool = True) -> PackedBatch:
-        """One row per scene holding all its questions; each question sees the image and itself only."""
+    def pack(self, scenes: list[Scene], with_eos: bool = True, for_transfer: bool = False) -> PackedBatch:
+        """One row per scene holding all its questions; each question sees the image and itself only.
+
+        `for_transfer=True` gives the compact form that worker processes send: no [B, 1, T, T] mask and uint8
+        pixels; `PackedBatch.to` completes it on the training device, to the same numbers."""
         rows, poss, segs, targets, named, xy = [], [], [], [], [], []
         p = len(self.prefix)
         for b, scene in enumerate(scenes):
@@ -298,11 +392,11 @@ class Packer:
                 piece = body + [ans] + ([self.eos] if with_eos else [])
                 start = len(ids)
                 targets.append((b, start + len(body) - 1, ans, True, q.family))
-                named.append(np.nonzero(cover[list(q.objects)].any(axis=0))[0] if q.objects else None)
+                named.append(cover[list(q.objects)].any(axis=0) if q.objects else np.zeros(GRID * GRID, dtype=bool))
                 xy.append(_named_centres(scene, q))
                 if with_eos:
                     targets.append((b, start + len(body), self.eos, False, q.family))
-                    named.append(None)
+                    named.append(np.zeros(GRID * GRID, dtype=bool))
                     xy.append([math.nan] * 4)
                 ids += piece
                 pos += list(range(p, p + len(piece)))
@@ -319,15 +413,13 @@ class Packer:
             input_ids[b, :len(rows[b])] = torch.tensor(rows[b])
             position_ids[b, :len(rows[b])] = torch.tensor(poss[b])
             seg_t[b, :len(rows[b])] = torch.tensor(segs[b])
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        q_seg, k_seg = seg_t[:, :, None], seg_t[:, None, :]
-        allowed = causal & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)
-        allowed |= torch.eye(t, dtype=torch.bool)  # padding rows see themselves, so no row is empty
-        mask = torch.zeros((n, 1, t, t), dtype=torch.float32).masked_fill(~allowed[:, None], NEG)
+        named_mask = torch.from_numpy(np.stack(named))
         tr = list(zip(*targets))
-        return PackedBatch(input_ids, position_ids, mask, pixel_batch(scenes), torch.tensor(tr[0]),
-                           torch.tensor(tr[1]), torch.tensor(tr[2]), torch.tensor(tr[3]), list(tr[4]), named,
-                           torch.tensor(xy, dtype=torch.float32), self.prefix.index(self.tok.convert_tokens_to_ids("<image>")))
+        return PackedBatch(input_ids, position_ids, None if for_transfer else segment_mask(seg_t),
+                           rendered_batch(scenes) if for_transfer else pixel_batch(scenes),
+                           torch.tensor(tr[0]), torch.tensor(tr[1]), torch.tensor(tr[2]), torch.tensor(tr[3]),
+                           list(tr[4]), named_mask, torch.tensor(xy, dtype=torch.float32),
+                           self.prefix.index(self.tok.convert_tokens_to_ids("<image>")), seg_t)
 
 
 def _named_centres(scene: Scene, q) -> list[float]:
@@ -339,6 +431,22 @@ def _named_centres(scene: Scene, q) -> list[float]:
             o = scene.objects[i]
             out[2 * k:2 * k + 2] = [o.cx / IMAGE_SIZE * 2 - 1, o.cy / IMAGE_SIZE * 2 - 1]
     return out
+
+
+def stage2_batch(packer: "Packer", seed: int, step: int, progress: float, batch: int, schedule: str,
+                 want_targets: bool, for_transfer: bool = False
+                 ) -> tuple[PackedBatch, dict[str, torch.Tensor] | None]:
+    """The packed batch of stage 2's `step` at curriculum `progress` (deterministic given both), with the
+    images' per-patch labels when `want_targets`."""
+    world = CURRICULA[schedule]
+    rng = np.random.default_rng([seed, 2, step])
+    scenes = []
+    for i in range(batch):
+        scene = make_scene(train_seed(seed + 2, step, i), world(progress, rng))
+        if scene.questions:
+            scenes.append(scene)
+    b = packer.pack(scenes, for_transfer=True) if for_transfer else packer.pack(scenes)
+    return b, (patch_targets(scenes) if want_targets else None)
 
 
 def packed_logits(model: nn.Module, batch: PackedBatch, attn_layers: tuple[int, ...] = ()
@@ -362,15 +470,17 @@ def packed_forward(model: nn.Module, batch: PackedBatch, attn_layers: tuple[int,
     if not attn_layers:
         return logits, None, hidden
     v0 = batch.image_start
+    named = batch.named_mask  # [N, 576]
+    has = named.any(-1)
+    if not bool(has.any()):
+        return logits, logits.sum() * 0.0, hidden
     terms = []
     for l in attn_layers:
         rows = out.attentions[l][batch.target_rows, :, batch.target_cols].mean(1)  # [N, T]
-        vis = rows[:, v0:v0 + 576]  # [N, 576]
-        for n, patches in enumerate(batch.named_patches):
-            if patches is not None and len(patches):
-                share = vis[n, torch.from_numpy(patches)].sum() / vis[n].sum().clamp_min(1e-9)
-                terms.append(-torch.log(share.clamp_min(1e-6)))
-    return logits, (torch.stack(terms).mean() if terms else torch.zeros(())), hidden
+        vis = rows[:, v0:v0 + GRID * GRID][has]  # [N', 576]
+        share = (vis * named[has]).sum(-1) / vis.sum(-1).clamp_min(1e-9)
+        terms.append(-torch.log(share.clamp_min(1e-6)))
+    return logits, torch.cat(terms).mean(), hidden
 
 
 @torch.no_grad()
@@ -383,9 +493,9 @@ def packed_accuracy(model: nn.Module, packer: Packer, split: str, n_scenes: int)
     opts = WorldOptions(questions_per_family=2)
     for i in range(0, n_scenes, 8):
         scenes = [make_scene(start + j, opts) for j in range(i, min(i + 8, n_scenes))]
-        batch = packer.pack(scenes, with_eos=False)
-        pred = packed_logits(model, batch)[0].argmax(-1)
-        for ok, fam in zip((pred == batch.target_ids).tolist(), batch.families):
+        batch = packer.pack(scenes, with_eos=False).to(model.device)
+        pred = packed_logits(model, batch)[0].argmax(-1).cpu()
+        for ok, fam in zip((pred == batch.target_ids.cpu()).tolist(), batch.families):
             hits[fam].append(ok)
     model.train(was)
     res = {f: float(np.mean(v)) for f, v in hits.items() if v}
@@ -397,8 +507,10 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
                lr: float, eval_every: int, tower_lr_scale: float = 0.0, patch_weight: float = 0.0,
                attn_weight: float = 0.0, attn_layers: tuple[int, ...] = (), save_every: int = 50,
                log_every: int = 20, eval_scenes: int = 96, position_weight: float = 0.0,
-               schedule: str = "shipped", locate_weight: float = 0.0, locate_layer: int = 5) -> None:
-    """Train projector + language model on packed questions; resumes from out/stage2.pt.
+               schedule: str = "shipped", locate_weight: float = 0.0, locate_layer: int = 5,
+               workers: int = 0) -> None:
+    """Train projector + language model on packed questions; resumes from out/stage2.pt. Runs on the model's
+    device; `workers` processes make the batches ahead (0: made in this process, one step at a time).
 
     The tower is frozen when `tower_lr_scale` is 0, else tuned too at `tower_lr_scale` times the learning rate;
     with `patch_weight` > 0 it keeps learning the stage-1 per-patch labels (stage-1 heads) alongside the questions.
@@ -411,7 +523,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
     """
     if schedule not in CURRICULA:
         raise ValueError(f"unknown curriculum {schedule!r}; known: {sorted(CURRICULA)}")
-    world = CURRICULA[schedule]
+    device = model.device
     if attn_weight <= 0:
         attn_layers = ()
     elif attn_layers:
@@ -419,7 +531,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
     ckpt = out / "stage2.pt"
     tower = model.model.vision_tower
     tower.requires_grad_(tower_lr_scale > 0)
-    heads = PatchHeads(model.config.vision_config.hidden_size)
+    heads = PatchHeads(model.config.vision_config.hidden_size).to(device)
     captured: dict[str, torch.Tensor] = {}
     hook = None
     if patch_weight > 0:
@@ -434,7 +546,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
         hook = tower.register_forward_hook(grab)
     else:
         heads.requires_grad_(False)
-    position = PositionHead(model.config.text_config.hidden_size)
+    position = PositionHead(model.config.text_config.hidden_size).to(device)
     proj_hook = None
     if position_weight > 0:
         def grab_embeds(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -446,7 +558,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
     n_layers = model.config.text_config.num_hidden_layers
     if locate_weight > 0 and not 1 <= locate_layer <= n_layers:
         raise ValueError(f"locate_layer must be within 1..{n_layers} (language-model layers), got {locate_layer}")
-    locate = LocateHead(model.config.text_config.hidden_size)
+    locate = LocateHead(model.config.text_config.hidden_size).to(device)
     locate.requires_grad_(locate_weight > 0)
     tower_ids = {id(p) for p in tower.parameters()} | {id(p) for p in heads.parameters()}
     params = [p for n, p in model.named_parameters() if p.requires_grad] + [
@@ -477,6 +589,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
                 "locate": locate.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
 
     packer = Packer(processor)
+    source = Prefetcher(stage2_worker_batch, workers)
     model.train()
     if tower_lr_scale <= 0:
         tower.eval()
@@ -490,13 +603,15 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             break
         for g in opt.param_groups:
             g["lr"] = g["scale"] * lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        rng = np.random.default_rng([seed, 2, step])
-        scenes = []
-        for i in range(batch):
-            scene = make_scene(train_seed(seed + 2, step, i), world(progress, rng))
-            if scene.questions:
-                scenes.append(scene)
-        b = packer.pack(scenes)
+        want_targets = patch_weight > 0 or position_weight > 0
+        if workers:
+            b, targets = source.get(step, lambda s: (seed, s, max(s / steps, elapsed / budget), batch, schedule,
+                                                     want_targets))
+        else:
+            b, targets = stage2_batch(packer, seed, step, progress, batch, schedule, want_targets)
+        b = b.to(device)
+        if targets is not None:
+            targets = {k: v.to(device) for k, v in targets.items()}
         logits, ground, hidden = packed_forward(model, b, attn_layers, locate_layer if locate_weight > 0 else None)
         loss = nn.functional.cross_entropy(logits, b.target_ids)
         loc_loss = None
@@ -505,7 +620,6 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             loss = loss + locate_weight * loc_loss
         if ground is not None:
             loss = loss + attn_weight * ground
-        targets = patch_targets(scenes) if patch_weight > 0 or position_weight > 0 else None
         if patch_weight > 0:
             loss = loss + patch_weight * patch_loss(heads(captured.pop("feats")), targets)
         pos_loss = None
@@ -537,6 +651,7 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             t_last = time.time()  # evaluation time does not count against the budget
         if step % save_every == 0:
             _atomic_save(checkpoint(), ckpt)
+    source.close()
     _atomic_save(checkpoint(), ckpt)
     for h in (hook, proj_hook):
         if h is not None:
@@ -557,6 +672,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("checkpoints"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="processes that render and pack the coming batches ahead (0: in the training process; "
+                         "on a GPU the CPU work is the bottleneck without them)")
     ap.add_argument("--stage1-steps", type=int, default=500)
     ap.add_argument("--stage1-batch", type=int, default=16)
     ap.add_argument("--stage1-lr", type=float, default=2e-3)
@@ -586,6 +705,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (stage 1: twice this)")
     ap.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     args = ap.parse_args(argv)
+    if args.workers < 0:
+        raise SystemExit(f"--workers must be 0 or more, got {args.workers}")
+    try:
+        device = resolve_device(args.device)
+    except ModelConfigError as err:
+        raise SystemExit(f"--device: {err}") from err
+    if device.type == "cuda":  # TF32 matrix products: float32 weights and optimizer, faster products
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # every random init of the run (model, heads) follows the seed
     args.out.mkdir(parents=True, exist_ok=True)
@@ -600,10 +728,12 @@ def main(argv: list[str] | None = None) -> None:
         model = LlavaForConditionalGeneration.from_pretrained(args.init_model, dtype=torch.float32)
     else:
         model = build_demo_model(args.seed)
-    print(f"[train] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; args {vars(args)}", flush=True)
+    model.to(device)
+    print(f"[train] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}; "
+          f"args {vars(args)}", flush=True)
     if args.init_model is None:
         run_stage1(model, args.out, args.stage1_steps, args.stage1_batch, args.seed, args.stage1_lr,
-                   save_every=2 * args.save_every, log_every=args.log_every)
+                   save_every=2 * args.save_every, log_every=args.log_every, workers=args.workers)
         if (args.out / "stage1.pt").exists():  # stage 2 always starts from the finished tower
             model.model.vision_tower.load_state_dict(torch.load(args.out / "stage1.pt", map_location="cpu")["tower"])
     run_stage2(model, processor, args.out, args.stage2_steps, args.stage2_minutes, args.stage2_batch, args.seed,
@@ -611,11 +741,12 @@ def main(argv: list[str] | None = None) -> None:
                args.stage2_patch_weight, args.stage2_attn_weight, tuple(args.stage2_attn_layers),
                save_every=args.save_every, log_every=args.log_every, eval_scenes=args.eval_scenes,
                position_weight=args.stage2_position_weight, schedule=args.stage2_curriculum,
-               locate_weight=args.stage2_locate_weight, locate_layer=args.stage2_locate_layer)
+               locate_weight=args.stage2_locate_weight, locate_layer=args.stage2_locate_layer,
+               workers=args.workers)
     final = args.out / "final"
     model.model.language_model.config._attn_implementation = "sdpa"  # training may have switched it to eager
     model.config._attn_implementation = "sdpa"
-    model.eval()
+    model.eval().to("cpu")
     model.save_pretrained(final, safe_serialization=True)
     processor.save_pretrained(final)
     print(f"[train] saved {final}", flush=True)
