@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from vlm.models import ModelConfigError, resolve_device
 from vlm.shapes.world import RELATIONS, WorldOptions
 from vlm.tasks.base import VQASample, build_task
 from vlm.tasks.metrics import exact_match
@@ -44,7 +45,7 @@ def prompt_inputs(processor, samples: Sequence[VQASample]) -> dict[str, torch.Te
 
 def answers_from_logits(processor, logits: torch.Tensor) -> list[str]:
     """Greedy first answer word from the last position's logits [B, vocab] (answers are one word)."""
-    return processor.tokenizer.batch_decode(logits.argmax(-1)[:, None], skip_special_tokens=True)
+    return processor.tokenizer.batch_decode(logits.argmax(-1)[:, None].cpu(), skip_special_tokens=True)
 
 
 def _vision_columns(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
@@ -67,10 +68,10 @@ def drop_vision_after(model: LlavaForConditionalGeneration, layer: int, dropped_
         b, t = hidden.shape[:2]
         mask = kwargs.get("attention_mask")
         if mask is None:  # no padding and SDPA: the causal part is implicit, so build it here
-            mask = torch.full((t, t), torch.finfo(hidden.dtype).min, dtype=hidden.dtype).triu(1)
+            mask = torch.full((t, t), torch.finfo(hidden.dtype).min, dtype=hidden.dtype, device=hidden.device).triu(1)
             mask = mask[None, None].expand(b, 1, t, t)
         mask = mask.clone()  # [B, 1, T, T]
-        rows = torch.arange(b)[:, None].expand_as(dropped_cols)
+        rows = torch.arange(b, device=dropped_cols.device)[:, None].expand_as(dropped_cols)
         if mask.dtype == torch.bool:
             mask[rows, :, :, dropped_cols] = False
         else:
@@ -112,7 +113,7 @@ def pruning_check(model_eager: LlavaForConditionalGeneration, processor, samples
     gens = {s: torch.Generator().manual_seed(s) for s in random_seeds}
     for i in range(0, len(samples), batch):
         chunk = samples[i:i + batch]
-        inputs = prompt_inputs(processor, chunk)
+        inputs = {k: v.to(model_eager.device) for k, v in prompt_inputs(processor, chunk).items()}
         out = model_eager(**inputs, output_attentions=True)
         preds["unpruned"] += answers_from_logits(processor, out.logits[:, -1])
         cols = _vision_columns(inputs["input_ids"], model_eager.config.image_token_id)  # [B, V]
@@ -121,7 +122,7 @@ def pruning_check(model_eager: LlavaForConditionalGeneration, processor, samples
         choices = {"attention": score.argsort(-1, descending=True)[:, keep:]}
         for s in random_seeds:
             perm = torch.stack([torch.randperm(v, generator=gens[s]) for _ in range(len(chunk))])
-            choices[f"random/{s}"] = perm[:, keep:]
+            choices[f"random/{s}"] = perm[:, keep:].to(cols.device)
         for name, drop_idx in choices.items():
             with drop_vision_after(model_eager, layer, cols.gather(1, drop_idx)):
                 logits = model_eager(**inputs).logits[:, -1]
@@ -175,13 +176,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--random-seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="'cpu', 'cuda' or 'auto'; the one-prompt forward time is taken "
+                                                    "on the CPU only (it is the CPU target of the demo)")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the numbers (markdown beside it)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     task = build_task("shapes", split=args.split, n_per_family=args.n_per_family, min_objects=args.min_objects,
                       max_objects=args.max_objects)
     samples = list(task.samples())
+    try:
+        device = resolve_device(args.device)
+    except ModelConfigError as err:
+        raise SystemExit(f"--device: {err}") from err
     model, processor = load_local(args.model, attn_implementation="eager")
+    model.to(device)
     t0 = time.time()
     preds = pruning_check(model, processor, samples, args.layer, args.keep, args.random_seeds, args.batch,
                           log_every=10)
@@ -195,10 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         "attention_retention": tables["attention"]["overall"] / tables["unpruned"]["overall"],
         "random_mean": float(np.mean(rand)), "random_std": float(np.std(rand)),
         "random_drop_points": 100 * (tables["unpruned"]["overall"] - float(np.mean(rand))),
-        "seconds": time.time() - t0,
-        "forward_ms_one_prompt": single_prompt_forward_ms(args.model, samples[0]),
-        "threads": args.threads,
+        "seconds": time.time() - t0, "device": str(device), "threads": args.threads,
     }
+    if device.type == "cpu":
+        summary["forward_ms_one_prompt"] = single_prompt_forward_ms(args.model, samples[0])
     print(json.dumps(summary, indent=1))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
