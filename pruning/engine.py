@@ -50,7 +50,9 @@ class _RowState:
     is_vision: Tensor  # [B, N'] bool: current token is a vision token
     pos_full: Tensor | None = None  # [B, N] original position ids (from layer 0's kwargs)
     cos_sin_full: tuple[Tensor, Tensor] | None = None  # original (cos, sin) [B|1, N, hd]
+    n_vision: int = 0  # vision tokens each row currently holds (the same in every row), kept on the host
     pending: Tensor | None = None  # [B, N''] keep-index into the current sequence, applied at the next layer
+    pending_vision: int = 0  # vision tokens left once `pending` is applied
 
 
 class PruningEngine:
@@ -145,7 +147,7 @@ class PruningEngine:
         batch, seq = input_ids.shape
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         is_vision = torch.zeros_like(input_ids, dtype=torch.bool).scatter_(1, layout.vision_index, True)
-        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=is_vision)
+        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=is_vision, n_vision=layout.num_vision)
         self._generator.manual_seed(self.seed)
         self._layer_cols = [None] * self.num_layers
         self._dropped = [None] * self.num_layers
@@ -183,12 +185,13 @@ class PruningEngine:
             hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
             st.cur_idx = st.cur_idx.gather(1, keep)
             st.is_vision = st.is_vision.gather(1, keep)
+            st.n_vision = st.pending_vision
             st.pending = None
         n_cur = st.cur_idx.shape[1]
         self._layer_cols[index] = st.cur_idx
         self._dropped[index] = (st.cur_idx - torch.arange(n_cur, device=hidden.device))[:, -1:]  # [B, 1]
         self.record.tokens_per_layer.append(n_cur)
-        self.record.vision_per_layer.append(int(st.is_vision[0].sum()))
+        self.record.vision_per_layer.append(st.n_vision)
         if n_cur != st.layout.seq_len:
             kwargs = self._slice_kwargs(kwargs, st, hidden)
         if index == self.num_layers - 1:
@@ -277,7 +280,7 @@ class PruningEngine:
 
     def _context(self, **kw: Any) -> ScoringContext:
         st = self._state
-        vision_cur = st.is_vision.nonzero()[:, 1].view(st.cur_idx.shape[0], -1)  # [B, V_cur]
+        vision_cur = _true_positions(st.is_vision, st.n_vision)  # [B, V_cur]
         text_cur = _current_positions(st.cur_idx, st.layout.text_index)
         key_mask = st.layout.valid.gather(1, st.cur_idx)
         return ScoringContext(
@@ -299,14 +302,14 @@ class PruningEngine:
         """Top-k of `scores` [B, V_cur]; the drop happens at the next layer's pre-hook."""
         st = self._state
         k = self._keep_counts[self.stage_layers.index(stage_layer)]
-        vision_cur = st.is_vision.nonzero()[:, 1].view(st.cur_idx.shape[0], -1)  # [B, V_cur]
+        vision_cur = _true_positions(st.is_vision, st.n_vision)  # [B, V_cur]
         kept_v = select(scores, k)  # [B, k] indices into the vision axis, ascending
         kept_pos = vision_cur.gather(1, kept_v)  # [B, k] current positions
         self.record.kept_positions.append(st.cur_idx.gather(1, kept_pos))
         keep_mask = ~st.is_vision
         keep_mask = keep_mask.scatter(1, kept_pos, True)
-        n_keep = int(keep_mask[0].sum())
-        st.pending = keep_mask.nonzero()[:, 1].view(keep_mask.shape[0], n_keep)
+        st.pending = _true_positions(keep_mask, st.cur_idx.shape[1] - st.n_vision + k)
+        st.pending_vision = k
 
     def _finish_record(self) -> None:
         tc = self.config.text_config
@@ -368,7 +371,8 @@ class PruningEngine:
         kept_pos = st.layout.vision_index.gather(1, kept)
         self.record.kept_positions.append(kept_pos)
         keep_mask = (~st.is_vision).scatter(1, kept_pos, True)
-        st.pending = keep_mask.nonzero()[:, 1].view(keep_mask.shape[0], -1)
+        st.pending = _true_positions(keep_mask, st.cur_idx.shape[1] - st.n_vision + k)
+        st.pending_vision = k
         self._vz.clear()
         return hidden
 
@@ -398,6 +402,15 @@ def _gather_seq(t: Tensor, idx: Tensor) -> Tensor:
     if t.shape[0] == 1 and idx.shape[0] > 1:
         t = t.expand(idx.shape[0], *t.shape[1:])
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _true_positions(mask: Tensor, count: int) -> Tensor:
+    """Ascending positions [B, count] of the True entries of mask [B, N], each row holding exactly `count`.
+
+    A stable sort instead of `nonzero`: the count is known on the host, so nothing waits for the GPU (a
+    `nonzero` or `int(tensor)` in every layer hook stalls the host until the device catches up).
+    """
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
 
 
 def _current_positions(cur_idx: Tensor, orig: Tensor) -> Tensor:
