@@ -1,0 +1,81 @@
+"""Where a pruned prefill spends its time on a GPU: wall time of the full forward, GPU busy time, kernel
+launches and host-device syncs / copies per variant (one profiled forward each, torch.profiler).
+
+When the wall time exceeds the GPU busy time the prefill is host-bound (Python and kernel launches), and
+dropping tokens, which only shortens GPU work, cannot make it faster.
+
+    python benchmarks/prefill_host_profile.py --model llava-1.5-7b-arch --batch 1
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from prefill_latency import build, keep_all, synthetic_inputs  # noqa: E402
+from pruning.engine import PruningEngine  # noqa: E402
+from pruning.schedule import Schedule  # noqa: E402
+from vlm.models import resolve_device  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llava-1.5-7b-arch", help="a configs/model preset with `arch`")
+    parser.add_argument("--schedule", default="adaptinfer_7b_64", help="a configs/schedule preset")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    loaded = build(args.model, device)
+    inputs = synthetic_inputs(loaded, args.batch, 40, 35)
+    sched = Schedule.from_yaml(ROOT / "configs" / "schedule" / f"{args.schedule}.yaml")
+    variants = {"unpruned": None, args.schedule: sched, "keep-all": keep_all(sched)}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(schedule: Schedule | None) -> None:
+        if schedule is None:
+            loaded.model(**inputs)
+            return
+        with PruningEngine(loaded.model, schedule, "adaptinfer"):
+            loaded.model(**inputs)
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        for _ in range(3):  # warm-up
+            for schedule in variants.values():
+                run(schedule)
+        for name, schedule in variants.items():
+            wall = []
+            for _ in range(args.repeats):
+                sync()
+                t0 = time.perf_counter()
+                run(schedule)
+                sync()
+                wall.append(1e3 * (time.perf_counter() - t0))
+            with torch.profiler.profile(activities=activities) as prof:
+                run(schedule)
+                sync()
+            events = prof.key_averages()
+            n_sync = sum(e.count for e in events if "Synchronize" in e.key)
+            n_copy = sum(e.count for e in events if "Memcpy" in e.key)
+            launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+            busy = sum(e.self_device_time_total for e in events) / 1e3
+            print(f"{name:18s} full-forward wall median {statistics.median(wall):7.1f} ms | GPU busy {busy:7.1f} ms | "
+                  f"kernel launches {launches} | syncs {n_sync} | memcpy {n_copy}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
