@@ -9,9 +9,12 @@ dropping tokens, which only shortens GPU work, cannot make it faster.
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +29,31 @@ from pruning.schedule import Schedule  # noqa: E402
 from vlm.models import resolve_device  # noqa: E402
 
 
+def sync_sites(fn) -> collections.Counter:
+    """Call `fn` with CUDA's sync debug mode on; count the synchronizing ops by their innermost caller in this
+    repository or in transformers."""
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if str(ROOT) in f.filename or "transformers" in f.filename]
+        sites[f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno} {frames[-1].line}" if frames else filename] += 1
+
+    old = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            fn()
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old
+    return sites
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llava-1.5-7b-arch", help="a configs/model preset with `arch`")
@@ -33,6 +61,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--stacks", action="store_true", help="also print where the syncs and copies come from")
     args = parser.parse_args()
     device = resolve_device(args.device)
     loaded = build(args.model, device)
@@ -65,7 +94,7 @@ def main() -> None:
                 run(schedule)
                 sync()
                 wall.append(1e3 * (time.perf_counter() - t0))
-            with torch.profiler.profile(activities=activities) as prof:
+            with torch.profiler.profile(activities=activities, with_stack=args.stacks) as prof:
                 run(schedule)
                 sync()
             events = prof.key_averages()
@@ -75,6 +104,9 @@ def main() -> None:
             busy = sum(e.self_device_time_total for e in events) / 1e3
             print(f"{name:18s} full-forward wall median {statistics.median(wall):7.1f} ms | GPU busy {busy:7.1f} ms | "
                   f"kernel launches {launches} | syncs {n_sync} | memcpy {n_copy}", flush=True)
+            if args.stacks and device.type == "cuda":
+                for site, count in sync_sites(lambda: run(schedule)).most_common():
+                    print(f"    {count:3d} synchronizing op(s) at {site}", flush=True)
 
 
 if __name__ == "__main__":

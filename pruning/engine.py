@@ -275,7 +275,10 @@ class PruningEngine:
         return self._query_rows()
 
     def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor, mask: Tensor | None) -> None:
-        ctx = self._context(attn=rows, query_index=index, query_mask=mask)
+        if self.rows_kind == "text":  # the probe's rows are the text rows `_context` computes: pass that very tensor,
+            ctx = self._context(attn=rows)  # so the scorer's consistency check needs no device round trip
+        else:
+            ctx = self._context(attn=rows, query_index=index, query_mask=mask)
         self._apply_selection(call.site, run_scorer(self.scorer, ctx))
 
     def _context(self, **kw: Any) -> ScoringContext:
