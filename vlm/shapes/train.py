@@ -8,14 +8,15 @@ vision tokens are paid once for many answers. A curriculum goes from one or two 
 families to the full world. Learning rate and curriculum follow the fraction of the step budget or of the
 time budget already used, whichever is larger, so a run can be given a wall-clock budget.
 
-A model from scratch, as the session-2 model was made (on the quiet 2-core CPU: stage 1 about 5 min,
-stage 2 115 min of its own time budget):
+A model from scratch on the 2-core CPU (as an earlier model was made: stage 1 about 5 min, stage 2 115 min of
+its own time budget):
 
     python -m vlm.shapes.train --out checkpoints --threads 2 --stage1-steps 1200 --stage1-batch 8 \
         --stage2-steps 100000 --stage2-minutes 115 --eval-every 300
 
-The shipped model (vlm/assets/shapes_llava) is that model fine-tuned on the current world for 105 min with
-`--init-model`; the command is in benchmarks/results/shapes_demo_eval.md.
+On a GPU, add `--device cuda --workers N` (N processes render and pack batches ahead; the model's step is far
+cheaper than making its batch on one core) and larger batches. The shipped model (vlm/assets/shapes_llava) was
+trained so on an H100 in 12 minutes; its three commands are in benchmarks/results/shapes_demo_eval.md.
 
 Run it in the background (nohup ... > checkpoints/train.log &); rerunning the same command resumes from the
 last checkpoint. Set --threads to the free cores: oversubscribed threads made steps up to 9x slower here.
