@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -61,7 +63,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--stacks", action="store_true", help="also print where the syncs and copies come from")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--stacks", action="store_true", help="also print where the synchronizing ops come from")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also print the N functions with the most host time in the pruned forwards (cProfile)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     loaded = build(args.model, device)
@@ -83,7 +88,7 @@ def main() -> None:
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad():
-        for _ in range(3):  # warm-up
+        for _ in range(args.warmup):
             for schedule in variants.values():
                 run(schedule)
         for name, schedule in variants.items():
@@ -104,6 +109,11 @@ def main() -> None:
             busy = sum(e.self_device_time_total for e in events) / 1e3
             print(f"{name:18s} full-forward wall median {statistics.median(wall):7.1f} ms | GPU busy {busy:7.1f} ms | "
                   f"kernel launches {launches} | syncs {n_sync} | memcpy {n_copy}", flush=True)
+            if args.cprofile and schedule is not None and name != "keep-all":
+                stats_of = cProfile.Profile()
+                stats_of.runcall(lambda: [run(schedule) for _ in range(5)] and sync())
+                print(f"    host time of 5 forwards, top {args.cprofile} functions by own time:", flush=True)
+                pstats.Stats(stats_of, stream=sys.stdout).sort_stats("tottime").print_stats(args.cprofile)
             if args.stacks and device.type == "cuda":
                 for site, count in sync_sites(lambda: run(schedule)).most_common():
                     print(f"    {count:3d} synchronizing op(s) at {site}", flush=True)

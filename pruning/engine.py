@@ -26,6 +26,9 @@ from vlm.layout import TokenLayout
 from vlm.probe import AttentionProbe, ProbeCall
 
 
+SLICED_KWARGS = ("position_embeddings", "position_ids", "cache_position", "attention_mask")
+
+
 class EngineError(RuntimeError):
     """The engine cannot run this model/schedule/input combination; the message says what would work."""
 
@@ -53,6 +56,9 @@ class _RowState:
     n_vision: int = 0  # vision tokens each row currently holds (the same in every row), kept on the host
     pending: Tensor | None = None  # [B, N''] keep-index into the current sequence, applied at the next layer
     pending_vision: int = 0  # vision tokens left once `pending` is applied
+    dropped: Tensor | None = None  # [B, 1] tokens dropped so far, for the current `cur_idx`
+    slice_key: tuple | None = None  # identity of the inputs `sliced` was made from
+    sliced: dict[str, Any] | None = None  # the layer kwargs sliced to `cur_idx`, shared by the layers between stages
 
 
 class PruningEngine:
@@ -175,7 +181,7 @@ class PruningEngine:
                 hidden = self._visionzip_stage(hidden)
         if index >= 1 and self.rows_kind == "none" and (index - 1) in self.stage_layers:
             # Scorers that read the stage layer's output with the next layer's modules (PyramidDrop).
-            cur_kwargs = self._slice_kwargs(kwargs, st, hidden) if st.cur_idx.shape[1] != st.layout.seq_len else kwargs
+            cur_kwargs = self._sliced_kwargs(kwargs, st, hidden) if st.cur_idx.shape[1] != st.layout.seq_len else kwargs
             ctx = self._context(
                 hidden_states=hidden, next_layer=module, position_embeddings=cur_kwargs.get("position_embeddings")
             )
@@ -187,13 +193,16 @@ class PruningEngine:
             st.is_vision = st.is_vision.gather(1, keep)
             st.n_vision = st.pending_vision
             st.pending = None
+            st.dropped = None
         n_cur = st.cur_idx.shape[1]
         self._layer_cols[index] = st.cur_idx
-        self._dropped[index] = (st.cur_idx - torch.arange(n_cur, device=hidden.device))[:, -1:]  # [B, 1]
+        if st.dropped is None:  # once per stage, not per layer: at batch 1 on a GPU every launch is host time
+            st.dropped = (st.cur_idx - torch.arange(n_cur, device=hidden.device))[:, -1:]  # [B, 1]
+        self._dropped[index] = st.dropped
         self.record.tokens_per_layer.append(n_cur)
         self.record.vision_per_layer.append(st.n_vision)
         if n_cur != st.layout.seq_len:
-            kwargs = self._slice_kwargs(kwargs, st, hidden)
+            kwargs = self._sliced_kwargs(kwargs, st, hidden)
         if index == self.num_layers - 1:
             self._finish_record()
         if args:
@@ -201,6 +210,18 @@ class PruningEngine:
         else:
             kwargs["hidden_states"] = hidden
         return args, kwargs
+
+    def _sliced_kwargs(self, kwargs: dict, st: _RowState, hidden: Tensor) -> dict:
+        """`_slice_kwargs`, computed once for the layers between two stages: they receive the same position
+        ids, RoPE tables and mask objects from the model (checked by identity), so their slices are the same."""
+        pe = kwargs.get("position_embeddings")
+        key = (id(st.cur_idx), id(kwargs.get("attention_mask")), id(kwargs.get("position_ids")),
+               id(kwargs.get("cache_position")), tuple(map(id, pe)) if isinstance(pe, tuple) else id(pe))
+        if st.slice_key != key:
+            full = self._slice_kwargs(kwargs, st, hidden)
+            st.sliced = {k: full[k] for k in SLICED_KWARGS if k in full}
+            st.slice_key = key
+        return {**kwargs, **st.sliced}
 
     def _slice_kwargs(self, kwargs: dict, st: _RowState, hidden: Tensor) -> dict:
         """Position ids, RoPE (cos, sin) and the 4-D mask for the tokens this layer holds."""
