@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import multiprocessing
 import os
@@ -590,7 +591,8 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
                 "locate": locate.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed}
 
     packer = Packer(processor)
-    source = Prefetcher(stage2_worker_batch, workers)
+    source = Prefetcher(stage2_worker_batch if workers else functools.partial(stage2_batch, packer), workers)
+    want_targets = patch_weight > 0 or position_weight > 0
     model.train()
     if tower_lr_scale <= 0:
         tower.eval()
@@ -604,12 +606,9 @@ def run_stage2(model: nn.Module, processor, out: Path, steps: int, minutes: floa
             break
         for g in opt.param_groups:
             g["lr"] = g["scale"] * lr * min(1.0, (step + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-        want_targets = patch_weight > 0 or position_weight > 0
-        if workers:
-            b, targets = source.get(step, lambda s: (seed, s, max(s / steps, elapsed / budget), batch, schedule,
-                                                     want_targets))
-        else:
-            b, targets = stage2_batch(packer, seed, step, progress, batch, schedule, want_targets)
+        # a batch ahead is made at the progress known now (for this step's own batch, exactly `progress`)
+        b, targets = source.get(step, lambda s: (seed, s, max(s / steps, elapsed / budget), batch, schedule,
+                                                 want_targets))
         b = b.to(device)
         if targets is not None:
             targets = {k: v.to(device) for k, v in targets.items()}
