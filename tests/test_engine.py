@@ -267,3 +267,40 @@ def test_flops_follow_real_token_counts(model6):
     assert engine.record.flops == sum(layer_flops(n, d, m) for n in engine.record.tokens_per_layer)
     n0 = inputs["input_ids"].shape[1]
     assert engine.record.tokens_per_layer == [n0, n0] + [n0 - 12] * 4
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops a forward dispatches, and those that read a device value on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.host_reads += func.overloadpacket is torch.ops.aten._local_scalar_dense  # .item(), int(), bool()
+        return func(*args, **(kwargs or {}))
+
+
+def test_engine_work_per_layer_does_not_grow_with_depth():
+    """On a GPU at batch 1 the prefill is host-bound: the engine's work belongs to its stages, not to every
+    layer. Its extra ops and host reads of device values must not grow with the layers after the last stage."""
+    extra = {}
+    for layers in (4, 8):
+        model = build_random_model(tiny_arch(layers=layers, kv_heads=2), dtype="float32", device="cpu", seed=3).model
+        inputs = _inputs([9])
+        counts = []
+        for schedule in (None, _schedule([(0, 8), (1, 4)])):
+            counter = _OpCounter()
+            with torch.no_grad(), counter:
+                if schedule is None:
+                    model(**inputs)
+                else:
+                    with PruningEngine(model, schedule, "adaptinfer") as engine:
+                        model(**inputs)
+                    assert engine.record.vision_per_layer == [N_VISION, 8] + [4] * (layers - 2)
+            counts.append((counter.ops, counter.host_reads))
+        (plain_ops, plain_reads), (pruned_ops, pruned_reads) = counts
+        extra[layers] = (pruned_ops - plain_ops, pruned_reads - plain_reads)
+    assert extra[8] == extra[4], f"engine's extra (ops, host reads) with 4 and 8 layers: {extra}"
