@@ -238,7 +238,7 @@ class Prefetcher:
     keep up with a GPU. With `workers=0` it calls `fn` in this process when asked (no look-ahead)."""
 
     def __init__(self, fn: Callable[..., Any], workers: int, depth: int | None = None) -> None:
-        self.fn, self.workers = fn, workers
+        self.fn = fn
         self.depth = depth or 2 * workers
         self.pending: dict[int, Future] = {}
         self.pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
