@@ -17,11 +17,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from vlm.errors import UserError
+
 PathLike = Union[str, os.PathLike]
 DPI = 120
 
 
-class PlotError(ValueError):
+class PlotError(UserError, ValueError):
     """Arrays of the wrong shape or an impossible figure request."""
 
 

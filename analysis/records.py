@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vlm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -42,7 +44,7 @@ DEFAULT_SCALARS = ("vision_share", "prior_entropy")
 ArrayLike = Union[Tensor, np.ndarray]
 
 
-class RecordsError(RuntimeError):
+class RecordsError(UserError, RuntimeError):
     """A record store is missing, inconsistent with the caller, or damaged."""
 
 

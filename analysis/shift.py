@@ -32,6 +32,7 @@ from ruptures.utils import sanity_check
 from scipy.ndimage import gaussian_filter1d
 
 from analysis.records import Records
+from vlm.errors import UserError
 
 ALGORITHMS = {
     "binseg": rpt.Binseg,
@@ -44,7 +45,7 @@ TRAJECTORIES = ("cumulative", "raw")
 UNSUPPORTED_COSTS = {"linear": "it regresses on covariates that a 1-D attention trajectory does not have"}
 
 
-class ShiftError(ValueError):
+class ShiftError(UserError, ValueError):
     """Base class of the shift detector's errors."""
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from pruning.benchmark import CONFIGS_DIR, SCHEDULE_NONE, check_method, load_method, method_schedule
 from pruning.engine import PruningEngine
 from pruning.schedule import Schedule
+from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
 from vlm.prompts import encode_batch, format_prompt
 from vlm.tasks.base import VQASample
@@ -65,7 +66,7 @@ except Exception:  # lmms-eval absent (or broken): a plain base with the same at
             return self._world_size
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """A request or option the adapter cannot serve; the message says what would work."""
 
 

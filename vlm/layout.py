@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vlm.errors import UserError
 
-class LayoutError(ValueError):
+
+class LayoutError(UserError, ValueError):
     """A batch whose image tokens cannot be laid out; the message says which row and what would be right."""
 
 

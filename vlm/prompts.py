@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from vlm.errors import UserError
+
 if TYPE_CHECKING:  # pragma: no cover
     from vlm.tasks.base import VQASample
 
@@ -12,7 +14,7 @@ LLAVA_15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 IMAGE_PLACEHOLDER = "<image>"
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A processor or sample that cannot be turned into LLaVA inputs; the message says what would be right."""
 
 
