@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from vlm.errors import UserError
+
 POSITIONS = ("keep", "renumber")
 CONVENTIONS = ("processed", "paper")
 ALLOCATION_RULES = ("geometric",)
@@ -44,8 +46,12 @@ BUDGET_DIGITS = 6
 _BISECTION_STEPS = 60
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError, ValueError):
     """A schedule that is malformed or does not fit the model; the message names field, value and range."""
+
+
+class BudgetUnreachable(ScheduleError):
+    """A valid set of stage layers that cannot meet the asked budget (the only "infeasible" outcome of a run)."""
 
 
 def round_half_up(x: float) -> int:
@@ -380,17 +386,30 @@ class Schedule:
             isinstance(source, str) and "\n" not in source and source.strip().endswith((".yaml", ".yml"))
         ):
             path = Path(source)
+            if path.is_dir():
+                raise ScheduleError(f"schedule file {str(path)!r} is a directory; give the schedule.yaml inside it")
             if not path.is_file():
                 raise ScheduleError(f"schedule file {str(path)!r} does not exist")
-            text = path.read_text()
+            text, where = path.read_text(), f"schedule file {str(path)!r}"
         elif isinstance(source, str):
-            text = source
+            text, where = source, "schedule YAML text"
         else:
             raise ScheduleError(f"source = {source!r}: must be a path or a YAML string")
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ScheduleError(f"{where}: invalid YAML{at}: {problem}") from None
+        if data is None:
+            raise ScheduleError(f"{where} is empty; a schedule is a mapping with `stages: [{{layer: L, keep: K}}, ...]`")
         if not isinstance(data, Mapping):
-            raise ScheduleError(f"YAML schedule must be a mapping, got {type(data).__name__}: {data!r}")
-        return cls.from_dict(data)
+            raise ScheduleError(f"{where} must hold a mapping, got {type(data).__name__}: {data!r}")
+        try:
+            return cls.from_dict(data)
+        except ScheduleError as err:
+            raise ScheduleError(f"{where}: {err}") from None
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """Write the schedule (with budgets beside) to `path` and return the YAML text."""
@@ -437,7 +456,7 @@ def allocate_keep(
 
     lowest, highest = achieved(0.0), achieved(1.0)
     if not lowest <= budget <= highest:
-        raise ScheduleError(
+        raise BudgetUnreachable(
             f"budget = {budget}: unreachable with stages at layers {layers} of a {num_layers}-layer model and "
             f"{initial} vision tokens; allowed range {lowest:.6g}..{highest:.6g} ({convention!r} convention)"
         )
@@ -452,7 +471,7 @@ def allocate_keep(
     schedule = build(r)
     got = schedule.budget(convention=convention)
     if abs(got - budget) > 1.0:
-        raise ScheduleError(
+        raise BudgetUnreachable(
             f"budget = {budget}: the geometric rule reaches {got:.6g} at best (ratio {r:.6g}); "
             f"more than one token away in the {convention!r} convention"
         )
