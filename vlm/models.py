@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+
+from vlm.errors import UserError
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlavaForConditionalGeneration",)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llava",)
@@ -24,11 +27,11 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The checkpoint is not an architecture this toolkit can prune."""
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """A model preset or loading option is wrong; the message names the field and the allowed values."""
 
 
@@ -165,14 +168,86 @@ def load_model(
         hub_kwargs["local_files_only"] = local_files_only
     if revision is not None:
         hub_kwargs["revision"] = revision
-    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    local = check_model_source(source, path)
+    try:
+        config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelConfigError(f"model.source={str(source)!r} cannot be loaded: {_first_line(err)}") from None
     check_architecture(config)
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation=attn_implementation, **hub_kwargs
-    )
+    if local is not None and not any(next(local.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
+        _not_a_model(source, local)
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype, attn_implementation=attn_implementation, **hub_kwargs
+        )
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        broken = _unreadable_weights(local) if local is not None else None
+        if broken is not None:
+            raise ModelConfigError(
+                f"model.source={str(source)!r}: the weights file {str(broken[0])!r} cannot be read ({broken[1]}); it is "
+                "truncated or corrupted: copy or save it again"
+            ) from None
+        raise ModelConfigError(f"model.source={str(source)!r}: loading the weights failed: {_first_line(err)}") from None
     model.to(dev).eval()
-    processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
+    try:
+        processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelConfigError(
+            f"model.source={str(source)!r} has no usable processor (tokenizer + image processor files, as written by "
+            f"the processor's save_pretrained): {_first_line(err)}"
+        ) from None
     return LoadedModel(model=model, processor=processor, source=str(source), name=name or str(source))
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _looks_like_path(source: str) -> bool:
+    """A source written as a path (absolute, ./, ../, ~, or a trailing slash) rather than a hub id 'org/name'."""
+    return source.startswith(("/", "./", "../", "~", "\\")) or source.endswith(("/", "\\")) or source.count("/") > 1
+
+
+def check_model_source(source: str | Path, resolved: str) -> Path | None:
+    """The local model directory `resolved` names, checked; None for a hub id. Raises ModelConfigError for a path
+    that does not exist, a file, or a directory without config.json and weights."""
+    local = Path(resolved).expanduser()
+    if not local.exists():
+        if _looks_like_path(str(resolved)):
+            raise ModelConfigError(
+                f"model.source={str(source)!r}: the path {str(local)!r} does not exist; give a model directory "
+                "written by save_pretrained, a hub id such as llava-hf/llava-1.5-7b-hf, or 'demo'"
+            )
+        return None
+    if not local.is_dir():
+        raise ModelConfigError(f"model.source={str(source)!r} is a file, not a model directory (config.json + weights)")
+    if not (local / "config.json").is_file():
+        _not_a_model(source, local)
+    return local
+
+
+def _not_a_model(source: str | Path, local: Path) -> None:
+    found = sorted(p.name for p in local.iterdir())[:12]
+    raise ModelConfigError(
+        f"model.source={str(source)!r}: the directory {str(local)!r} is not a model; expected config.json and "
+        f"weights ({', '.join(WEIGHT_PATTERNS)}) as written by save_pretrained, plus the processor's files; "
+        f"found {found or 'nothing'}"
+    )
+
+
+def _unreadable_weights(local: Path) -> tuple[Path, str] | None:
+    """The first *.safetensors file in `local` whose header cannot be read, with the reason; None if all open."""
+    for path in sorted(local.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            return path, _first_line(err)
+    return None
 
 
 def llava_config_from_dict(arch: Mapping[str, Any]) -> LlavaConfig:

@@ -1,10 +1,13 @@
 """The task contract: a VQA dataset as data (samples) plus its official metric."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from PIL import Image
+
+from vlm.errors import UserError
 
 
 @dataclass
@@ -19,7 +22,7 @@ class VQASample:
     meta: dict[str, Any] = field(default_factory=dict)  # category, family, question_id, choices, ...
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A dataset or task configuration that cannot be used; the message says what would be right."""
 
 
@@ -89,7 +92,16 @@ def build_task(name: str, **kwargs: Any) -> Task:
 
     if name not in _TASKS:
         raise TaskError(f"unknown task {name!r}; registered tasks: {sorted(_TASKS)}")
-    return _TASKS[name](**kwargs)
+    factory = _TASKS[name]
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        allowed = [k for k, p in params.items() if k != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            hint = " (it generates its data: it reads no files)" if "path" in unknown and "path" not in allowed else ""
+            raise TaskError(f"task {name!r} takes no option {', '.join(f'data.{k}' for k in unknown)}{hint}; "
+                            f"its options are {['data.' + k for k in allowed]}")
+    return factory(**kwargs)
 
 
 def registered_tasks() -> Mapping[str, Callable[..., Task]]:

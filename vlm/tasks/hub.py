@@ -139,22 +139,36 @@ def require_columns(ds: datasets.Dataset, columns: Sequence[str], *, task: str, 
         )
 
 
+def undecoded_images(ds: datasets.Dataset) -> datasets.Dataset:
+    """`ds` with its image columns left as bytes/paths, so that `to_pil` decodes each image and a broken one is
+    reported with its row instead of failing inside the dataset's iterator."""
+    for name, feature in (ds.features or {}).items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return ds
+
+
 def to_pil(value: Any, *, where: str) -> Image.Image:
     """An RGB PIL image from what a dataset row holds: a PIL image, {'bytes', 'path'}, bytes or a file path."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict) and value.get("bytes"):
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        image = Image.open(value["path"])
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, str) and value:
-        image = Image.open(value)
-    else:
-        raise TaskError(f"{where}: no usable image (got {type(value).__name__}); expected a PIL image, image bytes "
-                        f"or a file path")
-    return image.convert("RGB")
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            image = Image.open(value["path"])
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, str) and value:
+            image = Image.open(value)
+        else:
+            raise TaskError(f"{where}: no usable image (got {type(value).__name__}); expected a PIL image, image "
+                            f"bytes or a file path")
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError (an OSError), truncated data
+        if isinstance(err, TaskError):
+            raise
+        raise TaskError(f"{where}: the image cannot be decoded ({err}); fix or drop that row of the dataset") from None
 
 
 class HubTask(Task):
@@ -203,4 +217,4 @@ class HubTask(Task):
         )
         require_columns(ds, self.required_columns if columns is None else columns, task=self.name, split=split,
                         source=self.source)
-        return ds
+        return undecoded_images(ds)
