@@ -13,6 +13,7 @@ layer -1 (VisionZip) selects before the language model, so layer 0 already sees 
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +22,18 @@ from torch import Tensor, nn
 
 from pruning.flops import prefill_flops
 from pruning.schedule import Schedule
-from pruning.scorers import ScoringContext, score as run_scorer, scorer_rows, select, visionzip_select, visionzip_split
+from pruning.scorers import (ScoringContext, get_scorer, score as run_scorer, scorer_rows, select, visionzip_select,
+                             visionzip_split)
+from vlm.errors import UserError
 from vlm.layout import TokenLayout
+from vlm.models import vision_tokens_per_image
 from vlm.probe import AttentionProbe, ProbeCall
 
 
 SLICED_KWARGS = ("position_embeddings", "position_ids", "cache_position", "attention_mask")
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """The engine cannot run this model/schedule/input combination; the message says what would work."""
 
 
@@ -88,6 +92,12 @@ class PruningEngine:
         self.layers = self.lm.layers
         self.num_layers = len(self.layers)
         self.rows_kind = scorer_rows(scorer) if scorer != "visionzip" else "none"
+        spec = get_scorer(scorer) if scorer != "visionzip" else None
+        allowed = sorted(spec.options) if spec is not None else []
+        unknown = sorted(set(self.scorer_options) - set(allowed))
+        if unknown:
+            raise EngineError(f"scorer_options {unknown} are unknown to scorer {scorer!r}; its options are {allowed}")
+        self.seeded = spec is not None and spec.seeded
         schedule.validate(num_layers=self.num_layers)
         self.stage_layers = [s.layer for s in schedule.stages]
         if any(layer == -1 for layer in self.stage_layers) and scorer != "visionzip":
@@ -105,7 +115,7 @@ class PruningEngine:
         self._dropped: list[Tensor | None] = [None] * self.num_layers  # [B, 1] tokens dropped before each layer
         self._vz: dict[str, Tensor] = {}
         self._decoding = False
-        self._generator = torch.Generator()
+        self._generators: list[torch.Generator] | None = None
 
     # -- attach / detach ------------------------------------------------------------------------------
     def __enter__(self) -> "PruningEngine":
@@ -151,10 +161,20 @@ class PruningEngine:
         self._decoding = False
         layout = TokenLayout.from_batch(input_ids, kwargs.get("attention_mask"), self.image_token_id)
         batch, seq = input_ids.shape
+        pixels = kwargs.get("pixel_values")
+        if isinstance(pixels, Tensor) and pixels.dim() == 4 and layout.num_vision > 0:
+            per_image = vision_tokens_per_image(self.config)
+            if pixels.shape[0] * per_image != batch * layout.num_vision:
+                raise EngineError(
+                    f"input_ids holds {batch} rows with {layout.num_vision} image tokens each ({batch * layout.num_vision} "
+                    f"in all) but pixel_values holds {pixels.shape[0]} images ({pixels.shape[0] * per_image} vision "
+                    f"tokens at {per_image} per image): give pixel_values one image per image placeholder, in row order"
+                )
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         is_vision = torch.zeros_like(input_ids, dtype=torch.bool).scatter_(1, layout.vision_index, True)
         self._state = _RowState(layout=layout, cur_idx=positions, is_vision=is_vision, n_vision=layout.num_vision)
-        self._generator.manual_seed(self.seed)
+        self._generators = row_generators(input_ids, kwargs.get("attention_mask"), pixels, self.seed) \
+            if self.seeded else None
         self._layer_cols = [None] * self.num_layers
         self._dropped = [None] * self.num_layers
         self.record = PrefillRecord(batch_size=batch)
@@ -315,7 +335,7 @@ class PruningEngine:
             text_index=text_cur,
             text_mask=st.layout.text_mask,
             key_mask=key_mask,
-            generator=self._generator,
+            generators=self._generators,
             hidden_states=kw.get("hidden_states"),
             next_layer=kw.get("next_layer"),
             position_embeddings=kw.get("position_embeddings"),
@@ -399,6 +419,26 @@ class PruningEngine:
         st.pending_vision = k
         self._vz.clear()
         return hidden
+
+
+def row_generators(input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None,
+                   seed: int) -> list[torch.Generator]:
+    """One CPU generator per row, seeded from `seed` and the row's own content (its unpadded token ids, and its
+    image when pixel_values holds one image per row): a sample draws the same numbers at any batch size or position.
+
+    input_ids, attention_mask: [B, N]; pixel_values: [B, C, H, W] (other shapes: the ids alone name the row).
+    """
+    ids = input_ids.detach().to("cpu", torch.int64)
+    valid = attention_mask.detach().to("cpu").bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    one_per_row = isinstance(pixel_values, Tensor) and pixel_values.shape[0] == ids.shape[0]
+    out = []
+    for b in range(ids.shape[0]):
+        digest = hashlib.blake2b(str(int(seed)).encode(), digest_size=8)
+        digest.update(ids[b][valid[b]].numpy().tobytes())
+        if one_per_row:
+            digest.update(pixel_values[b].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        out.append(torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1))
+    return out
 
 
 class _Closer:

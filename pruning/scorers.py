@@ -39,7 +39,7 @@ class ScoringContext:
     text_index: Tensor  # [B, T] long: positions of the text tokens (after the vision span), padded
     text_mask: Tensor  # [B, T] bool
     key_mask: Tensor  # [B, K] bool: keys that are real tokens (False = padding)
-    generator: torch.Generator | None = None  # for `random`
+    generators: list[torch.Generator] | None = None  # one per row, for scorers registered with seeded=True
     hidden_states: Tensor | None = None  # [B, K, D] the stage layer's output (input of layer l+1)
     next_layer: nn.Module | None = None  # decoder layer l+1 (.input_layernorm, .self_attn.{q_proj,k_proj})
     position_embeddings: tuple[Tensor, Tensor] | None = None  # (cos, sin) [B, K, head_dim] for the current tokens
@@ -57,22 +57,27 @@ class ScorerSpec:
     fn: ScorerFn
     rows: str
     options: dict
+    seeded: bool = False  # draws random numbers: the engine gives it ctx.generators, one per row
 
 
 _REGISTRY: dict[str, ScorerSpec] = {}
 
 
 def register_scorer(
-    name: str, rows: str, options: dict[str, Any] | None = None, replace: bool = False
+    name: str, rows: str, options: dict[str, Any] | None = None, replace: bool = False, seeded: bool = False
 ) -> Callable[[ScorerFn], ScorerFn]:
-    """Decorator: register `fn(ctx, **options) -> [B, V]` under `name`, needing query rows `rows`."""
+    """Decorator: register `fn(ctx, **options) -> [B, V]` under `name`, needing query rows `rows`.
+
+    `seeded=True`: the scorer draws random numbers from `ctx.generators` (one generator per row, seeded by the
+    engine from its seed and the row's own content, so a sample gets the same draws at any batch size or position).
+    """
     if rows not in ROW_KINDS:
         raise ValueError(f"rows = {rows!r} for scorer {name!r}: must be one of {list(ROW_KINDS)}")
 
     def decorate(fn: ScorerFn) -> ScorerFn:
         if name in _REGISTRY and not replace:
             raise ValueError(f"scorer {name!r} is already registered (pass replace=True to override it)")
-        _REGISTRY[name] = ScorerSpec(name=name, fn=fn, rows=rows, options=dict(options or {}))
+        _REGISTRY[name] = ScorerSpec(name=name, fn=fn, rows=rows, options=dict(options or {}), seeded=seeded)
         return fn
 
     return decorate
@@ -256,13 +261,15 @@ def pyramiddrop(ctx: ScoringContext) -> Tensor:
     return probs.gather(1, ctx.vision_index)
 
 
-@register_scorer("random", rows="none")
+@register_scorer("random", rows="none", seeded=True)
 def random_scores(ctx: ScoringContext) -> Tensor:
-    """Uniform random scores from ctx.generator (each row its own draws)."""
-    if ctx.generator is None:
-        raise ValueError("scorer 'random' needs ctx.generator (a seeded torch.Generator), got None")
-    shape = tuple(ctx.vision_index.shape)
-    return torch.rand(shape, generator=ctx.generator, device=ctx.generator.device).to(ctx.vision_index.device)
+    """Uniform random scores, row b drawn from ctx.generators[b] (its own seeded generator)."""
+    b, v = ctx.vision_index.shape
+    if ctx.generators is None or len(ctx.generators) != b:
+        raise ValueError(f"scorer 'random' needs ctx.generators, one seeded torch.Generator per row ({b}), "
+                         f"got {None if ctx.generators is None else len(ctx.generators)}")
+    rows = [torch.rand(v, generator=g, device=g.device) for g in ctx.generators]
+    return torch.stack(rows).to(ctx.vision_index.device)  # [B, V]
 
 
 # ------------------------------------------------------------------------- VisionZip

@@ -189,6 +189,55 @@ def test_padded_batch_equals_rows_alone_in_prefill_and_generation(model6, positi
         assert batch_gen[r, seq:].tolist() == gen[0, single["input_ids"].shape[1]:].tolist()
 
 
+def test_random_pruning_depends_on_the_sample_not_on_batch_size_or_position(model6):
+    """A sample keeps the same random tokens alone, at any position of a batch, and in batches of any size."""
+    lengths = [5, 9, 2]
+    inputs = _inputs(lengths, seed=3)
+    schedule = _schedule([(0, 9), (2, 4)])
+    seq = inputs["input_ids"].shape[1]
+
+    def kept_alone(r: int) -> list[list[int]]:
+        real = inputs["attention_mask"][r].bool()
+        single = {"input_ids": inputs["input_ids"][r:r + 1, real], "attention_mask": inputs["attention_mask"][r:r + 1, real],
+                  "pixel_values": inputs["pixel_values"][r:r + 1]}
+        with PruningEngine(model6, schedule, "random", seed=5) as engine, torch.no_grad():
+            model6(**single)
+        pad = seq - int(real.sum())
+        return [(p[0] + pad).tolist() for p in engine.record.kept_positions]
+
+    with PruningEngine(model6, schedule, "random", seed=5) as engine, torch.no_grad():
+        model6(**inputs)
+        model6(**inputs)  # a second prefill draws the same numbers again
+    batch_kept = [[p[r].tolist() for p in engine.record.kept_positions] for r in range(len(lengths))]
+    alone = [kept_alone(r) for r in range(len(lengths))]
+    assert batch_kept == alone
+    assert alone[0] != alone[1] != alone[2]  # different samples, different draws
+    reordered = {k: v[[2, 0, 1]] for k, v in inputs.items()}
+    with PruningEngine(model6, schedule, "random", seed=5) as engine, torch.no_grad():
+        model6(**reordered)
+    assert [p[1].tolist() for p in engine.record.kept_positions] == batch_kept[0]
+    with PruningEngine(model6, schedule, "random", seed=6) as engine, torch.no_grad():
+        model6(**inputs)
+    assert [[p[r].tolist() for p in engine.record.kept_positions] for r in range(3)] != batch_kept  # the seed matters
+
+
+def test_input_ids_and_pixel_values_of_different_batch_sizes_are_refused(model6):
+    from pruning.engine import EngineError
+
+    inputs = _inputs([4, 4], seed=1)
+    inputs["pixel_values"] = inputs["pixel_values"][:1]
+    with PruningEngine(model6, _schedule([(0, 9)]), "adaptinfer") as engine, torch.no_grad():
+        with pytest.raises(EngineError, match="input_ids holds 2 rows .* pixel_values holds 1 images"):
+            model6(**inputs)
+
+
+def test_unknown_scorer_options_are_refused_when_the_engine_is_made(model6):
+    from pruning.engine import EngineError
+
+    with pytest.raises(EngineError, match="text_weight_blnd.*text_weight_blend"):
+        PruningEngine(model6, _schedule([(0, 9)]), "adaptinfer", scorer_options={"text_weight_blnd": 0})
+
+
 @pytest.mark.parametrize("positions", ["keep", "renumber"])
 def test_decode_with_pruned_cache_equals_reference_on_the_full_sequence(model6, positions):
     """Each decode step's logits equal the hand-built reference run on prompt + generated tokens with the same drops."""

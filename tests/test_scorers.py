@@ -240,16 +240,21 @@ def test_pyramiddrop_needs_hidden_states():
 def test_random_is_reproducible_per_seed():
     batch = padded_batch()
 
-    def draw(seed: int) -> torch.Tensor:
-        return score("random", context(batch, generator=torch.Generator().manual_seed(seed)))
+    rows = batch["vision_index"].shape[0]
 
-    a, b, c = draw(5), draw(5), draw(6)
+    def draw(*seeds: int) -> torch.Tensor:
+        return score("random", context(batch, generators=[torch.Generator().manual_seed(s) for s in seeds]))
+
+    a, b, c = draw(5, 7), draw(5, 7), draw(6, 7)
     torch.testing.assert_close(a, b)
-    assert not torch.equal(a, c)
-    assert not torch.equal(a[0], a[1])  # each row its own draws
+    assert not torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])  # each row draws from its own generator
+    assert not torch.equal(a[0], a[1])
     assert ((a >= 0) & (a < 1)).all()
-    with pytest.raises(ValueError, match="ctx.generator"):
+    assert rows == 2
+    with pytest.raises(ValueError, match="ctx.generators, one seeded torch.Generator per row"):
         score("random", context(batch))
+    with pytest.raises(ValueError, match="per row"):
+        draw(5)
 
 
 # ---------------------------------------------------------------- select
