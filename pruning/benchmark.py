@@ -16,11 +16,22 @@ Methods (configs/method/*.yaml) name a `scorer` and how their schedule is made, 
 * any other value: a schedule in configs/schedule/ used as is (its own budget; `budgets` does not apply).
 
 A budget below what a method's layers allow (every layer up to the first stage sees every vision token) gives a
-row with status `infeasible` and the allowed range in `note`, instead of a silently different budget.
+row with status `infeasible` and the allowed range in `note`, instead of a silently different budget. That is the
+only outcome recorded without numbers: an *invalid* method, schedule file or setting is an error that names the
+file and field, raised before anything is written; and an infeasible row never blocks a later run that can compute
+it (a rerun recomputes it).
+
+Row identity (pruning/results.py): every setting that can change a number is part of a row's key. `setup_id`
+hashes what the unpruned baseline shares with the pruned rows (model source, revision, dtype, attention
+implementation, device type, execution mode, data options, max_new_tokens, timing batch); `variant_id` hashes that
+plus the method's resolved settings (scorer, scorer options with their defaults, resolved schedule, positions, the
+seed for scorers that draw random numbers). `variant` says in words how the method differs from its config file
+(e.g. `positions=renumber`), `model_settings` how the model was loaded.
 """
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import datetime as _dt
 import hashlib
 import logging
@@ -36,7 +47,11 @@ from tqdm.auto import tqdm
 
 from pruning import results as res
 from pruning.runner import RunOutput, TimingSpec, evaluate
-from pruning.schedule import BEFORE_LM, CONVENTIONS, Schedule, ScheduleError, allocate_keep, round_half_up
+from pruning.schedule import (BEFORE_LM, CONVENTIONS, BudgetUnreachable, Schedule, ScheduleError, allocate_keep,
+                              round_half_up)
+from pruning.scorers import get_scorer
+from vlm.cli import run_main
+from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
 from vlm.tasks.base import Task, TaskError, VQASample, build_task, data_spec
 
@@ -46,9 +61,12 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 METHOD_KEYS = ("name", "scorer", "schedule", "layers", "reference_layers", "positions", "scorer_options",
                "schedule_path")
 SCHEDULE_NONE, SCHEDULE_ALLOCATE, SCHEDULE_DERIVED = "none", "allocate", "derived"
+EXECUTION = "eager"  # the forward mode; part of every row's identity
+RANDOM_SCORERS = ("random",)  # scorers whose numbers depend on `seed`
+ID_DIGITS = 10
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(UserError, ValueError):
     """A benchmark configuration that cannot run; the message names the setting and what would be right."""
 
 
@@ -89,8 +107,12 @@ def check_method(method: Mapping[str, Any]) -> dict[str, Any]:
     if schedule == SCHEDULE_DERIVED and not method.get("schedule_path"):
         raise BenchmarkError(
             f"method {method['name']!r}: schedule=derived needs `schedule_path` (a schedule.yaml written by "
-            f"`python -m analysis.derive`), e.g. method_overrides.{method['name']}.schedule_path=PATH"
+            f"`python -m analysis.derive`): add method.schedule_path=PATH to `method={method['name']}`, or "
+            f"+method_overrides.{method['name']}.schedule_path=PATH when it is one of `methods=[...]`"
         )
+    options = method.get("scorer_options") or {}
+    if not isinstance(options, Mapping):
+        raise BenchmarkError(f"method {method['name']!r}: scorer_options={options!r} must be a mapping of option: value")
     return method
 
 
@@ -120,13 +142,18 @@ def budgets_from_config(cfg: Mapping[str, Any]) -> list[float]:
     budgets = cfg.get("budgets")
     if budgets is None:
         raise BenchmarkError("budgets is not set; give a list of target budgets, e.g. budgets=[192,128,64]")
-    if isinstance(budgets, (int, float)) and not isinstance(budgets, bool):
+    if isinstance(budgets, (str, bytes)) or not isinstance(budgets, Sequence):
         budgets = [budgets]
     out = []
     for b in budgets:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0:
-            raise BenchmarkError(f"budgets contains {b!r}; every budget must be a number >= 0 (vision tokens per layer)")
+            raise BenchmarkError(
+                f"budgets={cfg.get('budgets')!r}: {b!r} is not a number; every budget must be a number >= 0 (mean "
+                "vision tokens per decoder layer), e.g. budgets=[192,128] or budgets=64"
+            )
         out.append(int(b) if float(b).is_integer() else float(b))
+    if not out:
+        raise BenchmarkError("budgets=[] names no budget; give at least one, e.g. budgets=[192,128]")
     return out
 
 
@@ -134,9 +161,13 @@ def budgets_from_config(cfg: Mapping[str, Any]) -> list[float]:
 def scale_layers(layers: Sequence[int], num_layers: int, reference_layers: int | None) -> list[int]:
     """Map stage layers given for a `reference_layers`-deep model onto a `num_layers`-deep one.
 
-    Rule: l -> round_half_up(l * num_layers / reference_layers), clipped to 0..num_layers-2, then each layer raised
-    to one above the previous where needed so the stages stay strictly increasing; layer -1 (before the LM) stays.
-    With reference_layers None (or equal to num_layers) the layers are used as given.
+    A stage at layer l drops tokens after l + 1 layers have run, so what scales is that number of layers before the
+    drop: l -> round_half_up((l + 1) * num_layers / reference_layers) - 1, clipped to 0..num_layers-2, then each
+    layer raised to one above the previous where needed so the stages stay strictly increasing. The drop then lands
+    at the same fraction of the stack as in the reference (scaling l itself would land it about
+    (1 - num_layers / reference_layers) layers late). Layer -1 (before the LM) stays. With reference_layers None
+    (or equal to num_layers) the layers are used as given. Examples for the reference [1, 10, 20] of 32 layers:
+    8 layers -> [0, 2, 4], 16 -> [0, 5, 10], 40 -> [2, 13, 25].
     """
     last = num_layers - 2
     out: list[int] = []
@@ -145,7 +176,7 @@ def scale_layers(layers: Sequence[int], num_layers: int, reference_layers: int |
         if layer == BEFORE_LM or not reference_layers or reference_layers == num_layers:
             scaled = layer
         else:
-            scaled = min(max(round_half_up(layer * num_layers / reference_layers), 0), last)
+            scaled = min(max(round_half_up((layer + 1) * num_layers / reference_layers) - 1, 0), last)
         if out and scaled <= out[-1]:
             scaled = out[-1] + 1
         if scaled > last:
@@ -175,6 +206,16 @@ def named_schedule(name: str, configs_dir: Path = CONFIGS_DIR) -> Schedule:
     return Schedule.from_yaml(path)
 
 
+def _schedule_file(method: Mapping[str, Any], path: Path, num_layers: int, initial: int) -> Schedule:
+    """The schedule in `path`, checked against the model; any defect is a BenchmarkError naming method and file."""
+    try:
+        return Schedule.from_yaml(path).validate(num_layers=num_layers, initial=initial)
+    except ScheduleError as err:
+        text = str(err)
+        where = "" if str(path) in text else f"{str(path)!r}: "
+        raise BenchmarkError(f"method {method['name']!r}: invalid schedule {where}{text}") from None
+
+
 def _with_positions(schedule: Schedule, positions: str | None) -> Schedule:
     return schedule if not positions else dataclasses.replace(schedule, positions=positions)
 
@@ -185,8 +226,8 @@ def method_schedule(
 ) -> Schedule:
     """The schedule a method uses at `budget` on a model with `num_layers` layers and `initial` vision tokens.
 
-    Raises ScheduleError when the budget is out of reach of the method's stage layers (an infeasible run) and
-    BenchmarkError when the method itself is misconfigured.
+    Raises BudgetUnreachable when the budget is out of reach of the method's (valid) stage layers, an infeasible
+    run, and BenchmarkError when the method, its schedule file or a setting is invalid.
     """
     if convention not in CONVENTIONS:
         raise BenchmarkError(f"convention={convention!r} must be one of {list(CONVENTIONS)}")
@@ -201,13 +242,12 @@ def method_schedule(
                              name=name)
     if kind == SCHEDULE_DERIVED:
         path = Path(str(method["schedule_path"]))
-        if not path.is_file():
+        if not path.exists():
             raise BenchmarkError(
                 f"method {method['name']!r}: schedule_path={str(path)!r} does not exist; run "
                 "`python -m analysis.derive input=<records dir> budget=...` first and point schedule_path at its schedule.yaml"
             )
-        derived = Schedule.from_yaml(path)
-        derived.validate(num_layers=num_layers, initial=initial)
+        derived = _schedule_file(method, path, num_layers, initial)
         fitted = dataclasses.replace(derived, num_layers=num_layers, vision_tokens=initial)
         if abs(fitted.budget(convention=convention) - float(budget)) <= 1.0:
             return _with_positions(fitted, positions)
@@ -216,8 +256,8 @@ def method_schedule(
         realloc.provenance = {"derived_from": str(path), "derived_provenance": dict(derived.provenance),
                               **realloc.provenance}
         return realloc
-    schedule = named_schedule(str(kind), configs_dir)
-    schedule.validate(num_layers=num_layers, initial=initial)
+    named_schedule(str(kind), configs_dir)  # an unknown name is reported as such
+    schedule = _schedule_file(method, configs_dir / "schedule" / f"{kind}.yaml", num_layers, initial)
     return _with_positions(schedule, positions)
 
 
@@ -229,23 +269,118 @@ def fixed_budget(method: Mapping[str, Any]) -> bool:
 # -- rows -------------------------------------------------------------------------------------------------------
 def config_id(cfg: Mapping[str, Any]) -> str:
     """Short hash of the resolved run config (without hydra's own settings)."""
-    text = yaml.safe_dump({k: v for k, v in cfg.items() if k != "hydra"}, sort_keys=True, default_flow_style=None)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    return short_hash({k: v for k, v in cfg.items() if k != "hydra"})
+
+
+def short_hash(value: Any) -> str:
+    """A short, stable hash of a plain value (mappings hashed with sorted keys)."""
+    text = yaml.safe_dump(value, sort_keys=True, default_flow_style=None)
+    return hashlib.sha256(text.encode()).hexdigest()[:ID_DIGITS]
 
 
 def _numbers(values: Sequence[int]) -> str:
     return " ".join(str(int(v)) for v in values)
 
 
+def model_settings(model_cfg: Mapping[str, Any], loaded: LoadedModel) -> dict[str, Any]:
+    """How the model was loaded, as far as it can change a number: source or random architecture, dtype, ..."""
+    model_cfg = dict(model_cfg or {})
+    settings: dict[str, Any] = {}
+    if model_cfg.get("source"):
+        settings.update(source=str(model_cfg["source"]), revision=model_cfg.get("revision"))
+    else:
+        settings.update(arch=short_hash(plain(model_cfg.get("arch"))), seed=model_cfg.get("seed", 0),
+                        processor=model_cfg.get("processor"))
+    settings.update(dtype=str(loaded.dtype).replace("torch.", ""),
+                    attn=str(getattr(loaded.config, "_attn_implementation", None) or model_cfg.get("attn_implementation")),
+                    device=loaded.device.type, execution=EXECUTION)
+    return settings
+
+
+def describe(settings: Mapping[str, Any]) -> str:
+    """`key=value` pairs of the settings that are set, space-separated."""
+    return " ".join(f"{k}={v}" for k, v in settings.items() if v is not None and v != "")
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+def method_variant(method: Mapping[str, Any], configs_dir: Path = CONFIGS_DIR) -> str:
+    """How `method` differs from configs/method/<name>.yaml, e.g. 'positions=renumber' ('' = as the file says)."""
+    path = configs_dir / "method" / f"{method['name']}.yaml"
+    stock = _flat("", load_method(str(method["name"]), configs_dir)) if path.is_file() else {}
+    mine = _flat("", dict(method))
+    changed = {k: v for k, v in mine.items() if k not in stock or stock[k] != v}
+    changed.update({k: None for k in stock if k not in mine})
+    return " ".join(f"{k}={v}" for k, v in sorted(changed.items()) if not (v is None and k not in stock))
+
+
+def scorer_settings(method: Mapping[str, Any]) -> dict[str, Any]:
+    """The scorer's options with its defaults filled in (what the scorer really runs with)."""
+    options = dict(method.get("scorer_options") or {})
+    scorer = method.get("scorer")
+    try:
+        defaults = dict(get_scorer(str(scorer)).options) if scorer else {}
+    except KeyError:  # selectors before the LM (visionzip) declare no options here
+        defaults = {}
+    return {**defaults, **options}
+
+
+@dataclass
+class PlannedRun:
+    """One (method, budget) of a benchmark: its resolved schedule (None = infeasible, see `reason`) and identity."""
+
+    method: dict[str, Any]
+    budget: float
+    schedule: Schedule | None
+    reason: str = ""
+    key: dict[str, Any] = dataclasses.field(default_factory=dict)
+    variant: str = ""
+    variant_id: str = ""
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.method["schedule"] == SCHEDULE_NONE
+
+
+def identify(run: PlannedRun, group: Mapping[str, Any], setup: Mapping[str, Any], convention: str,
+             seed: int) -> PlannedRun:
+    """Fill in the run's key, `variant` and `variant_id` (see the module docstring)."""
+    method, budget = run.method, run.budget
+    identity: dict[str, Any] = {
+        "setup": dict(setup), "scorer": method.get("scorer"), "scorer_options": scorer_settings(method),
+        "schedule_kind": method["schedule"],
+    }
+    if run.schedule is not None:
+        identity.update(schedule=schedule_string(run.schedule), positions=run.schedule.positions)
+    else:  # infeasible: what was asked
+        identity.update({k: method.get(k) for k in ("layers", "reference_layers", "positions", "schedule_path")})
+    if method.get("scorer") in RANDOM_SCORERS:
+        identity["seed"] = seed
+    run.variant = method_variant(method)
+    run.variant_id = short_hash(identity)
+    run.key = {**group, "convention": "" if run.is_baseline else convention, "method": method["name"],
+               "budget": int(budget) if math.isfinite(budget) and float(budget).is_integer() else budget,
+               "variant_id": run.variant_id}
+    return run
+
+
 def make_row(
     *, key: Mapping[str, Any], method: Mapping[str, Any], schedule: Schedule | None, loaded: LoadedModel,
     output: RunOutput | None, metrics: Mapping[str, float] | None, batch_size: int, cfg_id: str,
-    status: str = res.STATUS_OK, note: str = "",
+    status: str = res.STATUS_OK, note: str = "", variant: str = "", settings: str = "",
 ) -> dict[str, Any]:
     """One results row (see pruning.results.COLUMNS)."""
     n_layers, n_vision = loaded.num_layers, loaded.vision_tokens_per_image
     row: dict[str, Any] = dict(key)
-    row.update(status=status, scorer=method.get("scorer") or "", schedule=schedule_string(schedule),
+    row.update(status=status, variant=variant, model_settings=settings, scorer=method.get("scorer") or "",
+               schedule=schedule_string(schedule),
                positions=schedule.positions if schedule is not None else "", batch_size=batch_size,
                config_id=cfg_id, timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                note=note)
@@ -274,8 +409,64 @@ def _expected_vision(schedule: Schedule, n_layers: int, n_vision: int) -> list[i
 
 
 # -- the benchmark ----------------------------------------------------------------------------------------------
+def check_results_dir(results_dir: Path) -> Path:
+    """`results_dir` must be a directory (or not exist yet) whose results.csv, if any, is a table of this toolkit."""
+    if results_dir.exists() and not results_dir.is_dir():
+        raise BenchmarkError(f"results_dir={str(results_dir)!r} is a file; results_dir must be a directory "
+                             "(it holds results.csv, summary.md and plots/)")
+    res.read_table(results_dir)  # raises ResultsError naming the file when it is not a results table
+    return results_dir
+
+
+def plan_runs(methods: Sequence[Mapping[str, Any]], budgets: Sequence[float], loaded: LoadedModel, convention: str,
+              baseline: bool = True) -> list[PlannedRun]:
+    """Every (method, budget) of the run in order, the baseline first, each with its schedule resolved.
+
+    Invalid methods, schedule files or scorer settings raise BenchmarkError here, before anything runs or is
+    written; a budget out of reach of a valid method's layers becomes a run with `schedule=None` and the reason.
+    """
+    from pruning.engine import PruningEngine
+
+    n_layers, n_vision = loaded.num_layers, loaded.vision_tokens_per_image
+    pairs: list[tuple[dict, float]] = []
+    base = next((m for m in methods if m["schedule"] == SCHEDULE_NONE), None)
+    if base is None and baseline:
+        base = check_method(load_method(res.BASELINE_METHOD))
+    if base is not None:
+        pairs.append((dict(base), float(n_vision)))
+    for m in methods:
+        if m is base or m["schedule"] == SCHEDULE_NONE:
+            continue
+        if fixed_budget(m):
+            preset = method_schedule(m, n_layers, n_vision, 0.0, convention)
+            pairs.append((dict(m), round(preset.budget(n_layers, n_vision, convention), 3)))
+        else:
+            pairs += [(dict(m), float(b)) for b in budgets]
+    runs = []
+    for method, budget in pairs:
+        try:
+            schedule = method_schedule(method, n_layers, n_vision, budget, convention)
+        except BudgetUnreachable as err:
+            runs.append(PlannedRun(method, budget, None, reason=str(err)))
+            continue
+        except ScheduleError as err:
+            raise BenchmarkError(f"method {method['name']!r} at budget {budget:g}: {err}") from None
+        if schedule.stages:
+            try:  # the engine's own checks (scorer name and options, stage layers) without attaching anything
+                PruningEngine(loaded.model, schedule, scorer=method.get("scorer"),
+                              scorer_options=method.get("scorer_options") or {})
+            except (KeyError, ValueError, UserError) as err:
+                raise BenchmarkError(f"method {method['name']!r}: {str(err).strip(chr(34))}") from None
+        runs.append(PlannedRun(method, budget, schedule))
+    return runs
+
+
 def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
-    """Run every (method, budget) of `cfg` (configs/benchmark.yaml) not yet in the table; returns results_dir."""
+    """Run every (method, budget) of `cfg` (configs/benchmark.yaml) not yet in the table; returns results_dir.
+
+    Everything is checked before the first run (methods, budgets, schedule files, data, model, results_dir), so an
+    invalid configuration writes nothing.
+    """
     cfg = plain(cfg)
     convention = str(cfg.get("convention", "processed"))
     if convention not in CONVENTIONS:
@@ -286,17 +477,15 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
         data = data_spec(cfg.get("data") or {})
     except TaskError as err:
         raise BenchmarkError(str(err)) from err
-    results_dir = Path(str(cfg.get("results_dir") or "outputs/benchmark"))
-    results_dir.mkdir(parents=True, exist_ok=True)
+    results_dir = check_results_dir(Path(str(cfg.get("results_dir") or "outputs/benchmark")))
     timing = TimingSpec(**dict(cfg.get("timing") or {})).check()
-    batch_size = int(cfg.get("batch_size", 8))
+    batch_size = _int_setting(cfg, "batch_size", 8)
     rerun = bool(cfg.get("rerun", False))
     progress = bool(cfg.get("progress", True))
-    seed = int(cfg.get("seed", 0))
+    seed = _int_setting(cfg, "seed", 0)
     if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
+        torch.set_num_threads(_int_setting(cfg, "threads", 1))
     cfg_id = config_id(cfg)
-    _write_config(results_dir, cfg, cfg_id)
 
     task: Task = build_task(data["task"], **data["options"])
     samples: list[VQASample] = list(task.samples(data["split"], limit=data["limit"]))
@@ -305,45 +494,39 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
     max_new_tokens = int(cfg.get("max_new_tokens") or task.max_new_tokens)
     loaded = load_from_config(cfg["model"])
     n_layers, n_vision = loaded.num_layers, loaded.vision_tokens_per_image
-    group = {"model": loaded.name, "task": data["task"], "split": data["split"], "limit": data["limit"]}
-
-    # the plan: (method, budget key, budget target) in order, the baseline first
-    plan: list[tuple[dict, float]] = []
-    baseline = next((m for m in methods if m["schedule"] == SCHEDULE_NONE), None)
-    if baseline is None and cfg.get("baseline", True):
-        baseline = check_method(load_method(res.BASELINE_METHOD))
-    if baseline is not None:
-        plan.append((baseline, float(n_vision)))
-    for m in methods:
-        if m is baseline or m["schedule"] == SCHEDULE_NONE:
-            continue
-        if fixed_budget(m):
-            try:
-                preset = named_schedule(str(m["schedule"]))
-                plan.append((m, round(preset.budget(n_layers, n_vision, convention), 3)))
-            except ScheduleError:  # made for another model: recorded as an infeasible row below
-                plan.append((m, float("nan")))
-        else:
-            plan += [(m, float(b)) for b in budgets]
+    settings = model_settings(cfg["model"], loaded)
+    setup = {"model": settings, "data": plain(data["options"]), "max_new_tokens": max_new_tokens,
+             "timing_batch": timing.batch_size}
+    group = {"model": loaded.name, "task": data["task"], "split": data["split"], "limit": data["limit"],
+             "setup_id": short_hash(setup)}
+    runs = [identify(r, group, setup, convention, seed)
+            for r in plan_runs(methods, budgets, loaded, convention, bool(cfg.get("baseline", True)))]
 
     table = res.read_table(results_dir)
-    outer = tqdm(plan, desc=f"benchmark {data['name']}", unit="run", disable=not progress)
-    for method, budget in outer:
-        is_base = method["schedule"] == SCHEDULE_NONE
-        key = {**group, "convention": "" if is_base else convention, "method": method["name"],
-               "budget": int(budget) if math.isfinite(budget) and float(budget).is_integer() else budget}
+    written = False
+
+    def store(row: dict[str, Any]) -> None:
+        nonlocal table, written
+        if not written:  # the first row: the run is valid and has produced something
+            _write_config(results_dir, cfg, cfg_id)
+            written = True
+        table = res.upsert_rows(results_dir, [row])
+
+    outer = tqdm(runs, desc=f"benchmark {data['name']}", unit="run", disable=not progress)
+    for run in outer:
+        method, key = run.method, run.key
+        common = dict(key=key, method=method, loaded=loaded, batch_size=batch_size, cfg_id=cfg_id,
+                      variant=run.variant, settings=describe(settings))
         if not rerun and res.has_row(table, key):
             log.info("skip %s at %s: already in %s", method["name"], key["budget"], results_dir)
             continue
         outer.set_postfix_str(f"{method['name']}@{key['budget']}")
-        try:
-            schedule = method_schedule(method, n_layers, n_vision, budget, convention)
-        except ScheduleError as err:
-            row = make_row(key=key, method=method, schedule=None, loaded=loaded, output=None, metrics=None,
-                           batch_size=batch_size, cfg_id=cfg_id, status=res.STATUS_INFEASIBLE, note=str(err))
-            table = res.upsert_rows(results_dir, [row])
-            log.warning("%s at budget %s is infeasible: %s", method["name"], key["budget"], err)
+        if run.schedule is None:
+            store(make_row(schedule=None, output=None, metrics=None, status=res.STATUS_INFEASIBLE, note=run.reason,
+                           **common))
+            log.warning("%s at budget %s is infeasible: %s", method["name"], key["budget"], run.reason)
             continue
+        schedule = run.schedule
         torch.manual_seed(seed)
         output = evaluate(
             loaded, samples, schedule=schedule if schedule.stages else None, scorer=method.get("scorer"),
@@ -356,15 +539,23 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
         if output.vision_per_layer != expected:
             note = f"engine processed vision tokens {output.vision_per_layer}, schedule says {expected}"
             log.warning("%s: %s", method["name"], note)
-        row = make_row(key=key, method=method, schedule=schedule, loaded=loaded, output=output, metrics=metrics,
-                       batch_size=batch_size, cfg_id=cfg_id, note=note)
-        table = res.upsert_rows(results_dir, [row])
+        store(make_row(schedule=schedule, output=output, metrics=metrics, note=note, **common))
     outer.close()
-    table = res.read_table(results_dir)
-    res.write_summary(results_dir, table)
-    if cfg.get("plots", True):
-        res.plot_tradeoffs(table, results_dir / res.PLOTS_DIR)
+    if results_dir.is_dir():
+        table = res.read_table(results_dir)
+        res.write_summary(results_dir, table)
+        if cfg.get("plots", True):
+            res.plot_tradeoffs(table, results_dir / res.PLOTS_DIR)
     return results_dir
+
+
+def _int_setting(cfg: Mapping[str, Any], key: str, default: int) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BenchmarkError(f"{key}={value!r} must be an integer")
+    return value
 
 
 def _write_config(results_dir: Path, cfg: Mapping[str, Any], cfg_id: str) -> None:
@@ -378,7 +569,7 @@ def _write_config(results_dir: Path, cfg: Mapping[str, Any], cfg_id: str) -> Non
 @hydra.main(config_path="../configs", config_name="benchmark", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: run_benchmark over the composed config, then point at the outputs."""
-    out = run_benchmark(cfg)
+    out = run_main(run_benchmark, cfg)
     print(f"results: {out / res.RESULTS_NAME}\nsummary: {out / res.SUMMARY_NAME}\nplots:   {out / res.PLOTS_DIR}")
 
 

@@ -2,15 +2,22 @@
 
 Layout of a results directory (shared by every run and every Hydra multirun job that points at it)::
 
-    results.csv          one row per (model, task, split, limit, convention, method, budget)
+    results.csv          one row per (model, task, split, limit, setup_id, convention, method, budget, variant_id)
     results.csv.lock     advisory lock held while the table is rewritten (parallel jobs)
     config.yaml          the resolved config of the latest run
     configs/<id>.yaml    the resolved config of every run; rows name theirs in `config_id`
     summary.md           pivots per (model, task, split): method x budget accuracy / retention / latency / TFLOPs
     plots/*.png          metric vs budget, latency vs budget, accuracy vs TFLOPs
 
-Rows are keyed by KEY_COLUMNS; writing a row whose key is already in the table replaces the old row.
-`retention` is recomputed on every write from the unpruned row of the same (model, task, split, limit).
+Rows are keyed by KEY_COLUMNS; writing a row whose key is already in the table replaces the old row. `setup_id`
+and `variant_id` (pruning/benchmark.py) hash every setting that can change a number, so two variants of a method
+(other positions, scorer options, schedule file, dtype, ...) never share a row; `variant` and `model_settings` say
+the same in words. `retention` is recomputed on every write from the unpruned row of the same GROUP_COLUMNS.
+A row with status `infeasible` holds no numbers and never counts as present (`has_row`): a later run recomputes it.
+
+Summaries and plots compare methods at equal *processed* budget (`budget_processed`, the mean vision tokens each
+decoder layer really processes, which is what a method costs); a run's `budget` column is the target in its own
+`convention`, and `budget_paper` is kept beside for comparison with published tables.
 """
 from __future__ import annotations
 
@@ -24,25 +31,29 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
 
+from vlm.errors import UserError
+
 RESULTS_NAME = "results.csv"
 SUMMARY_NAME = "summary.md"
 PLOTS_DIR = "plots"
 BASELINE_METHOD = "unpruned"
-KEY_COLUMNS: tuple[str, ...] = ("model", "task", "split", "limit", "convention", "method", "budget")
-GROUP_COLUMNS: tuple[str, ...] = ("model", "task", "split", "limit")
+GROUP_COLUMNS: tuple[str, ...] = ("model", "task", "split", "limit", "setup_id")
+KEY_COLUMNS: tuple[str, ...] = GROUP_COLUMNS + ("convention", "method", "budget", "variant_id")
 # Leading columns, in this order; metric_* and any others follow.
 COLUMNS: tuple[str, ...] = (
-    "model", "task", "split", "limit", "convention", "method", "budget", "status", "scorer", "schedule",
-    "positions", "budget_processed", "budget_paper", "accuracy", "retention", "prefill_ms", "generate_ms",
-    "tflops", "peak_mem_mb", "n_samples", "batch_size", "timing_batch", "vision_per_layer", "tokens_per_layer",
-    "device", "config_id", "timestamp", "note",
+    "model", "task", "split", "limit", "setup_id", "convention", "method", "budget", "variant_id", "status",
+    "variant", "scorer", "schedule", "positions", "budget_processed", "budget_paper", "accuracy", "retention",
+    "prefill_ms", "generate_ms", "tflops", "peak_mem_mb", "n_samples", "batch_size", "timing_batch",
+    "vision_per_layer", "tokens_per_layer", "device", "model_settings", "config_id", "timestamp", "note",
 )
+# Two rows whose processed budgets differ by at most this many vision tokens per layer are ranked together.
+EQUAL_COST_TOLERANCE = 1.0
 STATUS_OK = "ok"
 STATUS_INFEASIBLE = "infeasible"
 RETENTION_TARGET = 0.95  # the summary names the methods that keep this share of the unpruned accuracy
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError, ValueError):
     """A results table or row that cannot be used; the message says what is wrong and what would be right."""
 
 
@@ -117,7 +128,7 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_retention(table: pd.DataFrame) -> pd.DataFrame:
-    """`retention` = accuracy / the unpruned accuracy of the same (model, task, split, limit); NaN without one."""
+    """`retention` = accuracy / the unpruned accuracy of the same GROUP_COLUMNS; NaN without one."""
     table = table.copy()
     if table.empty:
         table["retention"] = pd.Series(dtype=float)
@@ -158,16 +169,17 @@ def upsert_rows(results_dir: str | Path, rows: Sequence[Mapping[str, Any]]) -> p
 
 
 def has_row(table: pd.DataFrame, key: Mapping[str, Any]) -> bool:
-    """True when the table holds a row with this key (see KEY_COLUMNS)."""
+    """True when the table holds a computed row with this key (KEY_COLUMNS); infeasible rows do not count."""
     if table.empty:
         return False
     wanted = row_key(key)
     keys = table[list(KEY_COLUMNS)].apply(lambda r: row_key(r.to_dict()), axis=1)
-    return bool((keys == wanted).any())
+    computed = table["status"].astype(str) != STATUS_INFEASIBLE
+    return bool(((keys == wanted) & computed).any())
 
 
 def find_baseline(table: pd.DataFrame, group: Mapping[str, Any]) -> pd.Series | None:
-    """The unpruned row for this (model, task, split, limit), or None."""
+    """The unpruned row for this group (GROUP_COLUMNS), or None."""
     if table.empty:
         return None
     wanted = tuple(key_value(group[c]) for c in GROUP_COLUMNS)
@@ -203,20 +215,44 @@ def _budget_label(budget: Any) -> str:
     return str(int(value)) if value.is_integer() else f"{value:.1f}"
 
 
-def pivot(sub: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Method x budget pivot of one column (budgets descending, methods in first-seen order)."""
+def labels(sub: pd.DataFrame) -> pd.Series:
+    """Row labels that tell variants apart: the method name, plus `[variant]` when it differs from its config file."""
+    variant = sub["variant"] if "variant" in sub.columns else pd.Series("", index=sub.index)
+    variant = variant.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v).strip())
+    variant = variant.map(lambda v: " ".join(_short_setting(s) for s in v.split()))
+    return pd.Series([f"{m} [{v}]" if v else str(m) for m, v in zip(sub["method"], variant)], index=sub.index)
+
+
+def _short_setting(setting: str) -> str:
+    """'schedule_path=/long/dir/run/schedule.yaml' -> 'schedule_path=.../run/schedule.yaml' (labels stay short)."""
+    key, _, value = setting.partition("=")
+    parts = value.split("/")
+    return f"{key}=.../{'/'.join(parts[-2:])}" if len(parts) > 3 else setting
+
+
+def pivot(sub: pd.DataFrame, value: str, budget: str = "budget") -> pd.DataFrame:
+    """Label x budget pivot of one column (budgets descending, labels in first-seen order; see `labels`)."""
     sub = sub.copy()
-    sub["_budget"] = pd.to_numeric(sub["budget"], errors="coerce")
+    sub["_label"] = labels(sub)
+    sub["_budget"] = pd.to_numeric(sub[budget], errors="coerce")
     sub[value] = pd.to_numeric(sub[value], errors="coerce")
-    table = sub.pivot_table(index="method", columns="_budget", values=value, aggfunc="first", dropna=False)
-    order = [m for m in dict.fromkeys(sub["method"]) if m in table.index]
+    table = sub.pivot_table(index="_label", columns="_budget", values=value, aggfunc="first", dropna=False)
+    order = [m for m in dict.fromkeys(sub["_label"]) if m in table.index]
     table = table.loc[order, sorted(table.columns, reverse=True)]
     table.columns = [_budget_label(c) for c in table.columns]
+    table.index.name = None
     return table
 
 
+def _heading(group: tuple[str, ...], sub: pd.DataFrame) -> str:
+    model, task, split, limit, setup = group
+    settings = sub["model_settings"].dropna().astype(str) if "model_settings" in sub.columns else pd.Series([], dtype=str)
+    how = f"{settings.iloc[0]}; " if len(settings) else ""
+    return f"## {task} ({split}, limit {limit or 'all'}) on {model} ({how}setup {setup or '?'})"
+
+
 def summary_markdown(table: pd.DataFrame) -> str:
-    """The markdown summary: per (model, task, split, limit) the baseline and method x budget pivots."""
+    """The markdown summary: per GROUP_COLUMNS the baseline, label x budget pivots and equal-cost rankings."""
     lines = ["# Benchmark summary", ""]
     if table.empty:
         return "\n".join(lines + ["(no results yet)", ""])
@@ -224,11 +260,9 @@ def summary_markdown(table: pd.DataFrame) -> str:
     groups = table[list(GROUP_COLUMNS)].map(key_value).apply(tuple, axis=1)
     for group in dict.fromkeys(groups):
         sub = table[groups == group]
-        model, task, split, limit = group
-        lines += [f"## {task} ({split}, limit {limit or 'all'}) on {model}", ""]
+        lines += [_heading(group, sub), ""]
         base = sub[sub["method"] == BASELINE_METHOD]
         pruned = sub[(sub["method"] != BASELINE_METHOD)]
-        conventions = sorted({key_value(c) for c in pruned["convention"]} - {""})
         if not base.empty:
             b = base.iloc[0]
             lines.append(
@@ -237,43 +271,74 @@ def summary_markdown(table: pd.DataFrame) -> str:
             )
         else:
             lines.append("Unpruned: not in the table (retention cannot be computed).")
-        lines += [
-            "",
-            f"Budget = mean vision tokens per decoder layer, {' / '.join(conventions) or 'processed'} convention "
-            "(columns budget_processed and budget_paper of results.csv hold both). — = not run or infeasible.",
-            "",
-        ]
         if pruned.empty:
+            lines.append("")
             continue
-        for value, title, digits in (
-            ("accuracy", "Accuracy", 4), ("retention", "Retention (accuracy / unpruned)", 3),
-            ("prefill_ms", "Prefill latency (ms, median)", 1), ("tflops", "TFLOPs per sample (analytic)", 4),
-        ):
-            lines += [f"### {title}", "", markdown_table(pivot(pruned, value), digits, "method \\ budget"), ""]
+        for conv in sorted({key_value(c) for c in pruned["convention"]} - {""}):
+            rows = pruned[pruned["convention"].map(key_value) == conv]
+            lines += [
+                "",
+                f"Budget = mean vision tokens per decoder layer, target in the **{conv}** convention (results.csv "
+                "holds both conventions in budget_processed and budget_paper). — = not run or infeasible.",
+                "",
+            ]
+            if conv != "processed":
+                lines += [
+                    f"Equal {conv}-convention budgets are not equal cost: the processed budget each run really had "
+                    "is below; the rankings compare runs at equal processed budget.", "",
+                    "### Processed budget (vision tokens each layer really processes, mean)", "",
+                    markdown_table(pivot(rows, "budget_processed"), 1, f"method \\ {conv} budget"), "",
+                ]
+            for value, title, digits in (
+                ("accuracy", "Accuracy", 4), ("retention", "Retention (accuracy / unpruned)", 3),
+                ("prefill_ms", "Prefill latency (ms, median)", 1), ("tflops", "TFLOPs per sample (analytic)", 4),
+            ):
+                lines += [f"### {title}", "", markdown_table(pivot(rows, value), digits, f"method \\ {conv} budget"), ""]
         lines += ranking_lines(pruned)
         infeasible = pruned[pruned["status"] == STATUS_INFEASIBLE]
         if not infeasible.empty:
-            lines += ["Infeasible (budget below what the method's stage layers allow):", ""]
-            for _, row in infeasible.iterrows():
-                lines.append(f"- {row['method']} at {_budget_label(row['budget'])}: {row.get('note', '')}")
+            lines += ["Infeasible (budget out of reach of the method's stage layers):", ""]
+            for label, (_, row) in zip(labels(infeasible), infeasible.iterrows()):
+                lines.append(f"- {label} at {_budget_label(row['budget'])} ({row['convention']}): {row.get('note', '')}")
             lines.append("")
     return "\n".join(lines)
 
 
+def equal_cost_groups(budgets: Sequence[float], tolerance: float = EQUAL_COST_TOLERANCE) -> list[list[int]]:
+    """Indices of `budgets` grouped so that each group's budgets lie within `tolerance` of its largest, descending."""
+    order = sorted((i for i, b in enumerate(budgets) if not math.isnan(b)), key=lambda i: -budgets[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and budgets[groups[-1][0]] - budgets[i] <= tolerance:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def ranking_lines(pruned: pd.DataFrame, target: float = RETENTION_TARGET) -> list[str]:
-    """Markdown lines: per budget, the methods ranked by accuracy, and which keep `target` of unpruned accuracy."""
+    """Markdown lines: the runs ranked by accuracy at equal processed budget (within EQUAL_COST_TOLERANCE tokens),
+    and which keep `target` of the unpruned accuracy."""
     ok = pruned[pruned["status"] == STATUS_OK].copy()
     if ok.empty:
         return []
-    ok["_budget"] = pd.to_numeric(ok["budget"], errors="coerce")
+    ok["_label"] = labels(ok)
+    ok["_processed"] = pd.to_numeric(ok["budget_processed"], errors="coerce")
     ok["accuracy"] = pd.to_numeric(ok["accuracy"], errors="coerce")
     ok["retention"] = pd.to_numeric(ok["retention"], errors="coerce")
-    lines = ["### Ranking by accuracy at each budget", ""]
-    for budget in sorted(ok["_budget"].dropna().unique(), reverse=True):
-        rows = ok[ok["_budget"] == budget].sort_values("accuracy", ascending=False, kind="stable")
-        ranked = ", ".join(f"{m} {_fmt(a, 4)}" for m, a in zip(rows["method"], rows["accuracy"]))
-        keep = [m for m, r in zip(rows["method"], rows["retention"]) if not math.isnan(r) and r >= target]
-        lines.append(f"- budget {_budget_label(budget)}: {ranked}; retention >= {target:.0%}: "
+    lines = ["### Ranking by accuracy at equal processed budget", "",
+             "Runs whose processed budgets (mean vision tokens each decoder layer really processes) lie within "
+             f"{EQUAL_COST_TOLERANCE:g} token of each other are ranked together; a run alone at its cost is listed alone.",
+             ""]
+    processed = ok["_processed"].tolist()
+    for members in equal_cost_groups(processed):
+        rows = ok.iloc[members].sort_values("accuracy", ascending=False, kind="stable")
+        ranked = ", ".join(f"{m} {_fmt(a, 4)}" for m, a in zip(rows["_label"], rows["accuracy"]))
+        keep = [m for m, r in zip(rows["_label"], rows["retention"]) if not math.isnan(r) and r >= target]
+        low, high = rows["_processed"].min(), rows["_processed"].max()
+        cost = _budget_label(round(rows["_processed"].median()))
+        cost += "" if high - low < 0.05 else f" ({low:.1f}-{high:.1f})"
+        lines.append(f"- processed budget {cost}: {ranked}; retention >= {target:.0%}: "
                      f"{', '.join(keep) if keep else 'none'}")
     return lines + [""]
 
@@ -293,7 +358,7 @@ def _slug(*parts: Any) -> str:
 
 
 def plot_tradeoffs(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Per (model, task, split, limit): accuracy vs budget, prefill latency vs budget, accuracy vs TFLOPs."""
+    """Per group (GROUP_COLUMNS): accuracy and latency vs processed budget, accuracy vs TFLOPs; one line per label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,30 +370,30 @@ def plot_tradeoffs(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     if table.empty:
         return written
     table = table.copy()
-    for col in ("budget", "accuracy", "prefill_ms", "tflops"):
+    for col in ("budget", "budget_processed", "accuracy", "prefill_ms", "tflops"):
         table[col] = pd.to_numeric(table[col], errors="coerce")
     groups = table[list(GROUP_COLUMNS)].map(key_value).apply(tuple, axis=1)
     for group in dict.fromkeys(groups):
         sub = table[(groups == group) & (table["status"] == STATUS_OK)]
         if sub.empty:
             continue
-        model, task, split, limit = group
+        model, task, split, limit, setup = group
         base = sub[sub["method"] == BASELINE_METHOD]
-        pruned = sub[sub["method"] != BASELINE_METHOD]
-        conv = " / ".join(sorted({key_value(c) for c in pruned["convention"]} - {""})) or "processed"
+        pruned = sub[sub["method"] != BASELINE_METHOD].assign(_label=lambda f: labels(f))
+        xbudget = "processed budget (mean vision tokens each layer processes)"
         specs = (
-            ("budget", "accuracy", f"budget (mean vision tokens per layer, {conv})", "accuracy", "accuracy_vs_budget"),
-            ("budget", "prefill_ms", f"budget (mean vision tokens per layer, {conv})", "prefill latency (ms)",
-             "latency_vs_budget"),
+            ("budget_processed", "accuracy", xbudget, "accuracy", "accuracy_vs_budget"),
+            ("budget_processed", "prefill_ms", xbudget, "prefill latency (ms)", "latency_vs_budget"),
             ("tflops", "accuracy", "TFLOPs per sample (analytic prefill)", "accuracy", "accuracy_vs_tflops"),
         )
         for x, y, xlabel, ylabel, name in specs:
             fig, ax = plt.subplots(figsize=(6, 4))
-            for method, rows in pruned.groupby("method", sort=False):
+            for method, rows in pruned.groupby(["_label", "convention"], sort=False):
+                method = method[0] if pruned["convention"].nunique() < 2 else f"{method[0]} ({method[1]})"
                 rows = rows.sort_values(x)
                 ax.plot(rows[x], rows[y], marker="o", label=method)
             if not base.empty:
-                if x == "budget":
+                if x == "budget_processed":
                     ax.axhline(float(base[y].iloc[0]), color="k", ls="--", lw=1, label="unpruned")
                 else:
                     ax.scatter(base[x], base[y], color="k", marker="*", s=120, label="unpruned", zorder=3)
@@ -338,7 +403,7 @@ def plot_tradeoffs(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
             fig.tight_layout()
-            path = out_dir / f"{_slug(model, task, split, limit)}_{name}.png"
+            path = out_dir / f"{_slug(model, task, split, limit, setup)}_{name}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
             written.append(path)
@@ -347,6 +412,6 @@ def plot_tradeoffs(table: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 
 __all__ = [
     "BASELINE_METHOD", "COLUMNS", "KEY_COLUMNS", "RESULTS_NAME", "ResultsError", "STATUS_INFEASIBLE", "STATUS_OK",
-    "find_baseline", "has_row", "key_value", "markdown_table", "pivot", "plot_tradeoffs", "read_table", "row_key",
-    "summary_markdown", "upsert_rows", "with_retention", "write_summary",
+    "equal_cost_groups", "find_baseline", "has_row", "key_value", "labels", "markdown_table", "pivot",
+    "plot_tradeoffs", "read_table", "row_key", "summary_markdown", "upsert_rows", "with_retention", "write_summary",
 ]

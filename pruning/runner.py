@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from pruning.engine import PruningEngine
 from pruning.flops import prefill_flops, sequence_tokens_per_layer, to_tflops
 from pruning.schedule import Schedule
+from vlm.errors import UserError
 from vlm.models import LoadedModel
 from vlm.prompts import encode_batch
 from vlm.tasks.base import VQASample
@@ -40,7 +42,7 @@ from vlm.tasks.base import VQASample
 log = logging.getLogger(__name__)
 
 
-class RunnerError(ValueError):
+class RunnerError(UserError, ValueError):
     """A run that cannot be evaluated as configured; the message names the setting and what would be right."""
 
 
@@ -168,6 +170,18 @@ def pruning(
         yield engine
 
 
+def check_finite(logits: Tensor, loaded: LoadedModel) -> None:
+    """Raise RunnerError naming the model when the logits [B, N, vocab] hold NaN or inf (corrupted weights would
+    otherwise score 0.0 everywhere without a word)."""
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).sum())
+        raise RunnerError(
+            f"model {loaded.name!r} (source {loaded.source!r}, dtype {str(loaded.dtype).replace('torch.', '')}) gives "
+            f"non-finite logits ({bad} NaN/inf values in the first batch): its weights are corrupted or overflow in "
+            "this dtype; check the checkpoint files, or load it in float32 / bfloat16"
+        )
+
+
 def _batches(items: Sequence[VQASample], size: int) -> Iterator[list[VQASample]]:
     for i in range(0, len(items), size):
         yield list(items[i:i + size])
@@ -225,9 +239,10 @@ def evaluate(
             torch.inference_mode():
         timing_inputs = encode_batch(processor, list(samples[: timing.batch_size]), device=device, dtype=loaded.dtype)
 
-        def prefill() -> None:
-            model(**timing_inputs, use_cache=True, logits_to_keep=1)
+        def prefill() -> Any:
+            return model(**timing_inputs, use_cache=True, logits_to_keep=1)
 
+        check_finite(prefill().logits, loaded)
         prefill_ms = median_ms(prefill, device, timing.warmup, timing.repeats)
         tokens_per_layer = list(engine.record.tokens_per_layer) if engine is not None else \
             [int(timing_inputs["input_ids"].shape[1])] * loaded.num_layers
@@ -261,4 +276,4 @@ def evaluate(
     )
 
 
-__all__ = ["PeakMemory", "RunOutput", "RunnerError", "TimingSpec", "evaluate", "median_ms", "pruning", "time_call"]
+__all__ = ["PeakMemory", "RunOutput", "RunnerError", "TimingSpec", "check_finite", "evaluate", "median_ms", "pruning", "time_call"]

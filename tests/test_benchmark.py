@@ -30,22 +30,36 @@ def bench_cfg(processor_dir: Path, results_dir: Path, methods, budgets, limit: i
     cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg.update(model=tiny_model_cfg(processor_dir), data=toy_data_cfg(limit), methods=methods, budgets=budgets,
                results_dir=str(results_dir), batch_size=2, timing={"batch_size": 1, "warmup": 0, "repeats": 1},
-               plots=False, progress=False, **extra)
+               plots=False, progress=False)
+    cfg.update(extra)
     return cfg
 
 
 # -- schedules --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layers, depth, ref, expected", [
     ([1, 10, 20], 32, 32, [1, 10, 20]),
-    ([1, 10, 20], 8, 32, [0, 3, 5]),
-    ([2, 6, 15], 8, 32, [1, 2, 4]),
-    ([8, 16, 24], 8, 32, [2, 4, 6]),
+    ([1, 10, 20], 8, 32, [0, 2, 4]),
+    ([1, 10, 20], 16, 32, [0, 5, 10]),
+    ([1, 10, 20], 40, 32, [2, 13, 25]),
+    ([2, 6, 15], 8, 32, [0, 1, 3]),
+    ([2, 6, 15], 16, 32, [1, 3, 7]),
+    ([2, 6, 15], 40, 32, [3, 8, 19]),
+    ([8, 16, 24], 8, 32, [1, 3, 5]),
+    ([8, 16, 24], 16, 32, [4, 8, 12]),
+    ([8, 16, 24], 40, 32, [10, 20, 30]),
     ([1, 2, 3], 4, 32, [0, 1, 2]),  # collisions are pushed up, not merged
     ([-1], 8, None, [-1]),
-    ([1, 10, 20], 40, 32, [1, 13, 25]),
 ])
 def test_scale_layers(layers, depth, ref, expected):
     assert scale_layers(layers, depth, ref) == expected
+
+
+@pytest.mark.parametrize("depth", [8, 16, 32, 40])
+@pytest.mark.parametrize("layers", [[1, 10, 20], [2, 6, 15], [8, 16, 24]])
+def test_scaled_drops_land_at_the_reference_fraction_of_the_stack(layers, depth):
+    """The layers that run before each drop are the reference's share of the stack, to the nearest layer."""
+    for ref_layer, layer in zip(layers, scale_layers(layers, depth, 32)):
+        assert abs((layer + 1) / depth - (ref_layer + 1) / 32) <= 0.5 / depth + 1e-9
 
 
 def test_scale_layers_refuses_a_model_too_shallow():
@@ -143,7 +157,7 @@ def test_infeasible_budget_gives_an_infeasible_row(processor_dir, tmp_path):
     cfg = bench_cfg(processor_dir, tmp_path, ["pyramiddrop"], [64], baseline=False, limit=2)
     table = res.read_table(run_benchmark(cfg))
     assert list(table["status"]) == [res.STATUS_INFEASIBLE]
-    assert "allowed range 216..576" in table["note"].iloc[0]
+    assert "allowed range 144..576" in table["note"].iloc[0]  # layers 0-1 of 8 see all 576
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,11 +165,12 @@ REPO = Path(__file__).resolve().parents[1]
 TOY_CALLBACK = "+hydra.callbacks.toy._target_=tests.bench_fixtures.RegisterToyTask"
 
 
-def test_a_preset_for_another_model_gives_an_infeasible_row(processor_dir, tmp_path):
-    cfg = bench_cfg(processor_dir, tmp_path, ["adaptinfer_preset"], [64], baseline=False, limit=2)
-    table = res.read_table(run_benchmark(cfg))  # the 7B preset (32 layers) on the 8-layer tiny model
-    assert list(table["status"]) == [res.STATUS_INFEASIBLE]
-    assert "32-layer model" in table["note"].iloc[0]
+def test_a_preset_for_another_model_is_an_error_and_writes_nothing(processor_dir, tmp_path):
+    out = tmp_path / "results"
+    cfg = bench_cfg(processor_dir, out, ["adaptinfer_preset"], [64], baseline=False, limit=2)
+    with pytest.raises(BenchmarkError, match=r"adaptinfer_7b_64\.yaml.*32-layer model"):
+        run_benchmark(cfg)  # the 7B preset (32 layers) on the 8-layer tiny model
+    assert not out.exists()
 
 
 def _run_hydra_main(argv: list[str]) -> None:
@@ -210,3 +225,138 @@ def test_launcher_configs_compose(launcher, target):
     assert cfg.hydra.launcher._target_.endswith(target)
     if launcher == "slurm":
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.partition
+
+
+# -- invalid is an error, infeasible is a row that never blocks ------------------------------------------------------
+GOOD_SCHEDULE = "num_layers: 8\nvision_tokens: 576\nstages:\n- {layer: 0, keep: 300}\n- {layer: 3, keep: 100}\n"
+BAD_SCHEDULES = {
+    "layers not increasing": ("stages:\n- {layer: 3, keep: 300}\n- {layer: 1, keep: 100}\n", "strictly increasing"),
+    "keep above the tokens present": ("stages:\n- {layer: 0, keep: 600}\n", "larger than the 576 vision tokens"),
+    "negative keep": ("stages:\n- {layer: 0, keep: -5}\n", "keep = -5"),
+    "fraction above 1": ("stages:\n- {layer: 0, keep: 1.5}\n", "fraction must lie in"),
+    "layer past the model": ("stages:\n- {layer: 9, keep: 100}\n", "stages\\[0\\].layer = 9"),
+    "missing key": ("stages:\n- {layer: 0}\n", "missing keys \\['keep'\\]"),
+    "wrong type": ("stages:\n- {layer: zero, keep: 100}\n", "must be an int"),
+    "unknown key": ("stages:\n- {layer: 0, keep: 100, drop: 1}\n", "unknown keys \\['drop'\\]"),
+    "YAML syntax": ("stages: [ {layer: 0, keep: 100\n", "invalid YAML at line"),
+    "empty file": ("", "is empty"),
+    "another model": ("num_layers: 32\nstages:\n- {layer: 1, keep: 100}\n", "32-layer model"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_SCHEDULES))
+def test_an_invalid_schedule_file_is_an_error_naming_file_and_field_and_writes_nothing(what, processor_dir, tmp_path):
+    text, message = BAD_SCHEDULES[what]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    out = tmp_path / "results"
+    cfg = bench_cfg(processor_dir, out, ["adaptinfer_derived"], [150], limit=2,
+                    method_overrides={"adaptinfer_derived": {"schedule_path": str(path)}})
+    with pytest.raises(BenchmarkError, match=message) as err:
+        run_benchmark(cfg)
+    assert str(path) in str(err.value) and "adaptinfer_derived" in str(err.value)
+    assert not out.exists()  # no row, no config, no summary
+
+
+def test_an_infeasible_row_never_blocks_a_later_run_that_can_compute_it(processor_dir, tmp_path):
+    path = tmp_path / "schedule.yaml"
+    path.write_text("num_layers: 8\nvision_tokens: 576\nstages:\n- {layer: 5, keep: 10}\n")  # >= 432 processed
+    overrides = {"adaptinfer_derived": {"schedule_path": str(path)}}
+    cfg = bench_cfg(processor_dir, tmp_path, ["adaptinfer_derived"], [150], limit=2, baseline=False,
+                    method_overrides=overrides)
+    table = res.read_table(run_benchmark(cfg))
+    assert list(table["status"]) == [res.STATUS_INFEASIBLE]
+    path.write_text(GOOD_SCHEDULE)  # the user fixes the file (stage layers that reach 150)
+    table = res.read_table(run_benchmark(cfg))
+    ok = table[table["status"] == res.STATUS_OK]
+    assert len(ok) == 1 and ok["schedule"].iloc[0].startswith("0:") and ok["accuracy"].notna().all()
+    # rerunning the infeasible variant does not drop the computed row, and it is never reported as 'already in'
+    assert res.has_row(table, ok.iloc[0].to_dict())
+
+
+@pytest.mark.parametrize("override", [
+    {"positions": "renumber"},
+    {"scorer_options": {"text_weight_blend": 0.0}},
+])
+def test_variants_of_a_method_get_their_own_rows(override, processor_dir, tmp_path):
+    cfg = bench_cfg(processor_dir, tmp_path, ["adaptinfer"], [150], limit=2, convention="processed")
+    run_benchmark(cfg)
+    run_benchmark({**cfg, "method_overrides": {"adaptinfer": override}})
+    table = res.read_table(tmp_path)
+    rows = table[table["method"] == "adaptinfer"]
+    assert len(rows) == 2 and rows["variant_id"].nunique() == 2
+    assert sorted(rows["variant"].fillna("")) == ["", " ".join(
+        f"{k}={v}" if not isinstance(v, dict) else " ".join(f"{k}.{a}={b}" for a, b in v.items())
+        for k, v in override.items())]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "adaptinfer [" in summary  # the variant is labelled apart
+    variant_stamp = rows.loc[rows["variant"].fillna("") != "", "timestamp"].iloc[0]
+    run_benchmark({**cfg, "rerun": True})  # a rerun of the stock variant replaces only its own row
+    again = res.read_table(tmp_path)
+    again = again[again["method"] == "adaptinfer"]
+    assert len(again) == 2
+    assert again.loc[again["variant"].fillna("") != "", "timestamp"].iloc[0] == variant_stamp
+
+
+def test_model_settings_are_part_of_the_identity(processor_dir, tmp_path):
+    cfg = bench_cfg(processor_dir, tmp_path, ["fastv"], [150], limit=2, convention="processed")
+    run_benchmark(cfg)
+    other = {**cfg, "model": {**cfg["model"], "attn_implementation": "eager"}}
+    run_benchmark(other)
+    table = res.read_table(tmp_path)
+    assert len(table) == 4 and table["setup_id"].nunique() == 2  # baseline + fastv for each attention implementation
+    for _, rows in table.groupby("setup_id"):  # each setup has its own baseline, and retention uses it
+        assert sorted(rows["method"]) == ["fastv", "unpruned"]
+        base = res.find_baseline(table, rows.iloc[0].to_dict())
+        assert base is not None and base["setup_id"] == rows["setup_id"].iloc[0]
+    assert {"attn=sdpa" in s for s in table["model_settings"]} == {True, False}
+
+
+def test_non_finite_logits_stop_the_run_naming_the_model(processor_dir, tmp_path, monkeypatch):
+    import torch
+
+    from pruning import runner
+    from vlm import models
+
+    real = models.build_random_model
+
+    def corrupted(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        with torch.no_grad():
+            loaded.model.model.language_model.norm.weight.fill_(float("nan"))
+        return loaded
+
+    monkeypatch.setattr(models, "build_random_model", corrupted)
+    out = tmp_path / "results"
+    cfg = bench_cfg(processor_dir, out, ["fastv"], [150], limit=2)
+    with pytest.raises(runner.RunnerError, match="'tiny'.*non-finite logits"):
+        run_benchmark(cfg)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("budgets, message", [
+    ("abc", "'abc' is not a number"), (["abc"], "'abc' is not a number"), ([], "names no budget"),
+    ([-4], "-4 is not a number"),
+])
+def test_bad_budgets_are_refused(budgets, message):
+    from pruning.benchmark import budgets_from_config
+
+    with pytest.raises(BenchmarkError, match=message):
+        budgets_from_config({"budgets": budgets})
+
+
+def test_results_dir_that_is_a_file_is_refused(processor_dir, tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_text("not a directory")
+    with pytest.raises(BenchmarkError, match="is a file"):
+        run_benchmark(bench_cfg(processor_dir, target, ["fastv"], [150], limit=2))
+    assert target.read_text() == "not a directory"
+
+
+def test_unknown_scorer_option_is_refused_before_anything_runs(processor_dir, tmp_path):
+    out = tmp_path / "results"
+    cfg = bench_cfg(processor_dir, out, ["adaptinfer"], [150], limit=2,
+                    method_overrides={"adaptinfer": {"scorer_options": {"text_weight_blnd": 0.0}}})
+    with pytest.raises(BenchmarkError, match=r"text_weight_blnd.*text_weight_blend"):
+        run_benchmark(cfg)
+    assert not out.exists()

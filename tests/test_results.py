@@ -10,9 +10,11 @@ from pruning import results as res
 
 
 def _row(method: str, budget: float, accuracy: float, **extra) -> dict:
-    row = {"model": "m", "task": "t", "split": "test", "limit": 8, "convention": "" if method == "unpruned" else "processed",
-           "method": method, "budget": budget, "status": res.STATUS_OK, "accuracy": accuracy, "prefill_ms": 10.0,
-           "tflops": 0.5 if method == "unpruned" else 0.1 * budget / 64, "metric_score": accuracy}
+    row = {"model": "m", "task": "t", "split": "test", "limit": 8, "setup_id": "s1",
+           "convention": "" if method == "unpruned" else "processed", "method": method, "budget": budget,
+           "variant_id": f"v-{method}", "status": res.STATUS_OK, "accuracy": accuracy, "prefill_ms": 10.0,
+           "budget_processed": budget, "tflops": 0.5 if method == "unpruned" else 0.1 * budget / 64,
+           "metric_score": accuracy}
     row.update(extra)
     return row
 
@@ -55,8 +57,13 @@ def test_has_row_and_find_baseline(tmp_path):
     key = {k: v for k, v in _row("fastv", 64, 0).items() if k in res.KEY_COLUMNS}
     assert res.has_row(table, key)
     assert not res.has_row(table, {**key, "budget": 128})
-    assert float(res.find_baseline(table, {"model": "m", "task": "t", "split": "test", "limit": 8})["accuracy"]) == 0.8
-    assert res.find_baseline(table, {"model": "m", "task": "t", "split": "test", "limit": 9}) is None
+    group = {"model": "m", "task": "t", "split": "test", "limit": 8, "setup_id": "s1"}
+    assert float(res.find_baseline(table, group)["accuracy"]) == 0.8
+    assert res.find_baseline(table, {**group, "limit": 9}) is None
+    assert res.find_baseline(table, {**group, "setup_id": "s2"}) is None  # another model setup: another baseline
+    infeasible = {**_row("fastv", 32, float("nan")), "status": res.STATUS_INFEASIBLE}
+    table = res.upsert_rows(tmp_path, [infeasible])
+    assert not res.has_row(table, infeasible)  # an infeasible row never counts as done
 
 
 def test_summary_pivots_method_by_budget(tmp_path):
@@ -65,20 +72,41 @@ def test_summary_pivots_method_by_budget(tmp_path):
     rows.append({**_row("fastv", 64, float("nan")), "status": res.STATUS_INFEASIBLE, "note": "allowed range 72..576"})
     table = res.upsert_rows(tmp_path, rows)
     text = res.write_summary(tmp_path, table).read_text()
-    assert "| method \\ budget | 128 | 64 |" in text
+    assert "| method \\ processed budget | 128 | 64 |" in text
     assert "| adaptinfer | 0.7800 | 0.7000 |" in text
     assert "| fastv | 0.6000 | — |" in text
-    assert "fastv at 64: allowed range 72..576" in text
+    assert "fastv at 64 (processed): allowed range 72..576" in text
     assert "Unpruned: accuracy 0.8000" in text
-    assert "- budget 128: adaptinfer 0.7800, fastv 0.6000; retention >= 95%: adaptinfer" in text
-    assert "- budget 64: adaptinfer 0.7000; retention >= 95%: none" in text
+    assert "- processed budget 128: adaptinfer 0.7800, fastv 0.6000; retention >= 95%: adaptinfer" in text
+    assert "- processed budget 64: adaptinfer 0.7000; retention >= 95%: none" in text
+
+
+def test_rankings_compare_runs_at_equal_processed_budget_whatever_the_convention(tmp_path):
+    """Two runs at paper budget 64 that cost 128 and 64 processed tokens per layer are not ranked together."""
+    rows = [_row("unpruned", 576, 0.8),
+            _row("adaptinfer", 64, 0.75, convention="paper", budget_processed=128.0),
+            _row("visionzip", 64, 0.6, convention="paper", budget_processed=64.0),
+            _row("fastv", 128, 0.7, budget_processed=128.4)]
+    text = res.summary_markdown(res.upsert_rows(tmp_path, rows))
+    assert "- processed budget 128 (128.0-128.4): adaptinfer 0.7500, fastv 0.7000" in text
+    assert "- processed budget 64: visionzip 0.6000" in text
+    assert "are not equal cost" in text  # the paper-convention section says so
+
+
+def test_variants_are_labelled_apart_in_the_summary(tmp_path):
+    rows = [_row("unpruned", 576, 0.8), _row("adaptinfer", 128, 0.7),
+            _row("adaptinfer", 128, 0.72, variant_id="v2", variant="positions=renumber")]
+    table = res.upsert_rows(tmp_path, rows)
+    assert len(table) == 3
+    text = res.summary_markdown(table)
+    assert "| adaptinfer | 0.7000 |" in text and "| adaptinfer [positions=renumber] | 0.7200 |" in text
 
 
 def test_plots_are_written_per_group(tmp_path):
     rows = [_row("unpruned", 576, 0.8), _row("adaptinfer", 128, 0.78), _row("adaptinfer", 64, 0.7)]
     table = res.upsert_rows(tmp_path, rows)
     paths = res.plot_tradeoffs(table, tmp_path / "plots")
-    assert sorted(p.name.split("_", 4)[-1] for p in paths) == [
+    assert sorted(p.name.split("_", 5)[-1] for p in paths) == [
         "accuracy_vs_budget.png", "accuracy_vs_tflops.png", "latency_vs_budget.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
 
