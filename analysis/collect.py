@@ -30,6 +30,8 @@ from tqdm.auto import tqdm
 
 from analysis.collector import REDUCERS, AttentionCollector, BatchRecords
 from analysis.records import RecordStore
+from vlm.cli import run_main
+from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
 from vlm.prompts import encode_batch
 from vlm.tasks.base import Task, TaskError, VQASample, build_task, data_spec
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 TOOLKIT_DISTRIBUTION = "adaptinfer-toolkit"
 
 
-class CollectError(ValueError):
+class CollectError(UserError, ValueError):
     """A collection run that cannot start or go on; the message names the setting and what would be right."""
 
 
@@ -270,7 +272,7 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
 @hydra.main(config_path="../configs", config_name="collect", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: run_collect over the composed config."""
-    run_dir = run_collect(cfg)
+    run_dir = run_main(run_collect, cfg)
     print(f"records: {run_dir}")
 
 

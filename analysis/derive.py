@@ -47,6 +47,8 @@ from scipy.signal import find_peaks
 from analysis.records import Records, RecordStore
 from analysis.shift import ShiftDetector, ShiftResult
 from pruning.schedule import CONVENTIONS, Schedule, ScheduleError, allocate_keep
+from vlm.cli import run_main
+from vlm.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ SCHEDULE_FILE = "schedule.yaml"
 SUMMARY_FILE = "inflection.json"
 
 
-class DeriveError(ValueError):
+class DeriveError(UserError, ValueError):
     """Schedule derivation cannot proceed as asked; the message names the parameter or input."""
 
 
@@ -183,6 +185,19 @@ def place_stages(
     return sorted(chosen)
 
 
+def check_budget(budget: Any, num_vision: int) -> float:
+    """`budget` as a float in [0, num_vision]; DeriveError with the right range otherwise."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not np.isfinite(budget):
+        raise DeriveError(f"budget={budget!r} is not a number; give the mean vision tokens per decoder layer, e.g. budget=128")
+    if not 0 <= budget <= num_vision:
+        raise DeriveError(
+            f"budget={budget:g} is out of range: the model has {num_vision} vision tokens per image, so a budget "
+            f"(mean vision tokens per decoder layer) lies in 0..{num_vision}, where {num_vision} means no pruning; "
+            f"ask for less, e.g. budget={num_vision // 3}"
+        )
+    return float(budget)
+
+
 def derive_schedule(
     result: ShiftResult,
     n_stages: int,
@@ -211,6 +226,7 @@ def derive_schedule(
         raise DeriveError(f"num_vision={num_vision} but the shift result was fitted on {result.num_vision} vision tokens")
     if convention not in CONVENTIONS:
         raise DeriveError(f"convention={convention!r} is not one of {list(CONVENTIONS)}")
+    budget = check_budget(budget, num_vision)
     if int(np.asarray(result.histogram).sum()) == 0:
         raise DeriveError(
             "the detector found no shift layers (empty histogram); lower its penalty or use n_bkps"
@@ -371,6 +387,10 @@ def run_derive(cfg: Any) -> Path:
     for key in ("input", "n_stages", "budget"):
         if cfg.get(key) is None:
             raise DeriveError(f"{key} is required (input: the run directory written by `python -m analysis.collect`)")
+    if isinstance(cfg["budget"], bool) or not isinstance(cfg["budget"], (int, float)):
+        check_budget(cfg["budget"], 1)  # raises: not a number
+    if isinstance(cfg["n_stages"], bool) or not isinstance(cfg["n_stages"], int) or cfg["n_stages"] < 1:
+        raise DeriveError(f"n_stages={cfg['n_stages']!r} must be an integer >= 1 (the number of pruning stages)")
     out_dir = _output_dir(cfg)  # before the long fit, so a missing output fails fast
     store = RecordStore.open(cfg["input"])
     records = store.load()
@@ -419,7 +439,7 @@ def run_derive(cfg: Any) -> Path:
 @hydra.main(config_path="../configs", config_name="derive", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: run_derive over the composed config."""
-    run_derive(cfg)
+    run_main(run_derive, cfg)
 
 
 if __name__ == "__main__":

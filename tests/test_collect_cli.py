@@ -173,7 +173,7 @@ def test_collect_config_composes_into_run_collect_settings():
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="collect")
     assert cfg.n_samples == 256 and cfg.batch_size == 8 and cfg.reducer == "adaptinfer" and cfg.shard_size == 64
-    assert cfg.output is None and cfg.seed == 0 and cfg.model.name == "tiny"
+    assert cfg.output is None and cfg.seed == 0 and cfg.model.name == "demo"  # the embedded default
     assert cfg.data.task and cfg.data.split
 
 
