@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from analysis.collector import REDUCERS, AttentionCollector, BatchRecords
 from analysis.records import RecordStore
-from vlm.cli import run_main
+from vlm.cli import hydra_run_dir, run_main
 from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
 from vlm.prompts import encode_batch
@@ -62,13 +63,13 @@ def _positive_int(cfg: Mapping[str, Any], key: str) -> int:
 
 
 def output_dir(cfg: Mapping[str, Any]) -> Path:
-    """`output` when set, else the Hydra run directory; CollectError outside Hydra without `output`."""
+    """`output` when set, else (on the command line) outputs/collect/<date>_<time>; CollectError outside Hydra."""
     if cfg.get("output"):
         return Path(str(cfg["output"]))
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir)
+        return hydra_run_dir() or Path("outputs") / "collect" / time.strftime("%Y-%m-%d_%H-%M-%S")
     raise CollectError("output is not set and no Hydra run directory exists; pass output=DIR (a run directory)")
 
 

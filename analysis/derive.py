@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -47,7 +48,7 @@ from scipy.signal import find_peaks
 from analysis.records import Records, RecordStore
 from analysis.shift import ShiftDetector, ShiftResult
 from pruning.schedule import CONVENTIONS, Schedule, ScheduleError, allocate_keep
-from vlm.cli import run_main
+from vlm.cli import hydra_run_dir, run_main
 from vlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -341,11 +342,11 @@ def _plain_cfg(cfg: Any) -> dict[str, Any]:
 
 
 def _output_dir(cfg: Mapping[str, Any]) -> Path:
-    """`output` if set, else the Hydra run directory; DeriveError outside Hydra without `output`."""
+    """`output` if set, else (on the command line) outputs/derive/<date>_<time>; DeriveError outside Hydra."""
     if cfg.get("output"):
         return Path(cfg["output"])
-    if HydraConfig.initialized() and HydraConfig.get().runtime.output_dir:
-        return Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.initialized():
+        return hydra_run_dir() or Path("outputs") / "derive" / time.strftime("%Y-%m-%d_%H-%M-%S")
     raise DeriveError("output is not set and no Hydra run is active; pass output=<directory>")
 
 

@@ -89,6 +89,11 @@ def test_pruning_tradeoffs_notebook_runs_on_a_tiny_table(tiny_run):
     nb = _execute(REPO / "notebooks" / "pruning_tradeoffs.ipynb", {
         "ADAPTINFER_RESULTS": str(tiny_run["results"]), "ADAPTINFER_FIGURES": str(figures)})
     text = _text(nb)
-    assert "toy_shapes @ 192" in text and "toy_shapes @ 128" in text
+    rankings = [l for l in text.splitlines() if l.startswith("toy_shapes @ processed")]
+    # paper budgets 192 and 128 cost AdaptInfer 250 and 192 processed tokens per layer, VisionZip 192 and 128:
+    # ranked by cost, that is three rankings (by paper budget it would be two, each with both methods)
+    assert len(rankings) == 3, rankings
+    assert [l.split(":")[0] for l in rankings] == [f"toy_shapes @ processed {b}" for b in (250, 192, 128)]
+    assert "visionzip" not in rankings[0] and "adaptinfer" not in rankings[2]
     names = {p.name for p in figures.iterdir()}
     assert "retention_vs_budget.png" in names and any(n.endswith("accuracy_vs_tflops.png") for n in names)

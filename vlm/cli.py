@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from vlm.errors import UserError
@@ -30,6 +31,21 @@ def debug_requested() -> bool:
     return any(os.environ.get(name, "") not in ("", "0") for name in DEBUG_VARIABLES)
 
 
+def hydra_run_dir() -> Path | None:
+    """The Hydra run directory when the user set one (`hydra.run.dir=DIR`), else None.
+
+    The entry points' configs set `hydra.run.dir: .` with no `.hydra` subdirectory and terminal-only logging, so
+    Hydra itself writes nothing (a run that stops on a bad input leaves no files); their own `output` defaults to a
+    timestamped directory under outputs/.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    return run_dir if run_dir != Path.cwd().resolve() else None
+
+
 def run_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call `fn`; end the process cleanly on a user error or Ctrl-C (see the module docstring)."""
     try:
@@ -44,4 +60,4 @@ def run_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "INTERRUPTED_MESSAGE", "debug_requested", "run_main"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_USER_ERROR", "INTERRUPTED_MESSAGE", "debug_requested", "hydra_run_dir", "run_main"]
