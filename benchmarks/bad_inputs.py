@@ -86,7 +86,7 @@ def cases(f: dict[str, Path]) -> list[Case]:
     out: list[Case] = []
 
     def b(what: str, *args: str, written: str = "r") -> None:
-        out.append(Case(what, bench + list(args) + QUICK + ["results_dir=r"], written))
+        out.append(Case(what, bench + QUICK + ["results_dir=r"] + list(args), written))
 
     for name, what in [
         ("not_increasing", "schedule layers not increasing"), ("keep_too_large", "keep > tokens present"),
@@ -138,7 +138,8 @@ def run_case(case: Case, scratch: Path) -> dict[str, str]:
     proc = subprocess.run([sys.executable, *case.argv[1:]], cwd=work, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HYDRA_FULL_ERROR": ""})
     lines = [l for l in proc.stderr.splitlines() if l.strip() and "Loading weights" not in l]
-    message = next((l for l in lines if l.startswith("error:")), lines[-1] if lines else "")
+    hydra_hint = "Set the environment variable HYDRA_FULL_ERROR"
+    message = next((l for l in lines if l.startswith("error:")), next((l for l in lines if hydra_hint not in l), ""))
     written = (work / case.written).exists()
     clean = proc.returncode != 0 and "Traceback" not in proc.stderr and not written
     return {"what": case.what, "command": shlex.join(case.argv).replace(str(scratch) + "/", ""),

@@ -31,7 +31,6 @@ seed for scorers that draw random numbers). `variant` says in words how the meth
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import datetime as _dt
 import hashlib
 import logging
@@ -62,7 +61,6 @@ METHOD_KEYS = ("name", "scorer", "schedule", "layers", "reference_layers", "posi
                "schedule_path")
 SCHEDULE_NONE, SCHEDULE_ALLOCATE, SCHEDULE_DERIVED = "none", "allocate", "derived"
 EXECUTION = "eager"  # the forward mode; part of every row's identity
-RANDOM_SCORERS = ("random",)  # scorers whose numbers depend on `seed`
 ID_DIGITS = 10
 
 
@@ -212,8 +210,8 @@ def _schedule_file(method: Mapping[str, Any], path: Path, num_layers: int, initi
         return Schedule.from_yaml(path).validate(num_layers=num_layers, initial=initial)
     except ScheduleError as err:
         text = str(err)
-        where = "" if str(path) in text else f"{str(path)!r}: "
-        raise BenchmarkError(f"method {method['name']!r}: invalid schedule {where}{text}") from None
+        where = "" if str(path) in text else f"schedule file {str(path)!r}: "
+        raise BenchmarkError(f"method {method['name']!r}: {where}{text}") from None
 
 
 def _with_positions(schedule: Schedule, positions: str | None) -> Schedule:
@@ -321,6 +319,14 @@ def method_variant(method: Mapping[str, Any], configs_dir: Path = CONFIGS_DIR) -
     return " ".join(f"{k}={v}" for k, v in sorted(changed.items()) if not (v is None and k not in stock))
 
 
+def _seeded(scorer: str | None) -> bool:
+    """True for scorers that draw random numbers (registered with seeded=True)."""
+    try:
+        return bool(scorer) and get_scorer(str(scorer)).seeded
+    except KeyError:
+        return False
+
+
 def scorer_settings(method: Mapping[str, Any]) -> dict[str, Any]:
     """The scorer's options with its defaults filled in (what the scorer really runs with)."""
     options = dict(method.get("scorer_options") or {})
@@ -332,7 +338,7 @@ def scorer_settings(method: Mapping[str, Any]) -> dict[str, Any]:
     return {**defaults, **options}
 
 
-@dataclass
+@dataclasses.dataclass
 class PlannedRun:
     """One (method, budget) of a benchmark: its resolved schedule (None = infeasible, see `reason`) and identity."""
 
@@ -361,7 +367,7 @@ def identify(run: PlannedRun, group: Mapping[str, Any], setup: Mapping[str, Any]
         identity.update(schedule=schedule_string(run.schedule), positions=run.schedule.positions)
     else:  # infeasible: what was asked
         identity.update({k: method.get(k) for k in ("layers", "reference_layers", "positions", "schedule_path")})
-    if method.get("scorer") in RANDOM_SCORERS:
+    if _seeded(method.get("scorer")):  # its numbers depend on `seed`
         identity["seed"] = seed
     run.variant = method_variant(method)
     run.variant_id = short_hash(identity)
