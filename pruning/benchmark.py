@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from pruning import results as res
 from pruning.runner import RunOutput, TimingSpec, evaluate
 from pruning.schedule import BEFORE_LM, CONVENTIONS, Schedule, ScheduleError, allocate_keep, round_half_up
+from pruning.schedule import MethodInfeasible
 from vlm.models import LoadedModel, load_from_config
 from vlm.tasks.base import Task, TaskError, VQASample, build_task, data_spec
 
@@ -345,11 +346,18 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
             log.warning("%s at budget %s is infeasible: %s", method["name"], key["budget"], err)
             continue
         torch.manual_seed(seed)
-        output = evaluate(
-            loaded, samples, schedule=schedule if schedule.stages else None, scorer=method.get("scorer"),
-            scorer_options=method.get("scorer_options") or {}, seed=seed, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, timing=timing, progress=progress, desc=f"{method['name']}@{key['budget']}",
-        )
+        try:
+            output = evaluate(
+                loaded, samples, schedule=schedule if schedule.stages else None, scorer=method.get("scorer"),
+                scorer_options=method.get("scorer_options") or {}, seed=seed, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, timing=timing, progress=progress, desc=f"{method['name']}@{key['budget']}",
+            )
+        except MethodInfeasible as err:  # valid, but out of this method's reach on this model (e.g. no CLS token)
+            row = make_row(key=key, method=method, schedule=schedule, loaded=loaded, output=None, metrics=None,
+                           batch_size=batch_size, cfg_id=cfg_id, status=res.STATUS_INFEASIBLE, note=str(err))
+            table = res.upsert_rows(results_dir, [row])
+            log.warning("%s at budget %s is infeasible: %s", method["name"], key["budget"], err)
+            continue
         metrics = task.score(output.predictions, samples)
         note = ""
         expected = _expected_vision(schedule, n_layers, n_vision)

@@ -48,6 +48,11 @@ class ScheduleError(ValueError):
     """A schedule that is malformed or does not fit the model; the message names field, value and range."""
 
 
+class MethodInfeasible(ScheduleError):
+    """A valid method and budget that this method cannot reach on this model (e.g. no CLS token in the vision
+    tower, a keep count pooling cannot factor): the benchmark records it as an `infeasible` row with this message."""
+
+
 def round_half_up(x: float) -> int:
     """Round to the nearest integer, halves away from zero for x >= 0 (not Python's banker's rounding)."""
     return int(math.floor(x + 0.5))

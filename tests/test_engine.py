@@ -248,7 +248,7 @@ def test_visionzip_keeps_dominant_plus_merged_contextual(model6):
     kept = engine.record.kept_positions[0]  # [B, 6] original positions
     assert kept.shape == (2, 6)
     layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
-    from pruning.scorers import visionzip_split
+    from pruning.selectors import visionzip_split
     n_dom, _ = visionzip_split(6)
     for b in range(2):
         dominant = set(layout.vision_index[b][cls[b].topk(n_dom).indices].tolist())
