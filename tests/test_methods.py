@@ -17,7 +17,7 @@ from pruning.scorers import dart_pick, density_peak_clusters, recycle_split
 from pruning.selectors import (
     SelectorContext, cdpruner_relevance, divprune_order, dpp_greedy, pooling_shape, run_selector, vispruner_select,
 )
-from tests.conftest import make_prompts, pixel_values, tiny_arch
+from tests.conftest import eager_cls_attention, make_prompts, pixel_values, tiny_arch
 from vlm.layout import TokenLayout
 from vlm.models import build_random_model
 
@@ -195,13 +195,7 @@ def test_vispruner_equals_naive_loop_and_important_is_top_cls(k, ratio):
 
 def test_vispruner_important_tokens_are_the_top_cls_attention_of_the_tower(model6):
     inputs = _inputs([5, 3], seed=10)
-    model6.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            vt = model6.model.vision_tower(inputs["pixel_values"], output_attentions=True)
-    finally:
-        model6.set_attn_implementation("sdpa")
-    cls = vt.attentions[-2][:, :, 0, 1:].mean(1)  # feature layer -2: the CLS row, head-mean [B, P]
+    cls = eager_cls_attention(model6, inputs["pixel_values"])  # feature layer -2: the CLS row, head-mean [B, P]
     with PruningEngine(model6, _schedule([(-1, 8)]), "vispruner") as engine, torch.no_grad():
         model6(**inputs)
     layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
