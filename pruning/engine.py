@@ -44,7 +44,7 @@ class EngineError(RuntimeError):
 class PrefillRecord:
     """What the last prefill did: per stage and row the original vision positions kept, tokens per layer."""
 
-    kept_positions: list[Tensor] = field(default_factory=list)  # per stage: [B, k] original positions, ascending
+    kept_positions: list[Tensor] = field(default_factory=list)  # per stage: [B, k] original positions (slots), ascending
     tokens_per_layer: list[int] = field(default_factory=list)  # sequence length each decoder layer processed
     vision_per_layer: list[int] = field(default_factory=list)  # vision tokens each decoder layer processed
     flops: int = 0  # analytic FLOPs of the decoder layers for ONE row (4nd^2 + 2n^2d + 3ndm per layer)
