@@ -46,9 +46,10 @@ from tqdm.auto import tqdm
 
 from pruning import results as res
 from pruning.runner import RunOutput, TimingSpec, evaluate
-from pruning.schedule import (BEFORE_LM, CONVENTIONS, BudgetUnreachable, Schedule, ScheduleError, allocate_keep,
-                              round_half_up)
+from pruning.schedule import (BEFORE_LM, CONVENTIONS, BudgetUnreachable, MethodInfeasible, Schedule, ScheduleError,
+                              allocate_keep, round_half_up)
 from pruning.scorers import get_scorer
+from pruning.selectors import get_selector, is_selector
 from vlm.cli import run_main
 from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
@@ -322,7 +323,7 @@ def method_variant(method: Mapping[str, Any], configs_dir: Path = CONFIGS_DIR) -
 def _seeded(scorer: str | None) -> bool:
     """True for scorers that draw random numbers (registered with seeded=True)."""
     try:
-        return bool(scorer) and get_scorer(str(scorer)).seeded
+        return bool(scorer) and not is_selector(str(scorer)) and get_scorer(str(scorer)).seeded
     except KeyError:
         return False
 
@@ -332,10 +333,10 @@ def scorer_settings(method: Mapping[str, Any]) -> dict[str, Any]:
     options = dict(method.get("scorer_options") or {})
     scorer = method.get("scorer")
     try:
-        defaults = dict(get_scorer(str(scorer)).options) if scorer else {}
-    except KeyError:  # selectors before the LM (visionzip) declare no options here
-        defaults = {}
-    return {**defaults, **options}
+        spec = (get_selector if is_selector(str(scorer)) else get_scorer)(str(scorer)) if scorer else None
+    except KeyError:  # an unknown name: the engine reports it when the run is planned
+        spec = None
+    return {**(dict(spec.options) if spec is not None else {}), **options}
 
 
 @dataclasses.dataclass
@@ -461,6 +462,9 @@ def plan_runs(methods: Sequence[Mapping[str, Any]], budgets: Sequence[float], lo
             try:  # the engine's own checks (scorer name and options, stage layers) without attaching anything
                 PruningEngine(loaded.model, schedule, scorer=method.get("scorer"),
                               scorer_options=method.get("scorer_options") or {})
+            except MethodInfeasible as err:  # e.g. a keep count pooling cannot factor
+                runs.append(PlannedRun(method, budget, None, reason=str(err)))
+                continue
             except (KeyError, ValueError, UserError) as err:
                 raise BenchmarkError(f"method {method['name']!r}: {str(err).strip(chr(34))}") from None
         runs.append(PlannedRun(method, budget, schedule))
@@ -534,11 +538,17 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
             continue
         schedule = run.schedule
         torch.manual_seed(seed)
-        output = evaluate(
-            loaded, samples, schedule=schedule if schedule.stages else None, scorer=method.get("scorer"),
-            scorer_options=method.get("scorer_options") or {}, seed=seed, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, timing=timing, progress=progress, desc=f"{method['name']}@{key['budget']}",
-        )
+        try:
+            output = evaluate(
+                loaded, samples, schedule=schedule if schedule.stages else None, scorer=method.get("scorer"),
+                scorer_options=method.get("scorer_options") or {}, seed=seed, batch_size=batch_size,
+                max_new_tokens=max_new_tokens, timing=timing, progress=progress, desc=f"{method['name']}@{key['budget']}",
+            )
+        except MethodInfeasible as err:  # valid, but out of this method's reach on this model (e.g. no CLS token)
+            store(make_row(schedule=schedule, output=None, metrics=None, status=res.STATUS_INFEASIBLE, note=str(err),
+                           **common))
+            log.warning("%s at budget %s is infeasible: %s", method["name"], key["budget"], err)
+            continue
         metrics = task.score(output.predictions, samples)
         note = ""
         expected = _expected_vision(schedule, n_layers, n_vision)

@@ -9,7 +9,10 @@ come from `vlm.probe.AttentionProbe` at the stage layers only; SDPA/flash comput
 
 Schedule semantics: a stage {layer: l, keep: k} scores with layer l's attention over the tokens present
 at l; the dropped vision tokens leave after layer l, so layers l+1... see k vision tokens. A stage at
-layer -1 (VisionZip) selects before the language model, so layer 0 already sees k vision tokens.
+layer -1 runs a registered selector (pruning/selectors.py: VisionZip, DivPrune, CDPruner, VisPruner, pooling)
+before the language model, so layer 0 already sees k vision tokens; every selector takes this one path.
+A scorer registered with a `MergeRule` (sparsevlm_recycle) keeps k minus its merged count by score and puts the
+merged tokens in the slots of their clusters' first members (see `_merge_dropped`).
 """
 from __future__ import annotations
 
@@ -21,9 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from pruning.flops import prefill_flops
-from pruning.schedule import Schedule
-from pruning.scorers import (ScoringContext, get_scorer, score as run_scorer, scorer_rows, select, visionzip_select,
-                             visionzip_split)
+from pruning.schedule import BEFORE_LM, Schedule
+from pruning.scorers import ScoringContext, available_scorers, get_scorer, score as run_scorer, select
+from pruning.selectors import (
+    SelectorContext, VisionCapture, available_selectors, check_budget, get_selector, is_selector, run_selector,
+    square_grid,
+)
 from vlm.errors import UserError
 from vlm.layout import TokenLayout
 from vlm.models import vision_tokens_per_image
@@ -41,7 +47,7 @@ class EngineError(UserError, RuntimeError):
 class PrefillRecord:
     """What the last prefill did: per stage and row the original vision positions kept, tokens per layer."""
 
-    kept_positions: list[Tensor] = field(default_factory=list)  # per stage: [B, k] original positions, ascending
+    kept_positions: list[Tensor] = field(default_factory=list)  # per stage: [B, k] original positions (slots), ascending
     tokens_per_layer: list[int] = field(default_factory=list)  # sequence length each decoder layer processed
     vision_per_layer: list[int] = field(default_factory=list)  # vision tokens each decoder layer processed
     flops: int = 0  # analytic FLOPs of the decoder layers for ONE row (4nd^2 + 2n^2d + 3ndm per layer)
@@ -60,6 +66,7 @@ class _RowState:
     n_vision: int = 0  # vision tokens each row currently holds (the same in every row), kept on the host
     pending: Tensor | None = None  # [B, N''] keep-index into the current sequence, applied at the next layer
     pending_vision: int = 0  # vision tokens left once `pending` is applied
+    pending_merge: tuple | None = None  # (dropped positions [B, n], their scores [B, n], merged count, kept [B, k'])
     dropped: Tensor | None = None  # [B, 1] tokens dropped so far, for the current `cur_idx`
     slice_key: tuple | None = None  # identity of the inputs `sliced` was made from
     sliced: dict[str, Any] | None = None  # the layer kwargs sliced to `cur_idx`, shared by the layers between stages
@@ -91,29 +98,43 @@ class PruningEngine:
         self.lm = model.model.language_model
         self.layers = self.lm.layers
         self.num_layers = len(self.layers)
-        self.rows_kind = scorer_rows(scorer) if scorer != "visionzip" else "none"
-        spec = get_scorer(scorer) if scorer != "visionzip" else None
-        allowed = sorted(spec.options) if spec is not None else []
-        unknown = sorted(set(self.scorer_options) - set(allowed))
-        if unknown:
-            raise EngineError(f"scorer_options {unknown} are unknown to scorer {scorer!r}; its options are {allowed}")
-        self.seeded = spec is not None and spec.seeded
         schedule.validate(num_layers=self.num_layers)
         self.stage_layers = [s.layer for s in schedule.stages]
-        if any(layer == -1 for layer in self.stage_layers) and scorer != "visionzip":
-            raise EngineError(f"a stage at layer -1 (before the language model) needs scorer 'visionzip', not {scorer!r}")
-        if scorer == "visionzip" and self.stage_layers != [-1]:
-            raise EngineError(
-                f"scorer 'visionzip' selects once, before the language model: its schedule is one stage at layer -1, "
-                f"not layers {self.stage_layers}"
-            )
+        self.is_selector = is_selector(scorer)
+        self._merge = None
+        if self.is_selector:
+            self.rows_kind = "none"
+            if self.stage_layers != [BEFORE_LM]:
+                raise EngineError(
+                    f"selector {scorer!r} chooses once, before the language model: its schedule is one stage at layer "
+                    f"{BEFORE_LM}, not layers {self.stage_layers}"
+                )
+            if schedule.vision_tokens is not None:
+                check_budget(scorer, schedule.keep_counts()[0], schedule.vision_tokens, self.scorer_options)
+        else:
+            if scorer not in available_scorers():
+                raise KeyError(f"scorer = {scorer!r}: unknown; scorers (in the LM) are {available_scorers()}, "
+                               f"selectors (before the LM) are {available_selectors()}")
+            spec = get_scorer(scorer)
+            self.rows_kind, self._merge = spec.rows, spec.merge
+            if BEFORE_LM in self.stage_layers:
+                raise EngineError(
+                    f"a stage at layer {BEFORE_LM} (before the language model) needs a selector "
+                    f"{available_selectors()}, not the scorer {scorer!r}"
+                )
+        allowed = sorted((get_selector(scorer) if self.is_selector else get_scorer(scorer)).options)
+        unknown = sorted(set(self.scorer_options) - set(allowed))
+        if unknown:
+            raise EngineError(f"scorer_options {unknown} are unknown to {scorer!r}; its options are {allowed}")
+        self.seeded = not self.is_selector and get_scorer(scorer).seeded
         self.record = PrefillRecord()
         self._handles: list[Any] = []
         self._probe: AttentionProbe | None = None
         self._state: _RowState | None = None
         self._layer_cols: list[Tensor | None] = [None] * self.num_layers  # original columns each layer's cache holds
         self._dropped: list[Tensor | None] = [None] * self.num_layers  # [B, 1] tokens dropped before each layer
-        self._vz: dict[str, Tensor] = {}
+        self._capture: VisionCapture | None = None
+        self._stage_input: tuple[Tensor, Any] | None = None  # (input hidden, (cos, sin)) of a "none"-rows stage layer
         self._decoding = False
         self._generators: list[torch.Generator] | None = None
 
@@ -124,8 +145,10 @@ class PruningEngine:
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
             probe_layers = [l for l in self.stage_layers if l >= 0] if self.rows_kind != "none" else []
-            if self.scorer == "visionzip":
-                self._attach_visionzip()
+            if self.is_selector:
+                self._capture = VisionCapture(self.model, get_selector(self.scorer).needs, self.scorer)
+                self._capture.__enter__()
+                self._handles.append(_Closer(self._capture))
             if probe_layers:
                 self._probe = AttentionProbe(self.model, layers=probe_layers, rows=self._probe_rows, on_rows=self._on_rows)
                 self._probe.__enter__()
@@ -145,7 +168,8 @@ class PruningEngine:
             self._probe.__exit__(None, None, None)
             self._probe = None
         self._state = None
-        self._vz.clear()
+        self._capture = None
+        self._stage_input = None
 
     # -- prefill start ---------------------------------------------------------------------------------
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -197,15 +221,21 @@ class PruningEngine:
         if index == 0:
             st.pos_full = _expand_batch(kwargs.get("position_ids"), hidden.shape[0])
             st.cos_sin_full = kwargs.get("position_embeddings")
-            if self.stage_layers and self.stage_layers[0] == -1:
-                hidden = self._visionzip_stage(hidden)
-        if index >= 1 and self.rows_kind == "none" and (index - 1) in self.stage_layers:
-            # Scorers that read the stage layer's output with the next layer's modules (PyramidDrop).
+            if self.is_selector:
+                hidden = self._before_lm_stage(hidden)
+        if index >= 1 and self.rows_kind == "none" and not self.is_selector and (index - 1) in self.stage_layers:
+            # Scorers that read the stage layer's output (PyramidDrop with the next layer's modules, DART).
             cur_kwargs = self._sliced_kwargs(kwargs, st, hidden) if st.cur_idx.shape[1] != st.layout.seq_len else kwargs
+            stage_input, stage_pe = self._stage_input
             ctx = self._context(
-                hidden_states=hidden, next_layer=module, position_embeddings=cur_kwargs.get("position_embeddings")
+                hidden_states=hidden, next_layer=module, position_embeddings=cur_kwargs.get("position_embeddings"),
+                stage_input=stage_input, stage_layer=self.layers[index - 1], stage_position_embeddings=stage_pe,
+                stage=index - 1,
             )
+            self._stage_input = None
             self._apply_selection(index - 1, run_scorer(self.scorer, ctx))
+        if st.pending_merge is not None:
+            hidden = self._merge_dropped(hidden)
         if st.pending is not None:
             keep = st.pending  # [B, N'] indices into the previous sequence
             hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -223,6 +253,8 @@ class PruningEngine:
         self.record.vision_per_layer.append(st.n_vision)
         if n_cur != st.layout.seq_len:
             kwargs = self._sliced_kwargs(kwargs, st, hidden)
+        if self.rows_kind == "none" and not self.is_selector and index in self.stage_layers:
+            self._stage_input = (hidden, kwargs.get("position_embeddings"))  # a reference, read at the next layer
         if index == self.num_layers - 1:
             self._finish_record()
         if args:
@@ -317,9 +349,9 @@ class PruningEngine:
 
     def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor, mask: Tensor | None) -> None:
         if self.rows_kind == "text":  # the probe's rows are the text rows `_context` computes: pass that very tensor,
-            ctx = self._context(attn=rows)  # so the scorer's consistency check needs no device round trip
+            ctx = self._context(attn=rows, stage=call.site)  # so the scorer's consistency check needs no device round trip
         else:
-            ctx = self._context(attn=rows, query_index=index, query_mask=mask)
+            ctx = self._context(attn=rows, query_index=index, query_mask=mask, stage=call.site)
         self._apply_selection(call.site, run_scorer(self.scorer, ctx))
 
     def _context(self, **kw: Any) -> ScoringContext:
@@ -339,85 +371,91 @@ class PruningEngine:
             hidden_states=kw.get("hidden_states"),
             next_layer=kw.get("next_layer"),
             position_embeddings=kw.get("position_embeddings"),
+            keep=self._keep_counts[self.stage_layers.index(kw["stage"])] if "stage" in kw else None,
+            stage_input=kw.get("stage_input"),
+            stage_layer=kw.get("stage_layer"),
+            stage_position_embeddings=kw.get("stage_position_embeddings"),
+            final_norm=self.lm.norm,
             options=self.scorer_options,
         )
 
     def _apply_selection(self, stage_layer: int, scores: Tensor) -> None:
-        """Top-k of `scores` [B, V_cur]; the drop happens at the next layer's pre-hook."""
+        """Top-k of `scores` [B, V_cur]; the drop happens at the next layer's pre-hook.
+
+        With a MergeRule, the top k - m by score are kept and the m merged tokens are made at the next pre-hook
+        from that layer's output (`_merge_dropped`), so the stage still leaves exactly k vision tokens.
+        """
         st = self._state
         k = self._keep_counts[self.stage_layers.index(stage_layer)]
         vision_cur = _true_positions(st.is_vision, st.n_vision)  # [B, V_cur]
-        kept_v = select(scores, k)  # [B, k] indices into the vision axis, ascending
-        kept_pos = vision_cur.gather(1, kept_v)  # [B, k] current positions
+        n_merged = self._merge.split(st.n_vision, k, **self._merge_options()) if self._merge is not None else 0
+        kept_v = select(scores, k - n_merged)  # [B, k'] indices into the vision axis, ascending
+        kept_pos = vision_cur.gather(1, kept_v)  # [B, k'] current positions
+        if n_merged:
+            dropped = ~torch.zeros_like(st.is_vision[:, :st.n_vision]).scatter(1, kept_v, True)  # [B, V_cur]
+            dropped_v = _true_positions(dropped, st.n_vision - kept_v.shape[1])  # [B, n] ascending
+            st.pending_merge = (vision_cur.gather(1, dropped_v), scores.gather(1, dropped_v), n_merged, kept_pos)
+            return
+        self._keep_vision(kept_pos, k)
+
+    def _merge_options(self) -> dict:
+        spec = get_scorer(self.scorer)
+        return {name: self.scorer_options.get(name, default) for name, default in spec.options.items()}
+
+    def _keep_vision(self, kept_pos: Tensor, k: int) -> None:
+        """Record and schedule the drop: keep the non-vision tokens and the vision tokens at kept_pos [B, k]
+        (ascending current positions); the gather happens at the next layer's pre-hook."""
+        st = self._state
         self.record.kept_positions.append(st.cur_idx.gather(1, kept_pos))
-        keep_mask = ~st.is_vision
-        keep_mask = keep_mask.scatter(1, kept_pos, True)
+        keep_mask = (~st.is_vision).scatter(1, kept_pos, True)
         st.pending = _true_positions(keep_mask, st.cur_idx.shape[1] - st.n_vision + k)
         st.pending_vision = k
+
+    def _merge_dropped(self, hidden: Tensor) -> Tensor:
+        """Merge dropped tokens by the scorer's MergeRule on the stage layer's output hidden [B, N', D].
+
+        Each cluster becomes the plain mean of its members' hidden states and takes the slot of its first member
+        (lowest position): that member's RoPE position and place in the sequence. The merged tokens are vision
+        tokens: kept + merged = the stage's keep count.
+        """
+        st = self._state
+        dropped_pos, dropped_scores, n_merged, kept_pos = st.pending_merge
+        st.pending_merge = None
+        members = _gather_seq(hidden, dropped_pos)  # [B, n, D]
+        assign = self._merge.assign(members, dropped_scores, n_merged, **self._merge_options())  # [B, n] in -1..m-1
+        onehot = assign[..., None] == torch.arange(n_merged, device=assign.device)  # [B, n, m]
+        counts = onehot.sum(1).clamp(min=1)  # [B, m]
+        means = torch.einsum("bnm,bnd->bmd", onehot.to(members.dtype), members) / counts[..., None].to(members.dtype)
+        big = torch.iinfo(dropped_pos.dtype).max
+        slots = torch.where(onehot, dropped_pos[..., None], big).min(dim=1).values  # [B, m] first member's position
+        hidden = hidden.scatter(1, slots[..., None].expand(-1, -1, hidden.shape[-1]), means.to(hidden.dtype))
+        self._keep_vision(torch.cat([kept_pos, slots], dim=1).sort(dim=1).values, kept_pos.shape[1] + n_merged)
+        return hidden
 
     def _finish_record(self) -> None:
         tc = self.config.text_config
         self.record.flops = prefill_flops(self.record.tokens_per_layer, tc.hidden_size, tc.intermediate_size)
 
-    # -- VisionZip: selection before the language model ------------------------------------------------
-    def _attach_visionzip(self) -> None:
-        vt = self.model.model.vision_tower
-        feature_layer = self.config.vision_feature_layer
-        if not isinstance(feature_layer, int):
-            raise EngineError("visionzip needs a single vision_feature_layer")
-        encoder = vt.vision_model.encoder if hasattr(vt, "vision_model") else getattr(vt, "encoder", None)
-        if encoder is None or not hasattr(encoder, "layers"):
-            raise EngineError(f"visionzip supports CLIP/SigLIP-style vision towers, not {type(vt).__name__}")
-        enc_layers = encoder.layers
-        # hidden_states[f] is the output of encoder layer f-1 (hidden_states[0] = embeddings)
-        layer_index = feature_layer - 1 if feature_layer >= 0 else len(enc_layers) + feature_layer
-        if not 0 <= layer_index < len(enc_layers):
-            raise EngineError(f"vision_feature_layer={feature_layer} has no attention layer for visionzip's CLS scores")
-        attn_module = enc_layers[layer_index].self_attn
-
-        def on_cls(call: ProbeCall, rows: Tensor, index: Tensor, mask: Tensor | None) -> None:
-            self._vz["cls_attn"] = rows[:, :, 0, 1:].mean(1)  # [B_img, P] head-mean CLS attention to patches
-
-        def keys_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-            self._vz["keys"] = output[:, 1:].detach()  # [B_img, P, Dv] key projections of the patches
-
-        def projector_hook(module: nn.Module, inputs: tuple) -> None:
-            self._vz["features"] = inputs[0].detach()  # [B_img, P, Dv] the projector's input
-
-        self._handles.append(attn_module.k_proj.register_forward_hook(keys_hook))
-        self._handles.append(self.model.model.multi_modal_projector.register_forward_pre_hook(projector_hook))
-        zero = torch.zeros(1, 1, dtype=torch.long)  # the CLS row
-        device = _device(self.model)
-        cls_probe = AttentionProbe(
-            self.model, modules={"vision_cls": attn_module}, rows=lambda c: (zero.expand(c.batch, 1).to(device), None),
-            on_rows=on_cls,
-        )
-        cls_probe.__enter__()
-        self._handles.append(_Closer(cls_probe))
-
-    def _visionzip_stage(self, hidden: Tensor) -> Tensor:
+    # -- before the language model: the registered selector -------------------------------------------
+    def _before_lm_stage(self, hidden: Tensor) -> Tensor:
+        """Layer 0's input hidden [B, N, D]: run the selector on P (= the vision slots of it), the text embeddings and
+        what VisionCapture saw; write its tokens into the kept slots and drop the rest before layer 0."""
         st = self._state
-        if "cls_attn" not in self._vz:
-            raise EngineError("visionzip needs pixel_values in the prefill call (CLS attention comes from the vision tower)")
-        cls_attn, keys, feats = self._vz["cls_attn"], self._vz["keys"], self._vz["features"]
-        if cls_attn.shape[0] != hidden.shape[0] or cls_attn.shape[1] != st.layout.num_vision:
-            raise EngineError("visionzip supports one image per row")
+        lay = st.layout
         k = self._keep_counts[0]
-        n_dom, n_ctx = visionzip_split(k)
-        kept, groups = visionzip_select(cls_attn, keys, n_dom, n_ctx)  # [B, k] patch indices
-        hidden = hidden.clone()
-        projector = self.model.model.multi_modal_projector
-        for b, row_groups in enumerate(groups):
-            for target, members in row_groups:
-                merged = feats[b, members].mean(0, keepdim=True)  # [1, Dv]
-                pos = st.layout.vision_index[b, target]
-                hidden[b, pos] = projector(merged.to(feats.dtype))[0].to(hidden.dtype)
-        kept_pos = st.layout.vision_index.gather(1, kept)
-        self.record.kept_positions.append(kept_pos)
-        keep_mask = (~st.is_vision).scatter(1, kept_pos, True)
-        st.pending = _true_positions(keep_mask, st.cur_idx.shape[1] - st.n_vision + k)
-        st.pending_vision = k
-        self._vz.clear()
+        captured = self._capture.take(hidden.shape[0], lay.num_vision)
+        ctx = SelectorContext(
+            projected=_gather_seq(hidden, lay.vision_index), text_embeds=_gather_seq(hidden, lay.text_index),
+            text_mask=lay.text_mask, grid=square_grid(lay.num_vision), features=captured.get("features"),
+            cls_attn=captured.get("cls_attn"), keys=captured.get("keys"), project=self._capture.project,
+            options=self.scorer_options,
+        )
+        selection = run_selector(self.scorer, ctx, k)
+        kept_pos = lay.vision_index.gather(1, selection.kept)  # [B, k] positions (the sequence is still whole)
+        if selection.tokens is not None:
+            tokens = selection.tokens.to(hidden.dtype)
+            hidden = hidden.scatter(1, kept_pos[..., None].expand(-1, -1, hidden.shape[-1]), tokens)
+        self._keep_vision(kept_pos, k)
         return hidden
 
 
@@ -449,10 +487,6 @@ class _Closer:
 
     def remove(self) -> None:
         self.ctx.__exit__(None, None, None)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _expand_batch(t: Tensor | None, batch: int) -> Tensor | None:

@@ -51,7 +51,12 @@ class ScheduleError(UserError, ValueError):
 
 
 class BudgetUnreachable(ScheduleError):
-    """A valid set of stage layers that cannot meet the asked budget (the only "infeasible" outcome of a run)."""
+    """A valid set of stage layers that cannot meet the asked budget (an "infeasible" outcome of a run)."""
+
+
+class MethodInfeasible(BudgetUnreachable):
+    """A valid method and budget that this method cannot reach on this model (e.g. no CLS token in the vision
+    tower, a keep count pooling cannot factor): the benchmark records it as an `infeasible` row with this message."""
 
 
 def round_half_up(x: float) -> int:

@@ -8,8 +8,8 @@ A new scorer is one function and one registration::
 `rows` tells the engine which query rows to probe: "text" (ctx.query_index == ctx.text_index), "last"
 (R = 1, the last real token) or "none" (no attention rows; the scorer uses hidden states or nothing).
 `options` declares the scorer's options and their defaults; unknown options are an error.
-Selection (`select`) is top-k, returned in original order. VisionZip is not an attention-row scorer: it
-selects before the language model with `visionzip_select`.
+Selection (`select`) is top-k, returned in original order. Methods that choose before the language model
+(VisionZip, DivPrune, ...) are selectors, not scorers: pruning/selectors.py.
 """
 from __future__ import annotations
 
@@ -22,10 +22,6 @@ import torch
 from torch import Tensor, nn
 
 ROW_KINDS = ("text", "last", "none")
-
-# VisionZip's published split of 64 tokens: 54 dominant + 10 contextual (also 108 + 20 and 162 + 30).
-VISIONZIP_DOMINANT = 54
-VISIONZIP_CONTEXTUAL = 10
 
 
 @dataclass
@@ -43,6 +39,11 @@ class ScoringContext:
     hidden_states: Tensor | None = None  # [B, K, D] the stage layer's output (input of layer l+1)
     next_layer: nn.Module | None = None  # decoder layer l+1 (.input_layernorm, .self_attn.{q_proj,k_proj})
     position_embeddings: tuple[Tensor, Tensor] | None = None  # (cos, sin) [B, K, head_dim] for the current tokens
+    keep: int | None = None  # vision tokens this stage keeps (for scorers whose ranking depends on it, e.g. DART)
+    stage_input: Tensor | None = None  # [B, K, D] the stage layer's input ("none"-rows scorers)
+    stage_layer: nn.Module | None = None  # decoder layer l itself (.input_layernorm, .self_attn.k_proj)
+    stage_position_embeddings: tuple[Tensor, Tensor] | None = None  # (cos, sin) the stage layer received
+    final_norm: nn.Module | None = None  # the language model's final norm
     options: dict = field(default_factory=dict)  # per-scorer options from config
 
 
@@ -50,21 +51,37 @@ ScorerFn = Callable[..., Tensor]
 
 
 @dataclass(frozen=True)
+class MergeRule:
+    """How a scorer recycles the tokens a stage drops (the engine does the merging: pruning.engine._merge_dropped).
+
+    split(n_vision, k, **options) -> m: of the stage's k tokens, m are merged ones (the top k - m by score are kept).
+    assign(hidden [B, n, D], scores [B, n], m, **options) -> [B, n] long: each dropped token's cluster in 0..m-1, or
+    -1 (gone); every cluster must have a member. hidden: the stage layer's output at the dropped tokens (ascending
+    positions); scores: theirs.
+    """
+
+    split: Callable[..., int]
+    assign: Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
 class ScorerSpec:
-    """A registered scorer: its function, the query rows it needs and its options with defaults."""
+    """A registered scorer: its function, the query rows it needs, its options with defaults, an optional MergeRule."""
 
     name: str
     fn: ScorerFn
     rows: str
     options: dict
     seeded: bool = False  # draws random numbers: the engine gives it ctx.generators, one per row
+    merge: MergeRule | None = None
 
 
 _REGISTRY: dict[str, ScorerSpec] = {}
 
 
 def register_scorer(
-    name: str, rows: str, options: dict[str, Any] | None = None, replace: bool = False, seeded: bool = False
+    name: str, rows: str, options: dict[str, Any] | None = None, replace: bool = False, seeded: bool = False,
+    merge: MergeRule | None = None,
 ) -> Callable[[ScorerFn], ScorerFn]:
     """Decorator: register `fn(ctx, **options) -> [B, V]` under `name`, needing query rows `rows`.
 
@@ -77,7 +94,8 @@ def register_scorer(
     def decorate(fn: ScorerFn) -> ScorerFn:
         if name in _REGISTRY and not replace:
             raise ValueError(f"scorer {name!r} is already registered (pass replace=True to override it)")
-        _REGISTRY[name] = ScorerSpec(name=name, fn=fn, rows=rows, options=dict(options or {}), seeded=seeded)
+        _REGISTRY[name] = ScorerSpec(name=name, fn=fn, rows=rows, options=dict(options or {}), seeded=seeded,
+                                     merge=merge)
         return fn
 
     return decorate
@@ -92,7 +110,7 @@ def get_scorer(name: str) -> ScorerSpec:
 
 
 def available_scorers() -> list[str]:
-    """Names of the registered attention/hidden-state scorers (VisionZip is separate: visionzip_select)."""
+    """Names of the registered in-LM scorers (before-the-LM methods are selectors: pruning.selectors)."""
     return sorted(_REGISTRY)
 
 
@@ -168,6 +186,25 @@ def _columns(attn: Tensor, index: Tensor) -> Tensor:
     return attn.gather(-1, index[:, None, None, :].expand(b, h, r, index.shape[1]))
 
 
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Llama-style rotary embedding of x [B, H, K, hd] with cos/sin [B, K, hd]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    out, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    return out
+
+
+def _rope_keys(layer: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+    """Post-RoPE keys [B, Hkv, K, hd] of decoder `layer` for its normed input x [B, K, D] (k_proj, then RoPE)."""
+    attn_mod = layer.self_attn
+    cos, sin = position_embeddings
+    b, k_len, _ = x.shape
+    head_dim = getattr(attn_mod, "head_dim", None) or cos.shape[-1]
+    n_kv = attn_mod.k_proj.out_features // head_dim
+    k = attn_mod.k_proj(x).view(b, k_len, n_kv, head_dim).transpose(1, 2)  # [B, Hkv, K, hd]
+    return _rope(k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
+
+
 # ------------------------------------------------------------------------- scorers
 @register_scorer("adaptinfer", rows="text", options={"text_weight_blend": 1.0})
 def adaptinfer(ctx: ScoringContext, text_weight_blend: float) -> Tensor:
@@ -221,6 +258,145 @@ def sparsevlm(ctx: ScoringContext) -> Tensor:
     return (vis * raters[..., None]).sum(dim=1) / n_raters[:, None]
 
 
+# ------------------------------------------------------------------------- SparseVLM with recycling
+def recycle_split(n_vision: int, k: int, recycle_ratio: float, tokens_per_cluster: int) -> int:
+    """Of a stage's k tokens, how many are merged ones (SparseVLM v1 recycling, counted inside the budget).
+
+    Deleting n tokens recycles r(n) = floor(recycle_ratio * n) + 1 of them into c(n) = r(n) // tokens_per_cluster + 1
+    clusters. The kept count k' is the largest with k' + c(n_vision - k') <= k; then m = k - k' (= c exactly, since
+    c grows by at most one per deleted token). When even k' = 0 overshoots (k < c(n_vision)), all k are merged ones.
+    """
+    _check_recycle(recycle_ratio, tokens_per_cluster)
+    for kept in range(k, -1, -1):
+        deleted = n_vision - kept
+        clusters = (math.floor(recycle_ratio * deleted) + 1) // tokens_per_cluster + 1 if deleted > 0 else 0
+        if kept + clusters <= k:
+            return k - kept
+    return k
+
+
+def _check_recycle(recycle_ratio: float, tokens_per_cluster: int) -> None:
+    if not 0.0 <= float(recycle_ratio) <= 1.0:
+        raise ValueError(f"recycle_ratio = {recycle_ratio!r}: must lie in [0, 1]")
+    if isinstance(tokens_per_cluster, bool) or not isinstance(tokens_per_cluster, int) or tokens_per_cluster < 1:
+        raise ValueError(f"tokens_per_cluster = {tokens_per_cluster!r}: must be an int >= 1")
+
+
+def density_peak_clusters(x: Tensor, n_clusters: int) -> Tensor:
+    """Density-peak kNN clustering of x [B, n, D] into n_clusters: labels [B, n] in 0..n_clusters-1.
+
+    d = L2 distance / sqrt(D); density = exp(-mean d^2 over the n_clusters nearest other tokens); delta = distance to
+    the nearest denser token (denser: higher density, or equal density and earlier), the row's largest distance for
+    the densest; centres = the n_clusters largest density * delta (ties to the earlier); each token joins its
+    nearest centre (ties to the earlier centre), each centre its own cluster.
+    """
+    b, n, d = x.shape
+    if not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters = {n_clusters}: must lie in 1..{n} (the tokens to cluster)")
+    dist = torch.cdist(x.double(), x.double()) / math.sqrt(d)  # [B, n, n]
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    n_near = min(n_clusters, n - 1)
+    if n_near:
+        near = dist.masked_fill(eye, math.inf).topk(n_near, dim=-1, largest=False).values  # [B, n, n_near]
+        density = torch.exp(-(near ** 2).mean(-1))  # [B, n]
+    else:
+        density = torch.ones(b, n, dtype=torch.float64, device=x.device)
+    idx = torch.arange(n, device=x.device)
+    denser = (density[:, None, :] > density[:, :, None]) | (
+        (density[:, None, :] == density[:, :, None]) & (idx[None, None, :] < idx[None, :, None]))  # [B, i, j]
+    delta = dist.masked_fill(~denser, math.inf).min(dim=-1).values  # [B, n]
+    row_max = dist.amax(dim=(1, 2))[:, None].expand(b, n)
+    delta = torch.where(torch.isinf(delta), row_max, delta)
+    centres = torch.sort(density * delta, dim=-1, descending=True, stable=True).indices[:, :n_clusters]  # [B, m]
+    labels = dist.gather(2, centres[:, None, :].expand(b, n, n_clusters)).argmin(dim=-1)  # [B, n]
+    return labels.scatter(1, centres, torch.arange(n_clusters, device=x.device).expand(b, n_clusters))
+
+
+def recycle_assign(hidden: Tensor, scores: Tensor, n_merged: int, recycle_ratio: float,
+                   tokens_per_cluster: int) -> Tensor:
+    """SparseVLM v1 recycling of n dropped tokens: the top floor(recycle_ratio * n) + 1 by score (relevance) are
+    clustered into n_merged groups by `density_peak_clusters` on hidden [B, n, D]; the rest get -1."""
+    b, n, _ = hidden.shape
+    n_rec = max(min(n, math.floor(recycle_ratio * n) + 1), n_merged)
+    top = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :n_rec]  # [B, n_rec]
+    labels = density_peak_clusters(hidden.gather(1, top[..., None].expand(-1, -1, hidden.shape[-1])), n_merged)
+    return torch.full((b, n), -1, dtype=torch.long, device=hidden.device).scatter(1, top, labels)
+
+
+@register_scorer("sparsevlm_recycle", rows="text", options={"recycle_ratio": 0.3, "tokens_per_cluster": 10},
+                 merge=MergeRule(split=recycle_split, assign=recycle_assign))
+def sparsevlm_recycle(ctx: ScoringContext, recycle_ratio: float, tokens_per_cluster: int) -> Tensor:
+    """SparseVLM v1 with recycling: `sparsevlm` scores; part of the dropped tokens is merged back (MergeRule above).
+
+    The merged tokens count as vision tokens in the stage's keep count; each takes its cluster's first member's slot.
+    """
+    _check_recycle(recycle_ratio, tokens_per_cluster)
+    return sparsevlm(ctx)
+
+
+# ------------------------------------------------------------------------- DART
+@dataclass
+class DartStep:
+    """One pivot's turn in `dart_pick`: the pivot's normed hidden state, its picks and the pool left after them."""
+
+    pivot: Tensor  # [D]
+    picks: list[int]  # vision-axis indices, in pick order
+    pool_after: list[int]  # vision-axis indices still in the pool
+
+
+def dart_pick(h_vision: Tensor, h_text: Tensor, norm_vision: Tensor, norm_text: Tensor, k: int,
+              vision_pivots: int = 4, text_pivots: int = 4) -> tuple[Tensor, list[DartStep]]:
+    """DART for one row: kept [k] ascending vision-axis indices and the trace of pivot turns.
+
+    Pivots: the min(vision_pivots, k) vision tokens and the min(text_pivots, T) text tokens with the largest key L1
+    norm (ties to the earlier), vision pivots first, each group in descending norm. They are kept; the other
+    r = k - (vision pivots) tokens are picked from the pool (vision minus vision pivots): pivot i in turn takes the
+    r // P + (1 if i < r % P else 0) pool tokens (P pivots) least cosine-similar to it (ties to the earlier) and
+    they leave the pool. Exactly k: DART's code keeps 4 + 8 * (M // 8); here the remainder r % P goes one each to
+    the first pivots.
+    """
+    v = h_vision.shape[0]
+    n_vp = min(vision_pivots, k)
+    vp = torch.sort(norm_vision.float(), descending=True, stable=True).indices[:n_vp]
+    tp = torch.sort(norm_text.float(), descending=True, stable=True).indices[:min(text_pivots, h_text.shape[0])]
+    pivots = [h_vision[i] for i in vp.tolist()] + [h_text[i] for i in tp.tolist()]
+    in_pool = torch.ones(v, dtype=torch.bool, device=h_vision.device)
+    in_pool[vp] = False
+    unit = nn.functional.normalize(h_vision.double(), dim=-1)
+    rest = k - n_vp
+    steps: list[DartStep] = []
+    kept = vp.tolist()
+    for i, pivot in enumerate(pivots):
+        take = rest // len(pivots) + (1 if i < rest % len(pivots) else 0)
+        pool = in_pool.nonzero()[:, 0]
+        sim = unit[pool] @ nn.functional.normalize(pivot.double(), dim=-1)  # [pool]
+        picks = pool[torch.sort(sim, stable=True).indices[:take]].tolist()  # lowest similarity first
+        in_pool[picks] = False
+        kept += picks
+        steps.append(DartStep(pivot=pivot, picks=picks, pool_after=in_pool.nonzero()[:, 0].tolist()))
+    return torch.tensor(sorted(kept), dtype=torch.long, device=h_vision.device), steps
+
+
+@register_scorer("dart", rows="none", options={"vision_pivots": 4, "text_pivots": 4})
+def dart(ctx: ScoringContext, vision_pivots: int, text_pivots: int) -> Tensor:
+    """DART: pivots by the L1 norm of the stage layer's post-RoPE keys; keep the tokens least similar to the pivots
+    (cosine of the stage layer's output after the final norm). No attention map. Scores: 1 for the k kept."""
+    for fld in ("stage_input", "stage_layer", "stage_position_embeddings", "hidden_states", "final_norm", "keep"):
+        if getattr(ctx, fld) is None:
+            raise ValueError(f"scorer 'dart' needs ctx.{fld}, got None")
+    layer = ctx.stage_layer
+    keys = _rope_keys(layer, layer.input_layernorm(ctx.stage_input), ctx.stage_position_embeddings)  # [B, Hkv, K, hd]
+    norm = keys.float().abs().sum(dim=(1, 3))  # [B, K] L1 norm over heads and channels
+    h = ctx.final_norm(ctx.hidden_states)  # [B, K, D]
+    scores = torch.zeros(ctx.vision_index.shape, dtype=torch.float32, device=h.device)
+    for b in range(h.shape[0]):
+        text = ctx.text_index[b][ctx.text_mask[b]]
+        kept, _ = dart_pick(h[b, ctx.vision_index[b]], h[b, text], norm[b, ctx.vision_index[b]], norm[b, text],
+                            ctx.keep, int(vision_pivots), int(text_pivots))
+        scores[b, kept] = 1.0
+    return scores
+
+
 @register_scorer("pyramiddrop", rows="none")
 def pyramiddrop(ctx: ScoringContext) -> Tensor:
     """PyramidDrop: attention of the last real token over the valid keys, computed with layer l+1's norm and q/k.
@@ -228,8 +404,6 @@ def pyramiddrop(ctx: ScoringContext) -> Tensor:
     x = next_layer.input_layernorm(h); q of the last real token, k of every token; RoPE; GQA kv heads
     repeated; softmax(q k^T / sqrt(head_dim)) over ctx.key_mask; head-mean; the vision columns.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     for fld in ("hidden_states", "next_layer", "position_embeddings"):
         if getattr(ctx, fld) is None:
             raise ValueError(f"scorer 'pyramiddrop' needs ctx.{fld}, got None")
@@ -249,11 +423,10 @@ def pyramiddrop(ctx: ScoringContext) -> Tensor:
     x = layer.input_layernorm(hidden)  # [B, K, D]
     x_last = x.gather(1, last[:, None, None].expand(b, 1, x.shape[-1]))  # [B, 1, D]
     q = attn_mod.q_proj(x_last).view(b, 1, n_heads, head_dim).transpose(1, 2)  # [B, H, 1, hd]
-    k = attn_mod.k_proj(x).view(b, k_len, n_kv, head_dim).transpose(1, 2)  # [B, Hkv, K, hd]
     cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
     idx = last[:, None, None].expand(b, 1, cos.shape[-1])
-    q, _ = apply_rotary_pos_emb(q, q, cos.gather(1, idx), sin.gather(1, idx))  # [B, H, 1, hd]
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)  # [B, Hkv, K, hd]
+    q = _rope(q, cos.gather(1, idx), sin.gather(1, idx))  # [B, H, 1, hd]
+    k = _rope_keys(layer, x, (cos, sin))  # [B, Hkv, K, hd]
     k = k.repeat_interleave(n_heads // n_kv, dim=1)  # [B, H, K, hd]
     logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(head_dim)  # [B, H, 1, K]
     logits = logits.masked_fill(~key_mask[:, None, None, :], -math.inf)
@@ -270,76 +443,3 @@ def random_scores(ctx: ScoringContext) -> Tensor:
                          f"got {None if ctx.generators is None else len(ctx.generators)}")
     rows = [torch.rand(v, generator=g, device=g.device) for g in ctx.generators]
     return torch.stack(rows).to(ctx.vision_index.device)  # [B, V]
-
-
-# ------------------------------------------------------------------------- VisionZip
-def visionzip_split(k: int, dominant: int = VISIONZIP_DOMINANT, contextual: int = VISIONZIP_CONTEXTUAL) -> tuple[int, int]:
-    """Split a budget of k tokens into (dominant, contextual) in VisionZip's ratio (64 = 54 + 10)."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k = {k!r}: must be an int >= 0")
-    n_ctx = int(math.floor(k * contextual / (dominant + contextual) + 0.5))
-    return k - n_ctx, n_ctx
-
-
-def visionzip_select(
-    cls_attn: Tensor, keys: Tensor, n_dominant: int, n_contextual: int
-) -> tuple[Tensor, list[list[tuple[int, list[int]]]]]:
-    """VisionZip selection: dominant tokens by CLS attention plus contextual tokens that merge the rest.
-
-    cls_attn [B, P] (or [B, H, P], head-averaged here): CLS attention to each patch at the vision tower's
-    feature layer. keys [B, P, Dk]: the patches' keys there. Dominant = the n_dominant patches with the
-    largest CLS attention (ties to the earlier patch). Among the remaining patches (in order), targets are
-    those at offsets floor(i * R / n_contextual), i < n_contextual; every other remaining patch joins the
-    target with the largest key cosine similarity (ties to the earlier target).
-    Returns kept [B, n_dominant + n_contextual] ascending patch positions and, per row, one
-    (target_position, member_positions) per target; members are ascending and include the target, so the
-    merged token is the mean of the members' features. With n_contextual = 0 the rest is dropped.
-    """
-    if cls_attn.dim() == 3:
-        cls_attn = cls_attn.float().mean(dim=1)  # [B, P]
-    if cls_attn.dim() != 2:
-        raise ValueError(f"cls_attn has shape {tuple(cls_attn.shape)}: must be [B, P] or [B, H, P]")
-    b, p = cls_attn.shape
-    if keys.dim() != 3 or keys.shape[:2] != (b, p):
-        raise ValueError(f"keys has shape {tuple(keys.shape)}: must be [B={b}, P={p}, Dk]")
-    for fld, val in (("n_dominant", n_dominant), ("n_contextual", n_contextual)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
-            raise ValueError(f"{fld} = {val!r}: must be an int >= 0")
-    if n_dominant + n_contextual > p:
-        raise ValueError(
-            f"n_dominant + n_contextual = {n_dominant + n_contextual}: must be at most the {p} patches"
-        )
-    dominant = select(cls_attn, n_dominant)  # [B, n_dominant] ascending
-    is_dom = torch.zeros(b, p, dtype=torch.bool, device=cls_attn.device)
-    is_dom.scatter_(1, dominant, True)
-    rest = (~is_dom).nonzero()[:, 1].view(b, p - n_dominant)  # [B, R] ascending
-    n_rest = p - n_dominant
-    offsets = torch.tensor([i * n_rest // n_contextual for i in range(n_contextual)], dtype=torch.long,
-                           device=cls_attn.device)  # [C] evenly spaced offsets into the remaining patches
-    targets = rest[:, offsets]  # [B, C] ascending
-    kept = torch.cat([dominant, targets], dim=1).sort(dim=1).values  # [B, n_dominant + C]
-    if n_contextual == 0:
-        return kept, [[] for _ in range(b)]
-    groups: list[list[tuple[int, list[int]]]] = []
-    unit = nn.functional.normalize(keys.float(), dim=-1)  # [B, P, Dk]
-    is_target = torch.zeros(n_rest, dtype=torch.bool, device=cls_attn.device)
-    is_target[offsets] = True
-    others = rest[:, ~is_target]  # [B, M] the tokens to merge
-    for row in range(b):
-        sim = unit[row, others[row]] @ unit[row, targets[row]].T  # [M, C]
-        owner = sim.argmax(dim=-1)  # [M] index of the most similar target (first on ties)
-        row_groups = []
-        for c in range(n_contextual):
-            members = others[row][owner == c].tolist() + [int(targets[row, c])]
-            row_groups.append((int(targets[row, c]), sorted(members)))
-        groups.append(row_groups)
-    return kept, groups
-
-
-def visionzip_merge(features: Tensor, kept: Tensor, merge_groups: list[list[tuple[int, list[int]]]]) -> Tensor:
-    """Features [B, P, D] -> [B, k, D] at the kept positions, each contextual target replaced by its group mean."""
-    merged = features.clone()
-    for row, row_groups in enumerate(merge_groups):
-        for target, members in row_groups:
-            merged[row, target] = features[row, members].mean(dim=0)
-    return merged.gather(1, kept[:, :, None].expand(-1, -1, features.shape[-1]))

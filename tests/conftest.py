@@ -61,3 +61,15 @@ def tiny_model():
 
 def pixel_values(batch: int, image_size: int = 56, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def eager_cls_attention(model, pixel_values: torch.Tensor, layer: int = -2) -> torch.Tensor:
+    """Head-mean attention [B, P] of the vision tower's CLS query to each patch at `layer`, from eager attention
+    (an independent reference for what the AttentionProbe computes with SDPA on)."""
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model.model.vision_tower(pixel_values, output_attentions=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    return out.attentions[layer][:, :, 0, 1:].mean(1)

@@ -8,7 +8,7 @@ import torch
 
 from pruning.engine import PruningEngine
 from pruning.schedule import Schedule
-from tests.conftest import make_prompts, pixel_values, tiny_arch
+from tests.conftest import eager_cls_attention, make_prompts, pixel_values, tiny_arch
 from vlm.layout import TokenLayout
 from vlm.models import build_random_model
 
@@ -282,13 +282,7 @@ def test_engine_detaches_and_model_is_exactly_as_before(model6):
 def test_visionzip_keeps_dominant_plus_merged_contextual(model6):
     """Dominant tokens are the top CLS-attention patches of the feature layer; contextual ones carry merged features."""
     inputs = _inputs([5, 3], seed=10)
-    model6.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            vt_out = model6.model.vision_tower(inputs["pixel_values"], output_attentions=True)
-    finally:
-        model6.set_attn_implementation("sdpa")
-    cls = vt_out.attentions[-2][:, :, 0, 1:].mean(1)  # feature layer -2: CLS row, head-mean  [B, P]
+    cls = eager_cls_attention(model6, inputs["pixel_values"])  # feature layer -2: CLS row, head-mean  [B, P]
     hooks_before = {n: dict(m._forward_hooks) for n, m in model6.named_modules()}
     with PruningEngine(model6, _schedule([(-1, 6)]), "visionzip") as engine, torch.no_grad():
         logits = model6(**inputs).logits
@@ -297,7 +291,7 @@ def test_visionzip_keeps_dominant_plus_merged_contextual(model6):
     kept = engine.record.kept_positions[0]  # [B, 6] original positions
     assert kept.shape == (2, 6)
     layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
-    from pruning.scorers import visionzip_split
+    from pruning.selectors import visionzip_split
     n_dom, _ = visionzip_split(6)
     for b in range(2):
         dominant = set(layout.vision_index[b][cls[b].topk(n_dom).indices].tolist())

@@ -13,10 +13,8 @@ from pruning.scorers import (
     score,
     scorer_rows,
     select,
-    visionzip_merge,
-    visionzip_select,
-    visionzip_split,
 )
+from pruning.selectors import visionzip_merge, visionzip_select, visionzip_split
 
 HEADS = 3
 

@@ -90,11 +90,62 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     return None
 
 
+@dataclass
+class VisionSites:
+    """Where a LLaVA-style model keeps its vision side: the only place outside `vlm/arch/` (to come) that names it."""
+
+    tower: nn.Module  # the vision tower (CLIP/SigLIP vision model)
+    projector: nn.Module  # vision features F [.., Dv] -> LM input embeddings P [.., D]
+    encoder_layers: nn.ModuleList | None  # the tower's encoder layers, when it has them
+    feature_layer: Any  # config.vision_feature_layer: hidden_states index of the features fed to the projector
+    select_strategy: str  # "default" (patch tokens only, CLS dropped) or "full"
+    has_cls: bool  # the tower prepends a CLS token (CLIP: yes; SigLIP: no)
+
+    def feature_attention(self) -> nn.Module:
+        """The self-attention module of the encoder layer whose output is the projector's input.
+
+        hidden_states[f] is the output of encoder layer f-1 (hidden_states[0] = the embeddings). Raises
+        ValueError when there is no such layer (several feature layers, or the embeddings themselves).
+        """
+        if not isinstance(self.feature_layer, int):
+            raise ValueError(f"vision_feature_layer = {self.feature_layer!r}: need a single int layer")
+        if self.encoder_layers is None:
+            raise ValueError(f"{type(self.tower).__name__} has no encoder layers to read attention from")
+        n = len(self.encoder_layers)
+        index = self.feature_layer - 1 if self.feature_layer >= 0 else n + self.feature_layer
+        if not 0 <= index < n:
+            raise ValueError(f"vision_feature_layer = {self.feature_layer} has no attention layer (encoder has {n})")
+        return self.encoder_layers[index].self_attn
+
+
+def vision_sites(model: nn.Module) -> VisionSites:
+    """The vision tower, projector and their facts of a LlavaForConditionalGeneration."""
+    inner = getattr(model, "model", model)
+    tower = getattr(inner, "vision_tower", None)
+    projector = getattr(inner, "multi_modal_projector", None)
+    if tower is None or projector is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no model.vision_tower / model.multi_modal_projector (a LLaVA model has both)"
+        )
+    vision_model = getattr(tower, "vision_model", tower)
+    encoder = getattr(vision_model, "encoder", None)
+    layers = getattr(encoder, "layers", None) if encoder is not None else None
+    embeddings = getattr(vision_model, "embeddings", None)
+    config = model.config
+    return VisionSites(
+        tower=tower, projector=projector, encoder_layers=layers if isinstance(layers, nn.ModuleList) else None,
+        feature_layer=config.vision_feature_layer, select_strategy=str(config.vision_feature_select_strategy),
+        has_cls=embeddings is not None and hasattr(embeddings, "class_embedding"),
+    )
+
+
 def vision_tokens_per_image(config: LlavaConfig) -> int:
-    """Vision tokens one image contributes: (image_size / patch_size)^2, plus CLS for the 'full' strategy."""
+    """Vision tokens one image contributes: the tower's tokens ((image_size / patch_size)^2 patches, plus CLS on
+    towers that have one: CLIP yes, SigLIP no), less the first token under the 'default' strategy (which drops it)."""
     vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
-    return n + (1 if config.vision_feature_select_strategy == "full" else 0)
+    tower = n + (0 if "siglip" in str(getattr(vc, "model_type", "")) else 1)
+    return tower - 1 if config.vision_feature_select_strategy == "default" else tower
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
