@@ -2,8 +2,8 @@
 
 1. collect text-to-vision attention on the shapes calibration split (analysis.collect.run_collect);
 2. derive a schedule of up to 3 stages at processed budget 192 (analysis.derive.run_derive);
-3. benchmark the unpruned model, AdaptInfer (derived and paper-style schedules), FastV, SparseVLM, PyramidDrop,
-   VisionZip and random at processed budgets 256 / 192 / 160 on the shapes test split
+3. benchmark the unpruned model, AdaptInfer (derived and paper-style schedules) and every other method
+   (configs/experiment/demo.yaml) at processed budgets 256 / 192 / 160 on the shapes test split
    (pruning.benchmark.run_benchmark, configs/experiment/demo.yaml): every method at equal cost;
 4. print the summary (with its ranking at equal processed budget) and where the table and plots are.
 

@@ -13,7 +13,8 @@ from pruning import results as res
 from tests.bench_fixtures import save_processor, tiny_model_cfg, toy_data_cfg
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = {"unpruned", "adaptinfer_derived", "adaptinfer", "fastv", "sparsevlm", "pyramiddrop", "visionzip", "random"}
+METHODS = {"unpruned", "adaptinfer_derived", "adaptinfer", "fastv", "sparsevlm", "sparsevlm_recycle", "pyramiddrop", "dart",
+           "visionzip", "divprune", "cdpruner", "vispruner", "pooling", "random"}
 
 
 def _check_table(out: Path, n_samples: int) -> "res.pd.DataFrame":
