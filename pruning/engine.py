@@ -98,6 +98,7 @@ class PruningEngine:
         self.lm = model.model.language_model
         self.layers = self.lm.layers
         self.num_layers = len(self.layers)
+        refuse_compiled(model)
         schedule.validate(num_layers=self.num_layers)
         self.stage_layers = [s.layer for s in schedule.stages]
         self.is_selector = is_selector(scorer)
@@ -140,6 +141,7 @@ class PruningEngine:
 
     # -- attach / detach ------------------------------------------------------------------------------
     def __enter__(self) -> "PruningEngine":
+        refuse_compiled(self.model)
         try:
             self._handles.append(self.model.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
             for i, layer in enumerate(self.layers):
@@ -477,6 +479,22 @@ def row_generators(input_ids: Tensor, attention_mask: Tensor | None, pixel_value
             digest.update(pixel_values[b].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         out.append(torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1))
     return out
+
+
+def refuse_compiled(model: nn.Module) -> None:
+    """Raise EngineError when `model` or one of its submodules was compiled with torch.compile.
+
+    Dynamo skips nn.Module hook guards by default, so hooks added after compilation can be ignored without a word:
+    the forward would run unpruned. The engine refuses instead of pruning nothing.
+    """
+    compiled = [name or "the model" for name, module in model.named_modules()
+                if getattr(module, "_compiled_call_impl", None) is not None or hasattr(module, "_orig_mod")]
+    if compiled:
+        raise EngineError(
+            f"{compiled[0]} was compiled with torch.compile before the pruning engine attached its hooks; compiled "
+            "code ignores hooks added later, so the forward would run unpruned. Attach the engine to the uncompiled "
+            "model (enter `with PruningEngine(...)` first, compile inside it if you need to)"
+        )
 
 
 class _Closer:

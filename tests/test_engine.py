@@ -347,3 +347,20 @@ def test_engine_work_per_layer_does_not_grow_with_depth():
         (plain_ops, plain_reads), (pruned_ops, pruned_reads) = counts
         extra[layers] = (pruned_ops - plain_ops, pruned_reads - plain_reads)
     assert extra[8] == extra[4], f"engine's extra (ops, host reads) with 4 and 8 layers: {extra}"
+
+
+@pytest.mark.parametrize("compile_what", ["language_model", "whole_model"])
+def test_a_compiled_model_is_refused_not_silently_unpruned(compile_what):
+    """torch.compile ignores hooks added after compilation (dynamo skips nn.Module hook guards by default): the
+    engine must refuse such a model instead of letting it run unpruned."""
+    from pruning.engine import EngineError
+
+    model = build_random_model(tiny_arch(layers=4), dtype="float32", device="cpu", seed=1).model
+    if compile_what == "language_model":
+        model.model.language_model.compile()  # in place, lazily: nothing is traced yet
+        target = model
+    else:
+        target = torch.compile(model)
+    with pytest.raises(EngineError, match="compiled with torch.compile"):
+        with PruningEngine(target, _schedule([(0, 8)]), "adaptinfer"):
+            pass

@@ -74,11 +74,15 @@ def test_probe_detaches_completely(tiny_model):
     impls = (model.config._attn_implementation, model.config.text_config._attn_implementation,
              model.config.vision_config._attn_implementation)
     attn = model.model.language_model.layers[1].self_attn
+    other = model.model.language_model.layers[0].self_attn
+    own_config = attn.config
     before_attrs = set(vars(attn))
     with pytest.raises(RuntimeError, match="boom"):
         with AttentionProbe(model, layers=[1]):
-            assert model.config.text_config._attn_implementation.startswith("probe_")
+            assert attn.config._attn_implementation.startswith("probe_")  # the probed layer alone calls the wrapper
+            assert other.config._attn_implementation == impls[1] == model.config.text_config._attn_implementation
             raise RuntimeError("boom")
+    assert attn.config is own_config
     assert (model.config._attn_implementation, model.config.text_config._attn_implementation,
             model.config.vision_config._attn_implementation) == impls
     assert set(vars(attn)) == before_attrs

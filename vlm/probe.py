@@ -2,13 +2,15 @@
 
 The probe registers a thin wrapper around the model's attention function with transformers'
 `AttentionInterface` (and the base's mask function with `AttentionMaskInterface`, or causal masking
-would silently disappear), switches only the configs of the probed attention modules to it while the
-context is open, and restores them on exit. The wrapper calls the stock function for the layer output;
-at probed modules it also computes `softmax(q[rows] K^T * scale + mask)` in float32 for the requested
-query rows over all keys.
+would silently disappear) and, while the context is open, gives each probed attention module a copy of its
+config that names the wrapper; every other layer keeps calling the stock function directly (no wrapper, no
+per-layer Python), and the model's own config, which builds the masks, is untouched. On exit the modules get
+their configs back. The wrapper calls the stock function for the layer output; at probed modules it also
+computes `softmax(q[rows] K^T * scale + mask)` in float32 for the requested query rows over all keys.
 """
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
@@ -170,7 +172,7 @@ class AttentionProbe:
         self.include_decode = include_decode
         self.rows: dict[Any, Tensor] = {}
         self.index: dict[Any, Tensor] = {}
-        self._saved_impl: list[tuple[Any, str]] = []
+        self._saved_config: list[tuple[nn.Module, Any]] = []  # (module, its own config) while attached
         self._active = False
 
     # -- context management -------------------------------------------------------------------------
@@ -178,16 +180,15 @@ class AttentionProbe:
         if self._active:
             raise ProbeError("this AttentionProbe is already attached")
         try:
-            configs: dict[int, Any] = {}
-            for module in self.sites.values():
-                configs.setdefault(id(module.config), module.config)
-            for config in configs.values():
+            for site, module in self.sites.items():
+                config = module.config
                 base = config._attn_implementation or "eager"
                 if base.startswith(PROBE_PREFIX):
                     raise ProbeError("another AttentionProbe is attached to this model; nest engines, not probes")
-                self._saved_impl.append((config, config._attn_implementation))
-                config._attn_implementation = _register(base)
-            for site, module in self.sites.items():
+                probed = copy.copy(config)  # this module alone calls the wrapper
+                probed._attn_implementation = _register(base)
+                self._saved_config.append((module, config))
+                module.config = probed
                 setattr(module, _SITE_ATTR, self._make_site(site))
         except BaseException:
             self._detach()
@@ -202,9 +203,9 @@ class AttentionProbe:
         for module in self.sites.values():
             if hasattr(module, _SITE_ATTR):
                 delattr(module, _SITE_ATTR)
-        for config, impl in reversed(self._saved_impl):
-            config._attn_implementation = impl
-        self._saved_impl.clear()
+        for module, config in reversed(self._saved_config):
+            module.config = config
+        self._saved_config.clear()
         self._active = False
 
     # -- the work at a probed module -------------------------------------------------------------------
