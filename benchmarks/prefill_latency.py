@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pruning.benchmark import scale_layers  # noqa: E402
 from pruning.engine import PruningEngine  # noqa: E402
 from pruning.flops import prefill_flops  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402
@@ -43,17 +44,18 @@ MID_ARCH = {  # a quarter of LLaVA-1.5-7B's width, all 32 layers; a small vision
 }
 
 
-def build(name: str, device: torch.device) -> LoadedModel:
+def build(name: str, device: torch.device, attn: str = "sdpa") -> LoadedModel:
     """The random-weight model a name stands for: a configs/model preset with `arch`, or 'mid'."""
     if name == "mid":
-        return build_random_model(MID_ARCH, dtype="float32" if device.type == "cpu" else "float16", device=device, name="mid")
+        return build_random_model(MID_ARCH, dtype="float32" if device.type == "cpu" else "float16", device=device,
+                                  name="mid", attn_implementation=attn)
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml"), resolve=True)
     arch = dict(cfg["arch"])
     if name == "tiny":  # no processor needed: the prompt is synthetic
         arch["text_config"] = {**arch["text_config"], "vocab_size": 64}
         arch["image_token_id"] = 7
     dtype = cfg.get("dtype", "auto") if device.type == "cuda" else "float32"
-    return build_random_model(arch, dtype=dtype, device=device, name=name)
+    return build_random_model(arch, dtype=dtype, device=device, name=name, attn_implementation=attn)
 
 
 def synthetic_inputs(loaded: LoadedModel, batch: int, text_len: int, system_len: int) -> dict[str, torch.Tensor]:
@@ -119,9 +121,10 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
     schedules: dict[str, Schedule] = {}
     for preset in PAPER_PRESETS:
         sched = Schedule.from_yaml(ROOT / "configs" / "schedule" / f"{preset}.yaml")
-        if n_layers != 32:  # scale the 32-layer preset's layers to this depth, same keep counts
-            sched = Schedule.from_dict({"stages": [{"layer": max(0, round(s.layer * n_layers / 32)), "keep": s.keep}
-                                                   for s in sched.stages], "positions": sched.positions})
+        if n_layers != 32:  # the 32-layer preset's layers at this depth (the benchmark's rule), same keep counts
+            layers = scale_layers(sched.layers, n_layers, 32)
+            sched = Schedule.from_dict({"stages": [{"layer": l, "keep": s.keep} for l, s in zip(layers, sched.stages)],
+                                        "positions": sched.positions})
         schedules[preset] = sched
     schedules[f"keep-all@{PAPER_PRESETS[0]} layers"] = keep_all(schedules[PAPER_PRESETS[0]])
     times: dict[str, list[float]] = {name: [] for name in ["unpruned", *schedules]}
@@ -164,6 +167,7 @@ def main() -> None:
     parser.add_argument("--system-len", type=int, default=35)
     parser.add_argument("--scorer", default="adaptinfer")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations, e.g. sdpa flash_attention_2")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -177,21 +181,24 @@ def main() -> None:
         "Budgets in the processed convention (mean vision tokens per decoder layer). "
         "keep-all = the same stage layers keeping every token: its extra time is the scorer's cost.",
         "",
-        "| model | batch | variant | budget | decoder ms | spread ms | latency ratio | TFLOPs/sample | FLOPs ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | attention | batch | variant | budget | decoder ms | spread ms | latency ratio | TFLOPs/sample | "
+        "FLOPs ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in args.models:
-        loaded = build(name, device)
-        for batch in args.batch:
-            for row in measure(loaded, batch, args.repeats, args.warmup, args.text_len, args.system_len, args.scorer):
-                line = (f"| {name} | {batch} | {row['variant']} | {row['budget_processed']:.1f} | {row['ms']:.1f} | "
-                        f"{row['spread_ms']:.1f} | {row['latency_ratio']:.3f} | {row['tflops_per_sample']:.4f} | "
-                        f"{row['flops_ratio']:.3f} |")
-                print(line, flush=True)
-                lines.append(line)
-        del loaded
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for attn in args.attn:
+            loaded = build(name, device, attn)
+            for batch in args.batch:
+                for row in measure(loaded, batch, args.repeats, args.warmup, args.text_len, args.system_len,
+                                   args.scorer):
+                    line = (f"| {name} | {attn} | {batch} | {row['variant']} | {row['budget_processed']:.1f} | "
+                            f"{row['ms']:.1f} | {row['spread_ms']:.1f} | {row['latency_ratio']:.3f} | "
+                            f"{row['tflops_per_sample']:.4f} | {row['flops_ratio']:.3f} |")
+                    print(line, flush=True)
+                    lines.append(line)
+            del loaded
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
