@@ -6,13 +6,20 @@ Layout of a run directory::
       manifest.json            identity (model, data, reducer, num_layers, num_vision), versions, shards
       shards/shard-00000.pt    {"ids": [str], "t2v": [N, L, V] float32, "scalars": {name: [N, L] float32}}
 
-Each shard is written to a temporary name in `shards/` and moved into place with `os.replace`; only
-then is the manifest (itself written to a temporary file and replaced) updated to list it. A run that
-is interrupted therefore loses at most the shard in progress: on resume, `done_ids()` comes from the
-manifest, leftover temporary files are removed and a shard file that the manifest does not list (moved
+Each shard is written to a temporary name in `shards/`; then, holding the store's lock
+(`manifest.json.lock`, `vlm.parallel.locked`), the writer re-reads the manifest, takes the next shard
+index, moves the shard into place with `os.replace` and saves the manifest (itself written to a
+temporary file and replaced) with the shard added. So several writers (the workers of a data-parallel
+collection, `writer` = their tag) can share one store: no update is lost when two finish together, and
+no index is taken twice. A run that is interrupted loses at most the shard in progress: on resume,
+`done_ids()` comes from the manifest, the writer's own leftover temporary files are removed (other
+writers' are left alone: they may be live) and a shard file that the manifest does not list (moved
 into place just before the interruption) is removed too, because its samples are not marked done and
 will be collected again. Shards are read with `torch.load(weights_only=True)`, so no pickle code runs.
-One writer per run directory.
+
+Shard entries may carry `positions` (each sample's index in the split's order); `load()` then returns
+the samples in that order, whatever worker wrote them and when, so an N-worker store reads exactly as
+a one-worker store of the same samples.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import torch
 from torch import Tensor
 
 from vlm.errors import UserError
+from vlm.parallel import TMP_MARKER, atomic_write, locked
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.pt$")
-TMP_MARKER = ".tmp"
+WRITER_TAG = re.compile(r"\.tmp-(w\d+|merge)-")  # the writer a temporary file belongs to
+DEFAULT_WRITER = "w0"
 IDENTITY_FIELDS = ("model", "data", "reducer", "num_layers", "num_vision")
 REQUIRED_FIELDS = IDENTITY_FIELDS + ("versions",)
 DEFAULT_SCALARS = ("vision_share", "prior_entropy")
@@ -115,19 +124,6 @@ def _as_float32(name: str, values: ArrayLike) -> Tensor:
     return t
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, fsync, then os.replace the temporary file onto `path`."""
-    tmp = path.with_name(f".{path.name}{TMP_MARKER}-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _read_manifest(run_dir: Path) -> dict[str, Any]:
     """The parsed manifest of `run_dir`, or RecordsError if missing or unreadable."""
     path = run_dir / MANIFEST_NAME
@@ -171,18 +167,30 @@ def _check_new_manifest(manifest: Mapping[str, Any]) -> None:
 class RecordStore:
     """A run directory of record shards; create or resume with `create_or_resume`, read with `open`."""
 
-    def __init__(self, run_dir: Union[str, os.PathLike], manifest: dict[str, Any], writable: bool) -> None:
+    def __init__(self, run_dir: Union[str, os.PathLike], manifest: dict[str, Any], writable: bool,
+                 writer: str = DEFAULT_WRITER) -> None:
         self.run_dir = Path(run_dir)
         self.manifest = manifest
         self.writable = writable
+        self.writer = writer  # tag of this writer ('w<i>'), in its temporary file names
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def create_or_resume(cls, run_dir: Union[str, os.PathLike], manifest: Mapping[str, Any]) -> "RecordStore":
-        """Open `run_dir` for writing: create it with `manifest`, or resume it if its identity matches."""
+    def create_or_resume(cls, run_dir: Union[str, os.PathLike], manifest: Mapping[str, Any],
+                         writer: str = DEFAULT_WRITER) -> "RecordStore":
+        """Open `run_dir` for writing: create it with `manifest`, or resume it if its identity matches.
+
+        Safe when several writers (tags `writer`, e.g. 'w0', 'w1') open the same directory at once: the first
+        creates it, the others resume it.
+        """
         _check_new_manifest(manifest)
         manifest = json.loads(json.dumps(dict(manifest)))  # JSON types (tuples -> lists), as stored manifests read back
         run_dir = Path(run_dir)
+        with locked(run_dir / MANIFEST_NAME):
+            return cls._create_or_resume_locked(run_dir, manifest, writer)
+
+    @classmethod
+    def _create_or_resume_locked(cls, run_dir: Path, manifest: dict[str, Any], writer: str) -> "RecordStore":
         shard_dir = run_dir / SHARD_DIR
         if (run_dir / MANIFEST_NAME).exists():
             existing = _read_manifest(run_dir)
@@ -195,7 +203,7 @@ class RecordStore:
             if existing["versions"] != manifest["versions"]:
                 log.warning("resuming %s with versions %s; it was started with %s", run_dir, manifest["versions"],
                             existing["versions"])
-            store = cls(run_dir, existing, writable=True)
+            store = cls(run_dir, existing, writable=True, writer=writer)
             store._recover()
             log.info("resuming %s: %d samples in %d shards", run_dir, len(store.done_ids()), len(existing["shards"]))
             return store
@@ -210,7 +218,7 @@ class RecordStore:
         fresh["format_version"] = FORMAT_VERSION
         fresh["scalar_names"] = None
         fresh["shards"] = []
-        store = cls(run_dir, fresh, writable=True)
+        store = cls(run_dir, fresh, writable=True, writer=writer)
         store._clean_leftovers()
         store._save_manifest()
         return store
@@ -244,9 +252,18 @@ class RecordStore:
     def __len__(self) -> int:
         return sum(len(s["ids"]) for s in self.manifest["shards"])
 
+    def refresh(self) -> "RecordStore":
+        """Re-read the manifest from disk (other writers may have added shards); returns self."""
+        self.manifest = _read_manifest(self.run_dir)
+        return self
+
     # ---- writing --------------------------------------------------------------------------------
-    def write_shard(self, ids: Sequence[str], t2v: ArrayLike, scalars: Mapping[str, ArrayLike]) -> Path:
-        """Write one shard of N samples: t2v [N, L, V], scalars name -> [N, L]; returns its path."""
+    def write_shard(self, ids: Sequence[str], t2v: ArrayLike, scalars: Mapping[str, ArrayLike],
+                    positions: Sequence[int] | None = None) -> Path:
+        """Write one shard of N samples: t2v [N, L, V], scalars name -> [N, L]; returns its path.
+
+        `positions` (optional, N ints): each sample's index in the split's order, by which `load()` orders samples.
+        """
         if not self.writable:
             raise RecordsError(f"{self.run_dir} was opened read-only; use RecordStore.create_or_resume to write")
         ids = list(ids)
@@ -263,6 +280,10 @@ class RecordStore:
             raise RecordsError(
                 f"{len(already)} ids are already stored (e.g. {sorted(already)[:3]}); filter samples by done_ids()"
             )
+        if positions is not None:
+            positions = [int(p) for p in positions]
+            if len(positions) != n:
+                raise RecordsError(f"write_shard got {len(positions)} positions for {n} ids; give one per sample")
         L, V = self.num_layers, self.num_vision
         t2v_t = _as_float32("t2v", t2v)
         if tuple(t2v_t.shape) != (n, L, V):
@@ -279,17 +300,40 @@ class RecordStore:
             scalars_t[name] = s
 
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        path = self.shard_dir / f"shard-{self._next_index():05d}.pt"
         payload = {"ids": ids, "t2v": t2v_t, "scalars": scalars_t}
-        _write_atomic(path, lambda tmp: torch.save(payload, tmp))
-        self.manifest["scalar_names"] = names
-        self.manifest["shards"].append({"file": path.name, "num_samples": n, "ids": ids})
-        self._save_manifest()
+        pending = self.shard_dir / f".shard{TMP_MARKER}-{self.writer}-{os.getpid()}"
+        try:
+            torch.save(payload, pending)
+            with open(pending, "rb") as fh:
+                os.fsync(fh.fileno())
+            with locked(self.run_dir / MANIFEST_NAME):  # other writers may have added shards since we last looked
+                self.refresh()
+                already = self.done_ids().intersection(ids)
+                if already:
+                    raise RecordsError(
+                        f"{len(already)} ids were stored meanwhile by another writer (e.g. {sorted(already)[:3]}); "
+                        "two writers were given the same samples: give each worker its own `worker=`"
+                    )
+                expected = self.manifest.get("scalar_names")
+                if expected is not None and names != expected:
+                    raise RecordsError(f"scalars are {names}; this store's earlier shards have {expected}")
+                path = self.shard_dir / f"shard-{self._next_index():05d}.pt"
+                os.replace(pending, path)
+                entry: dict[str, Any] = {"file": path.name, "num_samples": n, "ids": ids}
+                if positions is not None:
+                    entry["positions"] = positions
+                self.manifest["scalar_names"] = names
+                self.manifest["shards"].append(entry)
+                self._save_manifest()
+        finally:
+            if pending.exists():
+                pending.unlink()
         return path
 
     # ---- reading --------------------------------------------------------------------------------
     def load(self) -> Records:
-        """All shards concatenated in writing order, each checked against the manifest."""
+        """All samples, each shard checked against the manifest: in split order when every shard lists its samples'
+        `positions` (stores written by analysis.collect, with any number of workers), else in writing order."""
         shards = self.manifest["shards"]
         if not shards:
             raise RecordsError(
@@ -304,12 +348,18 @@ class RecordStore:
             t2v.append(data["t2v"])
             for name in scalars:
                 scalars[name].append(data["scalars"][name])
-        return Records(
+        records = Records(
             ids=ids,
             t2v=torch.cat(t2v, dim=0),
             scalars={k: torch.cat(v, dim=0) for k, v in scalars.items()},
             manifest=dict(self.manifest),
         )
+        if all("positions" in entry for entry in shards):
+            positions = [p for entry in shards for p in entry["positions"]]
+            order = sorted(range(len(positions)), key=positions.__getitem__)
+            if order != list(range(len(positions))):
+                records = records.subset(order)
+        return records
 
     def iter_shards(self) -> Iterator[Records]:
         """Each listed shard as Records, in writing order, validated like load() (for runs too big to concatenate)."""
@@ -360,17 +410,24 @@ class RecordStore:
         return max(indices, default=-1) + 1
 
     def _save_manifest(self) -> None:
-        """Write manifest.json atomically."""
+        """Write manifest.json atomically (callers hold the store's lock)."""
         text = json.dumps(self.manifest, indent=1)
-        _write_atomic(self.run_dir / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(self.run_dir / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text), tag=self.writer)
+
+    def _mine(self, name: str) -> bool:
+        """True for a temporary file this writer (or an untagged, single-writer run) left behind."""
+        tag = WRITER_TAG.search(name)
+        return TMP_MARKER in name and (tag is None or tag.group(1) == self.writer)
 
     def _clean_leftovers(self) -> None:
-        """Remove temporary files and shard files the manifest does not list (an interrupted write)."""
+        """Remove this writer's temporary files and shard files the manifest does not list (an interrupted write).
+
+        Called with the store's lock held, so an unlisted shard file cannot be one another writer is adding."""
         listed = {s["file"] for s in self.manifest["shards"]}
         if not self.shard_dir.is_dir():
             return
         for path in self.shard_dir.iterdir():
-            if TMP_MARKER in path.name or (SHARD_PATTERN.match(path.name) and path.name not in listed):
+            if self._mine(path.name) or (SHARD_PATTERN.match(path.name) and path.name not in listed):
                 log.warning("removing %s left by an interrupted write; its samples will be collected again", path)
                 path.unlink()
         for path in self.run_dir.glob(f".{MANIFEST_NAME}{TMP_MARKER}*"):

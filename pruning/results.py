@@ -21,17 +21,14 @@ decoder layer really processes, which is what a method costs); a run's `budget` 
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import math
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
 from vlm.errors import UserError
+from vlm.parallel import atomic_write, locked
 
 RESULTS_NAME = "results.csv"
 SUMMARY_NAME = "summary.md"
@@ -83,18 +80,6 @@ def row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
     if missing:
         raise ResultsError(f"result row lacks key columns {missing}; every row needs {list(KEY_COLUMNS)}")
     return tuple(key_value(row[c]) for c in KEY_COLUMNS)
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path`.lock (parallel multirun jobs share one table)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_table(results_dir: str | Path) -> pd.DataFrame:
@@ -161,10 +146,7 @@ def upsert_rows(results_dir: str | Path, rows: Sequence[Mapping[str, Any]]) -> p
             frames = [f for f in (table, new) if not f.empty]
             table = pd.concat(frames, ignore_index=True) if frames else new
         table = _ordered(with_retention(_with_columns(table)))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-", suffix=".csv")
-        with os.fdopen(fd, "w") as handle:
-            table.to_csv(handle, index=False)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
     return table
 
 
