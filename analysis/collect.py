@@ -7,6 +7,15 @@ plus a manifest (model, data, reducer, layer and vision-token counts, versions; 
 shard). Rerunning into the same directory resumes: the samples already stored are skipped, so an
 interrupted run loses at most the shard in progress.
 
+Data parallel (`vlm.parallel`): `workers=N worker=i` makes this process one of N that share the run directory
+(`output=DIR` is then required). The split's samples, in their order, are cut into blocks of `batch_size`, and block
+k goes to worker k mod N, so every batch a worker runs is a batch of the one-worker run and the records are the same
+numbers; each worker writes its own shards into the one store (the manifest is updated under a lock), resumes from
+what it stored, and at the end says which workers' samples are still missing. `workers=N` without `worker` computes
+nothing: it checks the store and names the workers whose samples are missing (exit status 2) or reports it complete.
+Reading (`RecordStore.load`) orders samples by their index in the split, so an N-worker store reads exactly as a
+one-worker one.
+
 The data group (`configs/data/*.yaml`) gives `task` (a registered task name), `split`, optionally
 `limit` (at most this many samples of the split) and the task's constructor options, either under
 `options:` or as further top-level keys.
@@ -30,10 +39,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from analysis.collector import REDUCERS, AttentionCollector, BatchRecords
-from analysis.records import RecordStore
+from analysis.records import RecordsError, RecordStore
 from vlm.cli import hydra_run_dir, run_main
 from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
+from vlm.parallel import WorkerSpec, owner
 from vlm.prompts import encode_batch
 from vlm.tasks.base import Task, TaskError, VQASample, build_task, data_spec
 
@@ -138,19 +148,23 @@ def build_manifest(cfg: Mapping[str, Any], loaded: LoadedModel, data: Mapping[st
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
-def _batches(samples: Iterator[VQASample], done: set[str], batch_size: int, progress: tqdm) -> Iterator[list[VQASample]]:
-    """Batches of the samples not yet done; checks ids are unique; advances the progress bar per sample seen."""
-    seen: set[str] = set()
-    batch: list[VQASample] = []
-    for sample in samples:
+def _batches(samples: Iterator[VQASample], done: set[str], batch_size: int, progress: tqdm, spec: WorkerSpec,
+             seen: dict[str, int]) -> Iterator[list[tuple[int, VQASample]]]:
+    """Batches of (split index, sample) that are this worker's (blocks of `batch_size`, see `vlm.parallel`) and not
+    yet done; checks ids are unique; records every id of the split in `seen` (id -> index); advances the bar per
+    own sample."""
+    batch: list[tuple[int, VQASample]] = []
+    for index, sample in enumerate(samples):
         sid = str(sample.sample_id)
         if sid in seen:
             raise CollectError(f"sample id {sid!r} occurs twice in the data; records need unique sample ids")
-        seen.add(sid)
+        seen[sid] = index
+        if spec.merge_only or owner(index, spec.workers, batch_size) != spec.worker:
+            continue
         if sid in done:
             progress.update(1)
             continue
-        batch.append(sample)
+        batch.append((index, sample))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -165,13 +179,15 @@ class _ShardBuffer:
         self.store = store
         self.shard_size = shard_size
         self.ids: list[str] = []
+        self.positions: list[int] = []  # each sample's index in the split
         self.t2v: list[torch.Tensor] = []  # each [b, L, V]
         self.scalars: dict[str, list[torch.Tensor]] = {}  # name -> each [b, L]
         self.shards_written = 0
 
-    def add(self, ids: Sequence[str], records: BatchRecords) -> None:
-        """Queue a batch's records and write every full shard."""
+    def add(self, ids: Sequence[str], positions: Sequence[int], records: BatchRecords) -> None:
+        """Queue a batch's records (samples at these split positions) and write every full shard."""
         self.ids.extend(ids)
+        self.positions.extend(positions)
         self.t2v.append(records.t2v)
         for name, value in records.scalars.items():
             self.scalars.setdefault(name, []).append(value)
@@ -186,9 +202,11 @@ class _ShardBuffer:
     def _write(self, n: int) -> None:
         t2v = torch.cat(self.t2v)  # [pending, L, V]
         scalars = {name: torch.cat(parts) for name, parts in self.scalars.items()}  # each [pending, L]
-        self.store.write_shard(self.ids[:n], t2v[:n], {name: value[:n] for name, value in scalars.items()})
+        self.store.write_shard(self.ids[:n], t2v[:n], {name: value[:n] for name, value in scalars.items()},
+                               positions=self.positions[:n])
         self.shards_written += 1
         self.ids = self.ids[n:]
+        self.positions = self.positions[n:]
         self.t2v = [t2v[n:]] if self.ids else []
         self.scalars = {name: [value[n:]] for name, value in scalars.items()} if self.ids else {}
 
@@ -212,6 +230,9 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
     n_samples = _positive_int(cfg, "n_samples")
     batch_size = _positive_int(cfg, "batch_size")
     shard_size = _positive_int(cfg, "shard_size")
+    spec = WorkerSpec.from_config(cfg)
+    if spec.workers > 1 and not cfg.get("output"):
+        raise CollectError(f"workers={spec.workers} needs output=DIR: every worker must write into the same record store")
     reducer = str(cfg.get("reducer"))
     if reducer not in REDUCERS:
         raise CollectError(f"reducer={reducer!r} is unknown; choose one of {sorted(REDUCERS)}")
@@ -233,23 +254,29 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
             f"({data['name']}) and that the dataset is present"
         )
 
-    loaded = load_from_config(cfg["model"])
-    if loaded.processor is None:
-        raise CollectError(f"model preset {loaded.name!r} has no processor; set model.processor (e.g. 'demo')")
-    manifest = build_manifest(cfg, loaded, data)
-    store = RecordStore.create_or_resume(run_dir, manifest)
-    done = store.done_ids()
-    log.info("collecting %s into %s (%d samples already there)", data["name"], run_dir, len(done))
-
     def all_samples() -> Iterator[VQASample]:
         yield first
         yield from samples
 
+    if spec.merge_only:
+        return check_complete(run_dir, all_samples(), spec, batch_size)
+
+    loaded = load_from_config(cfg["model"])
+    if loaded.processor is None:
+        raise CollectError(f"model preset {loaded.name!r} has no processor; set model.processor (e.g. 'demo')")
+    manifest = build_manifest(cfg, loaded, data)
+    store = RecordStore.create_or_resume(run_dir, manifest, writer=spec.tag)
+    done = store.done_ids()
+    log.info("collecting %s into %s as %s (%d samples already there)", data["name"], run_dir, spec, len(done))
+
     buffer = _ShardBuffer(store, shard_size)
     model = loaded.model
-    with tqdm(total=target, desc=f"collect {data['name']}", unit="sample") as progress, \
+    seen: dict[str, int] = {}
+    share = len(spec.indices(target, batch_size))
+    with tqdm(total=share, desc=f"collect {data['name']}", unit="sample") as progress, \
             AttentionCollector(loaded, reducer=reducer) as collector:
-        for batch in _batches(all_samples(), done, batch_size, progress):
+        for indexed in _batches(all_samples(), done, batch_size, progress, spec, seen):
+            batch = [sample for _, sample in indexed]
             inputs = encode_batch(loaded.processor, batch, device=loaded.device, dtype=loaded.dtype)
             try:
                 with torch.inference_mode():
@@ -263,10 +290,51 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
                     f"a batch has {records.t2v.shape[-1]} vision tokens per sample but the run records "
                     f"{store.num_vision} (one image per sample); use a one-image task"
                 )
-            buffer.add([str(s.sample_id) for s in batch], records)
+            buffer.add([str(s.sample_id) for s in batch], [index for index, _ in indexed], records)
             progress.update(len(batch))
         buffer.flush()
-    log.info("wrote %d shards; %d samples in %s", buffer.shards_written, len(store), run_dir)
+    log.info("wrote %d shards; %d samples in %s", buffer.shards_written, len(store.refresh()), run_dir)
+    if spec.workers > 1:
+        missing = _missing_by_worker(store.done_ids(), seen, spec.workers, batch_size)
+        if missing:
+            log.info("this worker is done; still missing: %s", _describe_missing(missing))
+        else:
+            log.info("all %d workers' samples are stored: %s is complete", spec.workers, run_dir)
+    return run_dir
+
+
+def _missing_by_worker(done: set[str], seen: Mapping[str, int], workers: int, batch_size: int) -> dict[int, int]:
+    """Worker -> how many of its samples (split index -> owner by blocks of batch_size) are not in `done`."""
+    missing: dict[int, int] = {}
+    for sid, index in seen.items():
+        if sid not in done:
+            w = owner(index, workers, batch_size)
+            missing[w] = missing.get(w, 0) + 1
+    return dict(sorted(missing.items()))
+
+
+def _describe_missing(missing: Mapping[int, int]) -> str:
+    return ", ".join(f"worker {w} ({n} samples)" for w, n in missing.items())
+
+
+def check_complete(run_dir: Path, samples: Iterator[VQASample], spec: WorkerSpec, batch_size: int) -> Path:
+    """Merge-only collection (`workers=N`, no `worker`): the store at `run_dir` holds every worker's samples, or
+    CollectError names the workers whose samples are missing and the command that fills them in."""
+    seen: dict[str, int] = {}
+    with tqdm(disable=True) as progress:
+        for _ in _batches(samples, set(), batch_size, progress, spec, seen):
+            pass
+    try:
+        done = RecordStore.open(run_dir).done_ids()
+    except RecordsError:  # no worker has written yet
+        done = set()
+    missing = _missing_by_worker(done, seen, spec.workers, batch_size)
+    if missing:
+        raise CollectError(
+            f"{run_dir} lacks samples of {_describe_missing(missing)} (of workers={spec.workers}); rerun the same "
+            f"command with worker=<i> for each of them (batch_size={batch_size} as the workers had)"
+        )
+    log.info("%s holds all %d samples of its %d workers", run_dir, len(seen), spec.workers)
     return run_dir
 
 
