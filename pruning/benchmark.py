@@ -27,6 +27,16 @@ implementation, device type, execution mode, data options, max_new_tokens, timin
 plus the method's resolved settings (scorer, scorer options with their defaults, resolved schedule, positions, the
 seed for scorers that draw random numbers). `variant` says in words how the method differs from its config file
 (e.g. `positions=renumber`), `model_settings` how the model was loaded.
+
+Data parallel (`workers=N worker=i`, vlm.parallel and pruning/partials.py): the samples of every run are cut into
+blocks of `batch_size`, block k going to worker k mod N (so each worker's batches are batches of the one-worker run);
+each worker writes its part of each run under results_dir/parts/ and skips the parts it already wrote (a killed
+worker is rerun alone). The process that finds every part of a run present (the last worker to finish it) merges
+them (predictions in split order, then the task's official metric over all of them) and writes the row, under a
+lock so it is written once. `workers=N` without `worker` only merges, and names the missing parts (exit status 2).
+Worker 0 times the prefill of the run's fixed timing batch, as a one-worker run does. `workers` and `worker` are not
+part of a row's identity or its config_id: an N-worker row stands where the one-worker row would, with the same
+accuracy, metrics and counts.
 """
 from __future__ import annotations
 
@@ -44,6 +54,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from pruning import partials
 from pruning import results as res
 from pruning.runner import RunOutput, TimingSpec, evaluate
 from pruning.schedule import (BEFORE_LM, CONVENTIONS, BudgetUnreachable, MethodInfeasible, Schedule, ScheduleError,
@@ -53,6 +64,7 @@ from pruning.selectors import get_selector, is_selector
 from vlm.cli import run_main
 from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
+from vlm.parallel import WorkerSpec, locked, missing_workers, read_parts, write_part
 from vlm.tasks.base import Task, TaskError, VQASample, build_task, data_spec
 
 log = logging.getLogger(__name__)
@@ -63,6 +75,7 @@ METHOD_KEYS = ("name", "scorer", "schedule", "layers", "reference_layers", "posi
 SCHEDULE_NONE, SCHEDULE_ALLOCATE, SCHEDULE_DERIVED = "none", "allocate", "derived"
 EXECUTION = "eager"  # the forward mode; part of every row's identity
 ID_DIGITS = 10
+PARALLEL_KEYS = ("workers", "worker")  # how the work was split: never part of a row's identity or config_id
 
 
 class BenchmarkError(UserError, ValueError):
@@ -267,8 +280,13 @@ def fixed_budget(method: Mapping[str, Any]) -> bool:
 
 # -- rows -------------------------------------------------------------------------------------------------------
 def config_id(cfg: Mapping[str, Any]) -> str:
-    """Short hash of the resolved run config (without hydra's own settings)."""
-    return short_hash({k: v for k, v in cfg.items() if k != "hydra"})
+    """Short hash of the resolved run config (without hydra's own settings and how the work was split)."""
+    return short_hash(_recorded_config(cfg))
+
+
+def _recorded_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as recorded beside the table: without hydra's settings and the worker split (PARALLEL_KEYS)."""
+    return {k: v for k, v in cfg.items() if k != "hydra" and k not in PARALLEL_KEYS}
 
 
 def short_hash(value: Any) -> str:
@@ -493,6 +511,7 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
     rerun = bool(cfg.get("rerun", False))
     progress = bool(cfg.get("progress", True))
     seed = _int_setting(cfg, "seed", 0)
+    spec = WorkerSpec.from_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(_int_setting(cfg, "threads", 1))
     cfg_id = config_id(cfg)
@@ -522,47 +541,117 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
             written = True
         table = res.upsert_rows(results_dir, [row])
 
-    outer = tqdm(runs, desc=f"benchmark {data['name']}", unit="run", disable=not progress)
-    for run in outer:
-        method, key = run.method, run.key
-        common = dict(key=key, method=method, loaded=loaded, batch_size=batch_size, cfg_id=cfg_id,
-                      variant=run.variant, settings=describe(settings))
-        if not rerun and res.has_row(table, key):
-            log.info("skip %s at %s: already in %s", method["name"], key["budget"], results_dir)
-            continue
-        outer.set_postfix_str(f"{method['name']}@{key['budget']}")
-        if run.schedule is None:
-            store(make_row(schedule=None, output=None, metrics=None, status=res.STATUS_INFEASIBLE, note=run.reason,
-                           **common))
-            log.warning("%s at budget %s is infeasible: %s", method["name"], key["budget"], run.reason)
-            continue
-        schedule = run.schedule
+    def run_on(run: PlannedRun, subset: Sequence[VQASample], time_prefill: bool = True) -> RunOutput:
+        """Evaluate `subset` of the samples with the run's method (the timing batch is always the run's first)."""
         torch.manual_seed(seed)
-        try:
-            output = evaluate(
-                loaded, samples, schedule=schedule if schedule.stages else None, scorer=method.get("scorer"),
-                scorer_options=method.get("scorer_options") or {}, seed=seed, batch_size=batch_size,
-                max_new_tokens=max_new_tokens, timing=timing, progress=progress, desc=f"{method['name']}@{key['budget']}",
-            )
-        except MethodInfeasible as err:  # valid, but out of this method's reach on this model (e.g. no CLS token)
-            store(make_row(schedule=schedule, output=None, metrics=None, status=res.STATUS_INFEASIBLE, note=str(err),
-                           **common))
-            log.warning("%s at budget %s is infeasible: %s", method["name"], key["budget"], err)
-            continue
+        schedule, method = run.schedule, run.method
+        return evaluate(
+            loaded, subset, schedule=schedule if schedule.stages else None, scorer=method.get("scorer"),
+            scorer_options=method.get("scorer_options") or {}, seed=seed, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, timing=timing, progress=progress,
+            desc=f"{method['name']}@{run.key['budget']}", timing_samples=samples[:timing.batch_size],
+            time_prefill=time_prefill,
+        )
+
+    def infeasible(run: PlannedRun, reason: str) -> None:
+        """Store the run's `infeasible` row (valid, but out of the method's reach) with the reason."""
+        store(make_row(key=run.key, method=run.method, loaded=loaded, batch_size=batch_size, cfg_id=cfg_id,
+                       variant=run.variant, settings=describe(settings), schedule=run.schedule, output=None,
+                       metrics=None, status=res.STATUS_INFEASIBLE, note=reason))
+        log.warning("%s at budget %s is infeasible: %s", run.method["name"], run.key["budget"], reason)
+
+    def finish(run: PlannedRun, output: RunOutput) -> None:
+        """Score all samples' predictions and store the run's row."""
+        method, schedule = run.method, run.schedule
         metrics = task.score(output.predictions, samples)
         note = ""
         expected = _expected_vision(schedule, n_layers, n_vision)
         if output.vision_per_layer != expected:
             note = f"engine processed vision tokens {output.vision_per_layer}, schedule says {expected}"
             log.warning("%s: %s", method["name"], note)
-        store(make_row(schedule=schedule, output=output, metrics=metrics, note=note, **common))
+        store(make_row(schedule=schedule, output=output, metrics=metrics, note=note, key=run.key, method=method,
+                       loaded=loaded, batch_size=batch_size, cfg_id=cfg_id, variant=run.variant,
+                       settings=describe(settings)))
+
+    waiting: dict[str, list[int]] = {}  # run label -> workers whose parts are missing
+    outer = tqdm(runs, desc=f"benchmark {data['name']}", unit="run", disable=not progress)
+    for run in outer:
+        method, key = run.method, run.key
+        if not rerun and res.has_row(table, key):
+            log.info("skip %s at %s: already in %s", method["name"], key["budget"], results_dir)
+            continue
+        outer.set_postfix_str(f"{method['name']}@{key['budget']}")
+        if run.schedule is None:
+            infeasible(run, run.reason)
+            continue
+        if spec.workers == 1:
+            try:
+                output = run_on(run, samples)
+            except MethodInfeasible as err:  # valid, but out of this method's reach on this model (e.g. no CLS token)
+                infeasible(run, str(err))
+                continue
+            finish(run, output)
+            continue
+        missing = split_run(run, spec, samples, batch_size, results_dir, rerun, run_on, finish, infeasible)
+        if missing:
+            waiting[f"{method['name']}@{key['budget']}"] = missing
     outer.close()
+    if waiting:
+        text = "; ".join(f"{label}: workers {ws}" for label, ws in waiting.items())
+        if spec.merge_only:
+            raise BenchmarkError(
+                f"cannot merge yet, parts are missing ({text}) of workers={spec.workers}; run those workers "
+                "(the same command with worker=<i>), then merge again"
+            )
+        log.info("%s done; the last worker to finish merges. Missing parts: %s", spec, text)
     if results_dir.is_dir():
         table = res.read_table(results_dir)
         res.write_summary(results_dir, table)
         if cfg.get("plots", True):
             res.plot_tradeoffs(table, results_dir / res.PLOTS_DIR)
     return results_dir
+
+
+def split_run(run: PlannedRun, spec: WorkerSpec, samples: Sequence[VQASample], batch_size: int, results_dir: Path,
+              rerun: bool, run_on: Any, finish: Any, infeasible: Any) -> list[int]:
+    """One run of a split benchmark: this worker's part (unless written already, or merging only), then, under the
+    run's lock, the merge and the row when every part is there. Returns the workers whose parts are missing.
+
+    A worker whose evaluation finds the method infeasible on this model (MethodInfeasible) writes that as its part;
+    any such part makes the run's row `infeasible` without waiting for the others."""
+    key = run.key
+    directory = partials.part_dir(results_dir, key, short_hash({k: res.key_value(v) for k, v in key.items()}))
+    if not spec.merge_only:
+        mine = spec.indices(len(samples), batch_size)
+        done = spec.worker in read_parts(directory, spec.workers)
+        if done and not rerun:
+            log.info("%s at %s: part of %s already written, reused", run.method["name"], key["budget"], spec)
+        else:
+            subset = [samples[i] for i in mine]
+            try:
+                output = run_on(run, subset, time_prefill=spec.worker == 0) if subset else None
+                payload = partials.part_payload([s.sample_id for s in subset], output, batch_size)
+            except MethodInfeasible as err:
+                payload = {"infeasible": str(err)}
+            write_part(directory, spec.worker, spec.workers, payload)
+    with locked(directory / "merge"):
+        if not rerun and res.has_row(res.read_table(results_dir), key):
+            return []  # another worker merged it meanwhile
+        parts = read_parts(directory, spec.workers)
+        reason = next((p["infeasible"] for p in parts.values() if p.get("infeasible")), None)
+        if reason is not None:
+            infeasible(run, reason)
+            return []
+        missing = missing_workers(parts, spec.workers)
+        if missing:
+            return missing
+        try:
+            output = partials.merge_outputs(parts, samples, spec.workers)
+        except UserError as err:
+            raise BenchmarkError(f"{run.method['name']} at {key['budget']} ({directory}): {err}") from None
+        finish(run, output)
+        log.info("%s at %s: merged the parts of %d workers", run.method["name"], key["budget"], spec.workers)
+    return []
 
 
 def _int_setting(cfg: Mapping[str, Any], key: str, default: int) -> int:
@@ -576,7 +665,7 @@ def _int_setting(cfg: Mapping[str, Any], key: str, default: int) -> int:
 
 def _write_config(results_dir: Path, cfg: Mapping[str, Any], cfg_id: str) -> None:
     """config.yaml (latest run) and configs/<id>.yaml (every run) beside the table."""
-    text = yaml.safe_dump({k: v for k, v in cfg.items() if k != "hydra"}, sort_keys=False, default_flow_style=None)
+    text = yaml.safe_dump(_recorded_config(cfg), sort_keys=False, default_flow_style=None)
     (results_dir / "configs").mkdir(parents=True, exist_ok=True)
     (results_dir / "configs" / f"{cfg_id}.yaml").write_text(text)
     (results_dir / "config.yaml").write_text(f"# config_id: {cfg_id}\n{text}")

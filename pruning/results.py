@@ -329,7 +329,8 @@ def write_summary(results_dir: str | Path, table: pd.DataFrame | None = None) ->
     """Write summary.md from the table in `results_dir`; returns its path."""
     table = read_table(results_dir) if table is None else table
     path = Path(results_dir) / SUMMARY_NAME
-    path.write_text(summary_markdown(table))
+    text = summary_markdown(table)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))  # workers of a split run may write it at once
     return path
 
 

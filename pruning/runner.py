@@ -6,8 +6,9 @@ One run = one model, one list of samples, one schedule + scorer (or none: the un
   `max_new_tokens` new tokens, decoded without special tokens and stripped.
 * `generate_ms`: wall time of all `generate` calls divided by the number of samples (per sample, batched).
 * `prefill_ms`: a prefill-only forward (`use_cache=True, logits_to_keep=1`) on a fixed batch (the first
-  `timing.batch_size` samples), `timing.warmup` untimed calls first, then the median of `timing.repeats`
-  timed calls; CUDA events with synchronisation on GPU, `time.perf_counter` on CPU.
+  `timing.batch_size` samples, or `timing_samples` when given), `timing.warmup` untimed calls first, then the
+  median of `timing.repeats` timed calls; CUDA events with synchronisation on GPU, `time.perf_counter` on CPU.
+  With `time_prefill=False` (the other workers of a split run) the batch runs once, untimed, and it is NaN.
 * `tflops`: analytic prefill TFLOPs per sample (`pruning.flops`, 4nd^2 + 2n^2d + 3ndm per layer) from each
   row's real (unpadded) token count and the vision tokens each layer processed (`engine.record.vision_per_layer`),
   averaged over the samples; padding does not count, so the number does not depend on batching.
@@ -78,6 +79,7 @@ class RunOutput:
     timing_batch: int
     device: str
     extras: dict[str, Any] = field(default_factory=dict)
+    flops_total: int = 0  # analytic prefill FLOPs summed over the samples (exact; parts of a split run add up)
 
 
 # -- memory ------------------------------------------------------------------------------------------------------
@@ -217,8 +219,13 @@ def evaluate(
     timing: TimingSpec | None = None,
     progress: bool = True,
     desc: str = "run",
+    timing_samples: Sequence[VQASample] | None = None,
+    time_prefill: bool = True,
 ) -> RunOutput:
-    """Generate answers for `samples` (pruned by `schedule` + `scorer`, or unpruned) and measure the run."""
+    """Generate answers for `samples` (pruned by `schedule` + `scorer`, or unpruned) and measure the run.
+
+    `timing_samples` (default: the first `timing.batch_size` of `samples`) is the fixed prefill batch; a worker of
+    a split run passes the run's first samples, so it times what the one-worker run times."""
     if not samples:
         raise RunnerError("no samples to evaluate; check data.split / data.limit")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -237,13 +244,14 @@ def evaluate(
     vision_per_layer: list[int] = []
     with PeakMemory(device) as memory, pruning(loaded, schedule, scorer, scorer_options, seed) as engine, \
             torch.inference_mode():
-        timing_inputs = encode_batch(processor, list(samples[: timing.batch_size]), device=device, dtype=loaded.dtype)
+        timed = list(samples[: timing.batch_size] if timing_samples is None else timing_samples)
+        timing_inputs = encode_batch(processor, timed, device=device, dtype=loaded.dtype)
 
         def prefill() -> Any:
             return model(**timing_inputs, use_cache=True, logits_to_keep=1)
 
         check_finite(prefill().logits, loaded)
-        prefill_ms = median_ms(prefill, device, timing.warmup, timing.repeats)
+        prefill_ms = median_ms(prefill, device, timing.warmup, timing.repeats) if time_prefill else float("nan")
         tokens_per_layer = list(engine.record.tokens_per_layer) if engine is not None else \
             [int(timing_inputs["input_ids"].shape[1])] * loaded.num_layers
         bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False)
@@ -270,9 +278,10 @@ def evaluate(
         vision_per_layer=vision_per_layer,
         tokens_per_layer=tokens_per_layer,
         n_samples=n,
-        timing_batch=min(timing.batch_size, n),
+        timing_batch=len(timed),
         device=str(device),
         extras={"peak_mem_source": memory.source},
+        flops_total=int(flops_total),
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from analysis.collect import CollectError, run_collect
 from analysis.records import RecordStore
@@ -198,3 +199,137 @@ def test_collection_workers_as_processes_through_the_cli(processor_dir, tmp_path
     single = tmp_path / "single"
     run_collect(_cfg(processor_dir, single, n_samples=11, batch_size=2, shard_size=3) | {"model": model})
     _assert_same_records(RecordStore.open(out).load(), RecordStore.open(single).load())
+
+
+# -- one benchmark run over N workers -----------------------------------------------------------------------------
+ROW_FIELDS = ("model", "task", "split", "limit", "setup_id", "convention", "method", "budget", "variant_id", "status",
+              "variant", "scorer", "schedule", "positions", "budget_processed", "budget_paper", "accuracy", "retention",
+              "tflops", "n_samples", "batch_size", "timing_batch", "vision_per_layer", "tokens_per_layer",
+              "model_settings")  # config_id differs only by results_dir; timings and peak memory are measurements
+
+
+@pytest.fixture(scope="module")
+def bench_processor(tmp_path_factory) -> Path:
+    from tests.bench_fixtures import save_processor
+
+    return save_processor(tmp_path_factory.mktemp("bench_processor"))
+
+
+@pytest.fixture
+def scored(monkeypatch):
+    """The predictions every score() call saw, in order (the toy task's score wrapped)."""
+    from tests.bench_fixtures import ToyShapesTask
+
+    seen: list[list[str]] = []
+    original = ToyShapesTask.score
+
+    def score(self, predictions, samples):
+        seen.append(list(predictions))
+        return original(self, predictions, samples)
+
+    monkeypatch.setattr(ToyShapesTask, "score", score)
+    return seen
+
+
+def _bench(bench_processor: Path, results_dir: Path, **extra) -> dict:
+    from tests.test_benchmark import bench_cfg
+
+    return bench_cfg(bench_processor, results_dir, ["fastv"], [192], limit=4, **extra)  # batches of 2: 2 + 2 + 0
+
+
+def _rows(results_dir: Path):
+    from pruning import results as res
+
+    table = res.read_table(results_dir).sort_values(["method", "budget"]).reset_index(drop=True)
+    metrics = sorted(c for c in table.columns if c.startswith("metric_"))
+    return table[list(ROW_FIELDS) + metrics]
+
+
+@pytest.fixture(scope="module")
+def one_worker_bench(bench_processor, tmp_path_factory):
+    from pruning.benchmark import run_benchmark
+    from tests.bench_fixtures import ToyShapesTask
+
+    seen: list[list[str]] = []
+    original = ToyShapesTask.score
+    ToyShapesTask.score = lambda self, p, s: seen.append(list(p)) or original(self, p, s)
+    try:
+        out = run_benchmark(_bench(bench_processor, tmp_path_factory.mktemp("bench1")))
+    finally:
+        ToyShapesTask.score = original
+    return _rows(out), seen
+
+
+def test_three_worker_benchmark_rows_equal_the_one_worker_rows(one_worker_bench, bench_processor, tmp_path, scored):
+    from pandas.testing import assert_frame_equal
+
+    from pruning.benchmark import run_benchmark
+
+    for w in (1, 2, 0):  # worker 0 (the one that times the prefill) finishes last and merges
+        run_benchmark(_bench(bench_processor, tmp_path, workers=3, worker=w))
+    rows, predictions = one_worker_bench
+    assert_frame_equal(_rows(tmp_path), rows)  # accuracy, metrics, counts, FLOPs, identity
+    assert scored == predictions  # the metric saw the same predictions, in the same order
+    assert not {"workers", "worker"} & set(yaml.safe_load((tmp_path / "config.yaml").read_text()))  # not the config
+    assert sorted(p.name for p in (tmp_path / "parts").glob("*/*.json")) == sorted(
+        f"worker-{w}-of-3.json" for w in range(3) for _ in range(2))
+    run_benchmark(_bench(bench_processor, tmp_path, workers=3))  # merge only: everything is there, nothing to do
+
+
+def test_a_killed_benchmark_worker_rerun_alone_reuses_its_parts(one_worker_bench, bench_processor, tmp_path,
+                                                               monkeypatch):
+    from pandas.testing import assert_frame_equal
+
+    import pruning.benchmark as bench
+    from pruning.benchmark import BenchmarkError, run_benchmark
+
+    for w in (0, 2):
+        run_benchmark(_bench(bench_processor, tmp_path, workers=3, worker=w))
+    calls = []
+    real = bench.evaluate
+
+    def dies_on_second_run(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate", dies_on_second_run)
+    with pytest.raises(KeyboardInterrupt):  # worker 1 wrote its unpruned part, then died in fastv@192
+        run_benchmark(_bench(bench_processor, tmp_path, workers=3, worker=1))
+    with pytest.raises(BenchmarkError, match=r"fastv@192: workers \[1\]") as info:
+        run_benchmark(_bench(bench_processor, tmp_path, workers=3))  # merge only names what is missing
+    assert "unpruned" not in str(info.value)  # that run was merged when worker 1 wrote the last part
+    calls.clear()
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    run_benchmark(_bench(bench_processor, tmp_path, workers=3, worker=1))
+    assert calls == ["fastv@192"]  # the finished part was reused, only the missing one recomputed
+    assert_frame_equal(_rows(tmp_path), one_worker_bench[0])
+
+
+def test_bad_benchmark_worker_settings_write_nothing(bench_processor, tmp_path):
+    from pruning.benchmark import run_benchmark
+
+    with pytest.raises(ParallelError, match=r"worker=3 must be an integer in 0\.\.2"):
+        run_benchmark(_bench(bench_processor, tmp_path / "out", workers=3, worker=3))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_split_benchmark_through_the_submitit_local_executor(one_worker_bench, bench_processor, tmp_path):
+    """`-m +launcher=local workers=3 worker=0,1,2`: three concurrent subprocesses, the last one merges."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from tests.bench_fixtures import TOY_TASK
+    from tests.test_benchmark import TOY_CALLBACK, _run_hydra_main
+
+    results_dir = tmp_path / "results"
+    _run_hydra_main([
+        "-m", "model=tiny", f"model.processor={bench_processor}", "model.device=cpu", "data=pope",
+        f"++data.task={TOY_TASK}", "++data.split=test", "++data.limit=4", "methods=[fastv]", "budgets=[192]",
+        "batch_size=2", "timing.warmup=0", "timing.repeats=1", "plots=false", "progress=false",
+        f"results_dir={results_dir}", TOY_CALLBACK, "workers=3", "worker=0,1,2", "+launcher=local",
+        "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+    ])
+    same = ["method", "budget", "status", "accuracy", "metric_score", "metric_answered", "n_samples", "tflops",
+            "vision_per_layer", "budget_processed"]
+    assert _rows(results_dir)[same].equals(one_worker_bench[0][same])
