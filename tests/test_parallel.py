@@ -333,3 +333,27 @@ def test_split_benchmark_through_the_submitit_local_executor(one_worker_bench, b
     same = ["method", "budget", "status", "accuracy", "metric_score", "metric_answered", "n_samples", "tflops",
             "vision_per_layer", "budget_processed"]
     assert _rows(results_dir)[same].equals(one_worker_bench[0][same])
+
+
+def test_a_method_infeasible_on_the_model_gives_one_infeasible_row_in_a_split_run(bench_processor, tmp_path,
+                                                                                 monkeypatch):
+    import pruning.benchmark as bench
+    from pruning import results as res
+    from pruning.schedule import MethodInfeasible
+
+    real = bench.evaluate
+
+    def no_cls(*args, **kwargs):
+        if kwargs["desc"].startswith("fastv"):
+            raise MethodInfeasible("fastv needs what this model lacks (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "evaluate", no_cls)
+    bench.run_benchmark(_bench(bench_processor, tmp_path, workers=2, worker=0))
+    table = res.read_table(tmp_path)
+    fastv = table[table["method"] == "fastv"]
+    assert list(fastv["status"]) == [res.STATUS_INFEASIBLE] and "simulated" in fastv["note"].iloc[0]
+    bench.run_benchmark(_bench(bench_processor, tmp_path, workers=2, worker=1))
+    bench.run_benchmark(_bench(bench_processor, tmp_path, workers=2))  # nothing missing: merge only passes
+    table = res.read_table(tmp_path)
+    assert sorted(zip(table["method"], table["status"])) == [("fastv", res.STATUS_INFEASIBLE), ("unpruned", res.STATUS_OK)]
