@@ -88,7 +88,7 @@ CANDIDATES_FILE = "candidates.jsonl"
 SEARCH_SCORER = "adaptinfer"
 # search settings and their defaults (configs/derive.yaml `search:`)
 SEARCH_DEFAULTS: dict[str, Any] = {
-    "blends": list(BLENDS), "step": 0.2, "min_step": 0.05, "max_rounds": 30, "max_candidates": 32,
+    "blends": list(BLENDS), "step": 0.2, "min_step": 0.05, "max_rounds": 30, "max_candidates": 24,
     "mismatch_weight": 1.0, "batch_size": 32, "top_n": 10, "every_layer_up_to": 12, "max_cached_layers": 4,
     "progress": True,
 }

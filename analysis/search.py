@@ -12,7 +12,7 @@ Search (`ScheduleSearch.run`), for one budget:
 
 1. Seeds: for each stage count n in 1..n_stages, the given seed layers for n (the paper rule's layers) and n
    candidate layers spread evenly from the earliest (so low budgets stay reachable), each with the geometric keep
-   rule's shares and every blend; plus any extra seeds (e.g. the previous budget's best).
+   rule's shares and the first blend; plus any extra seeds (e.g. the previous budget's best).
 2. Local search from the best seed, first improvement: the incumbent's neighbours are scored in this order and
    the first better one becomes the incumbent (one round): another blend; `step` of share moved from one stage to
    another; one stage layer moved to the neighbouring candidate layer (order kept); a stage removed (its share to
@@ -27,7 +27,7 @@ being deterministic, reaches the same result.
 Pass count: each scored candidate costs one pass over the calibration set from its first stage layer on (plus, once
 per first-stage layer, the unpruned prefix that fills the hidden-state cache). With s stages at most n_stages, the
 neighbourhood has at most `(|blends| - 1) + 2 s + s (s - 1) + s + (s + 1)` members, so one budget scores at most
-`S + R * M` candidates, S = seeds <= 2 * n_stages * |blends|, R = rounds, M = that neighbourhood bound for s = n_stages,
+`S + R * M` candidates, S = seeds <= 2 * n_stages + 1, R = rounds, M = that neighbourhood bound for s = n_stages,
 and never more than `max_candidates` (the binding limit in practice: first improvement mostly stops a round
 early).
 """
@@ -193,7 +193,7 @@ class ScheduleSearch:
 
     def __init__(self, num_layers: int, num_vision: int, candidate_layers: Sequence[int], *, n_stages: int = 3,
                  blends: Sequence[float] = BLENDS, convention: str = "processed", step: float = 0.2,
-                 min_step: float = 0.05, max_rounds: int = 30, max_candidates: int = 32) -> None:
+                 min_step: float = 0.05, max_rounds: int = 30, max_candidates: int = 24) -> None:
         self.num_layers = int(num_layers)
         self.num_vision = int(num_vision)
         self.candidate_layers = sorted({int(l) for l in candidate_layers if 0 <= l <= num_layers - 2})
@@ -222,7 +222,7 @@ class ScheduleSearch:
 
     def max_scored(self) -> int:
         """Upper bound on candidates scored per budget: min(S + R * M, max_candidates)."""
-        return min(2 * self.n_stages * len(self.blends) + self.max_rounds * self.max_neighbours(), self.max_candidates)
+        return min(2 * self.n_stages + 1 + self.max_rounds * self.max_neighbours(), self.max_candidates)
 
     # candidates -----------------------------------------------------------------------------------------------
     def make(self, layers: Sequence[int], shares: Sequence[float], blend: float, budget: float) -> Optional[Candidate]:
@@ -248,10 +248,9 @@ class ScheduleSearch:
             except ScheduleError:
                 continue
             shares = shares_from_keeps(layers, geo.keep_counts(), self.num_layers, self.convention)
-            for blend in self.blends:
-                cand = self.make(layers, shares, blend, budget)
-                if cand is not None and cand not in out:
-                    out.append(cand)
+            cand = self.make(layers, shares, self.blends[0], budget)  # other blends: the incumbent's first moves
+            if cand is not None and cand not in out:
+                out.append(cand)
         for cand in extra:
             shares = shares_from_keeps(cand.layers, cand.keeps, self.num_layers, self.convention)
             refit = self.make(cand.layers, shares, cand.blend, budget)
