@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from analysis.derive import DeriveError, derive_schedule, read_front, run_derive, search_schedules
@@ -234,3 +235,31 @@ def test_search_on_a_32_layer_model_stays_within_its_pass_budget(tmp_path: Path)
     assert summary["passes"]["full_pass_equivalents"] <= bound, (summary["passes"], bound)
     assert summary["passes"]["prompts"] <= 4 * (1 + max_scored + n_layers_tried)
     assert abs(schedule.budget() - 8) <= 1 and schedule.num_layers == 32
+
+
+def test_replay_from_a_cached_layer_input_matches_the_full_forward(tiny_model) -> None:
+    """The objective's shortcut: layers before the first stage skipped, vision tower skipped, same logits."""
+    from analysis.objective import replay_from
+    from pruning.engine import PruningEngine
+    from pruning.schedule import Stage
+    from tests.conftest import make_prompts, pixel_values
+
+    model = tiny_model.model
+    layers = model.model.language_model.layers
+    originals = list(layers)
+    inputs = {**make_prompts(16, [5, 3]), "pixel_values": pixel_values(2)}
+    schedule = Schedule([Stage(2, 6)], num_layers=4, vision_tokens=16)
+    captured = []
+    handle = layers[2].register_forward_pre_hook(lambda m, a, k: captured.append(a[0] if a else k["hidden_states"]),
+                                                 with_kwargs=True)
+    with torch.inference_mode():
+        model(**inputs, use_cache=False)
+        handle.remove()
+        with PruningEngine(model, schedule, scorer="adaptinfer"):
+            full = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+        with replay_from(layers, 2, captured[0]), PruningEngine(model, schedule, scorer="adaptinfer") as engine:
+            replay = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                           logits_to_keep=1).logits[:, -1]
+    assert engine.record.vision_per_layer == [16, 16, 16, 6]
+    torch.testing.assert_close(replay, full, rtol=0, atol=1e-5)
+    assert list(layers) == originals  # the stand-ins are gone
