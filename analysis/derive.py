@@ -543,7 +543,8 @@ def run_derive(cfg: Any) -> Path:
     manifest = records.manifest
     model = manifest.get("model")
     model_name = model.get("name") if isinstance(model, Mapping) else str(model)
-    name = cfg.get("name") or f"derived_{model_name}_{cfg['budget']}".replace("/", "_")
+    default_name = f"searched_{model_name}" if rule == "search" else f"derived_{model_name}_{cfg['budget']}"
+    name = (cfg.get("name") or default_name).replace("/", "_")
     options = {k: cfg[k] for k in DERIVE_OPTIONS if cfg.get(k) is not None}  # absent: derive_schedule's defaults
     provenance = {
         "model": model,

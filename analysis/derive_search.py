@@ -113,8 +113,8 @@ def run_search(cfg: Mapping[str, Any], result: ShiftResult, num_layers: int, num
     seconds = time.perf_counter() - t0
     passes = calibration.counter.as_dict()
     for s in searched:
-        s.schedule.provenance["search"]["passes"] = passes
-        s.schedule.provenance["search"]["seconds"] = round(seconds, 1)
+        s.schedule.provenance["search"]["seconds"] = round(s.seconds, 1)  # this budget's search
+        s.schedule.provenance["search"]["call"] = {"budgets": budgets, "passes": passes, "seconds": round(seconds, 1)}
         s.schedule.to_yaml(out_dir / budget_file(s.budget))
     front = [{"budget": s.budget, "schedule": budget_file(s.budget), "scorer": SEARCH_SCORER,
               "scorer_options": s.scorer_options, "layers": s.schedule.layers, "keep": s.schedule.keep_counts(),

@@ -205,7 +205,7 @@ def test_run_derive_search_end_to_end_and_resume(tmp_path: Path) -> None:
         assert f["scorer_options"]["text_weight_blend"] in (0.0, 0.5, 1.0) and f["objective"] >= 0
         prov = schedule.provenance
         assert prov["search"]["objective"] == "kl+mismatch" and prov["calibration"]["n"] == 6
-        assert prov["records"] == str(collect_dir.resolve()) and prov["search"]["passes"]["prompts"] > 0
+        assert prov["records"] == str(collect_dir.resolve()) and prov["search"]["call"]["passes"]["prompts"] > 0
     summary = json.loads((out / "front.json").read_text())
     assert summary["candidates_scored_now"] > 0 and summary["candidates_from_file"] == 0
     assert (out / "reference.pt").is_file() and (out / "front.png").is_file()  # the front figure is always written
