@@ -25,6 +25,8 @@ from pruning.benchmark import CONFIGS_DIR, run_benchmark  # noqa: E402
 
 PEERS = ["adaptinfer", "fastv", "sparsevlm", "pyramiddrop", "visionzip", "random"]
 DERIVED = "adaptinfer_derived"
+SEARCHED_B1 = "adaptinfer_searched_blend1"  # the searched schedule with the paper's scorer setting
+PAPER_B0 = "adaptinfer_paper_blend0"  # the paper-style schedule with uniform text weights
 
 
 def bench_config(data: str, limit: int, results: Path, methods: list[str], budget: float,
@@ -53,13 +55,28 @@ def run(front_dir: Path, data: str, limit: int, results: Path, methods: list[str
     return table(results, front)
 
 
+def run_variants(front_dir: Path, data: str, limit: int, results: Path) -> None:
+    """Scorer x schedule: the searched schedules with blend 1 (the paper's scorer) and the paper-style schedule with
+    blend 0 (uniform text weights), to separate what the schedule and the scorer option each bring."""
+    for entry in read_front(front_dir):
+        b = entry["budget"]
+        budget = int(b) if float(b).is_integer() else b
+        for method in ({"name": SEARCHED_B1, "scorer": "adaptinfer", "schedule": "derived",
+                        "schedule_path": entry["schedule_path"], "scorer_options": {"text_weight_blend": 1.0}},
+                       {"name": PAPER_B0, "scorer": "adaptinfer", "schedule": "allocate", "layers": [1, 10, 20],
+                        "reference_layers": 32, "scorer_options": {"text_weight_blend": 0.0}}):
+            cfg = bench_config(data, limit, results, [], budget)
+            cfg.update(methods=None, method=method)
+            run_benchmark(cfg)
+
+
 def table(results: Path, front: list[dict]) -> str:
     """Markdown: accuracy (retention) per method and budget; '-' = infeasible at that budget."""
     t = res.read_table(results)
     base = t[t["method"] == res.BASELINE_METHOD]["accuracy"].iloc[0]
     budgets = sorted({int(f["budget"]) if float(f["budget"]).is_integer() else f["budget"] for f in front},
                      reverse=True)
-    methods = [m for m in [DERIVED, *PEERS] if m in set(t["method"])]
+    methods = [m for m in [DERIVED, SEARCHED_B1, PAPER_B0, *PEERS] if m in set(t["method"])]
     lines = [f"unpruned accuracy {base:.4f}; cells: accuracy (retention = accuracy / unpruned)", "",
              "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
              "|---|" + "---|" * len(budgets)]
@@ -88,8 +105,14 @@ def main() -> None:
     ap.add_argument("--results", type=Path, required=True)
     ap.add_argument("--methods", nargs="*", default=PEERS)
     ap.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    ap.add_argument("--variants", action="store_true",
+                    help="also the searched schedules at blend 1 and the paper-style schedule at blend 0")
     args = ap.parse_args()
-    emit(run(args.front, args.data, args.limit, args.results, args.methods), args.out)
+    text = run(args.front, args.data, args.limit, args.results, args.methods)
+    if args.variants:
+        run_variants(args.front, args.data, args.limit, args.results)
+        text = table(args.results, read_front(args.front))
+    emit(text, args.out)
 
 
 def emit(text: str, out: Path | None) -> None:
