@@ -1,8 +1,22 @@
-"""From inflection layers to a pruning schedule: dense regions, stage placement, keep allocation.
+"""From inflection layers to a pruning schedule: dense regions, stage placement, keep allocation or a search.
 
 `python -m analysis.derive input=<collect run dir> budget=64 n_stages=3` opens the records, fits the
 `ShiftDetector`, derives a `pruning.schedule.Schedule`, and writes `schedule.yaml`, `inflection.json`
 and the figures into the Hydra run directory (or `output=`).
+
+Two rules (`rule=`):
+
+* `search` (default): the schedule that minimises the fidelity objective (`analysis.objective`: KL of the answer
+  distribution plus greedy-answer disagreement against the unpruned model, on calibration prompts) at each budget
+  of `budgets`, found by `analysis.search.ScheduleSearch` over stage counts 1..n_stages, stage layers drawn from the
+  analysis (the dense regions' bounds and neighbours, the paper rule's layers; every layer on models of at most
+  `search.every_layer_up_to` layers), keep counts (any non-increasing allocation meeting the budget within one
+  token) and the adaptinfer scorer's `text_weight_blend`. It needs the model (`model=<preset>`, default: the
+  records' own when it is loadable) and calibration prompts (`calibration=<data preset name>`, default: the
+  records' own data; the first `n_calibration` prompts). Writes `schedule.yaml` (the first budget), `schedule_<budget>.yaml` per budget, `front.json`
+  (per budget: schedule file, scorer options, objective), `front.png`, and `candidates.jsonl` (every scored
+  candidate, appended as scored: a rerun into the same output resumes). See `search_schedules`.
+* `paper`: the rule below, unchanged (stages around the dense regions, geometric keep counts).
 
 Dense regions (`find_dense_regions`), on the smoothed, normalised density `d[L]`:
 
@@ -36,7 +50,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import hydra
 import numpy as np
@@ -46,8 +60,12 @@ from omegaconf.errors import MissingMandatoryValue
 from scipy.signal import find_peaks
 
 from analysis.records import Records, RecordStore
+from analysis.search import (
+    BLENDS, Candidate, CandidateStore, ScheduleSearch, SearchError, SearchResult, budget_of,
+    candidate_layers_from_regions,
+)
 from analysis.shift import ShiftDetector, ShiftResult
-from pruning.schedule import CONVENTIONS, Schedule, ScheduleError, allocate_keep
+from pruning.schedule import CONVENTIONS, FRONT_FILE, Schedule, ScheduleError, allocate_keep, read_front  # noqa: F401
 from vlm.cli import hydra_run_dir, run_main
 from vlm.errors import UserError
 
@@ -62,8 +80,18 @@ PLACEMENT_RULE = (
     "pruning.schedule.allocate_keep (geometric) to budget {budget} ({convention} convention)"
 )
 DERIVE_OPTIONS = ("convention", "placement", "prominence", "rel_height", "distance", "min_layer", "positions")
+RULES = ("search", "paper")
 SCHEDULE_FILE = "schedule.yaml"
 SUMMARY_FILE = "inflection.json"
+FRONT_PLOT = "front.png"
+CANDIDATES_FILE = "candidates.jsonl"
+SEARCH_SCORER = "adaptinfer"
+# search settings and their defaults (configs/derive.yaml `search:`)
+SEARCH_DEFAULTS: dict[str, Any] = {
+    "blends": list(BLENDS), "step": 0.2, "min_step": 0.05, "max_rounds": 30, "max_candidates": 24,
+    "mismatch_weight": 1.0, "batch_size": 32, "top_n": 10, "every_layer_up_to": 12, "max_cached_layers": 4,
+    "progress": True,
+}
 
 
 class DeriveError(UserError, ValueError):
@@ -216,22 +244,8 @@ def derive_schedule(
     provenance: Optional[Mapping[str, Any]] = None,
 ) -> Schedule:
     """A Schedule with stages placed around the dense regions of `result` and keep counts meeting `budget`."""
-    if num_layers is None:
-        num_layers = result.num_layers
-    if num_layers != result.num_layers:
-        raise DeriveError(f"num_layers={num_layers} but the shift result covers {result.num_layers} layers")
-    if num_vision is None:
-        num_vision = result.num_vision
-    num_vision = _check_int("num_vision", num_vision, 1)
-    if num_vision != result.num_vision:
-        raise DeriveError(f"num_vision={num_vision} but the shift result was fitted on {result.num_vision} vision tokens")
-    if convention not in CONVENTIONS:
-        raise DeriveError(f"convention={convention!r} is not one of {list(CONVENTIONS)}")
+    num_layers, num_vision = _check_analysis(result, num_layers, num_vision, convention)
     budget = check_budget(budget, num_vision)
-    if int(np.asarray(result.histogram).sum()) == 0:
-        raise DeriveError(
-            "the detector found no shift layers (empty histogram); lower its penalty or use n_bkps"
-        )
     regions = find_dense_regions(result.density, prominence=prominence, rel_height=rel_height, distance=distance)
     layers = place_stages(regions, n_stages, num_layers, placement=placement, min_layer=min_layer)
     try:
@@ -245,7 +259,19 @@ def derive_schedule(
         ) from exc
     rule = PLACEMENT_RULE.format(prominence=prominence, rel_height=rel_height, placement=placement,
                                  min_layer=min_layer, budget=budget, convention=convention)
-    schedule.provenance = _jsonable({
+    schedule.provenance = _analysis_provenance(
+        result, regions, provenance, stage_layers=layers,
+        derivation={"placement": placement, "prominence": prominence, "rel_height": rel_height, "distance": distance,
+                    "min_layer": min_layer, "budget": float(budget), "convention": convention},
+        allocation=dict(schedule.provenance), rule=rule,
+    )
+    return schedule.validate(num_layers=num_layers, initial=num_vision)
+
+
+def _analysis_provenance(result: ShiftResult, regions: Sequence[Region], provenance: Optional[Mapping[str, Any]],
+                         **fields: Any) -> dict[str, Any]:
+    """Provenance of a derived schedule: the given fields, the analysis it came from, then `fields`."""
+    return _jsonable({
         **dict(provenance or {}),
         "sample_count": result.num_samples,
         "tokens_per_sample": result.tokens_per_sample,
@@ -253,20 +279,152 @@ def derive_schedule(
         "histogram": [int(x) for x in result.histogram],
         "density": [round(float(x), 6) for x in result.density],
         "dense_regions": [asdict(r) for r in regions],
-        "stage_layers": layers,
-        "derivation": {
-            "placement": placement,
-            "prominence": prominence,
-            "rel_height": rel_height,
-            "distance": distance,
-            "min_layer": min_layer,
-            "budget": float(budget),
-            "convention": convention,
-        },
-        "allocation": dict(schedule.provenance),
-        "rule": rule,
+        **fields,
     })
-    return schedule.validate(num_layers=num_layers, initial=num_vision)
+
+
+def _check_analysis(result: ShiftResult, num_layers: Optional[int], num_vision: Optional[int],
+                    convention: str) -> tuple[int, int]:
+    """(num_layers, num_vision) checked against the shift result; DeriveError naming the disagreement."""
+    if num_layers is None:
+        num_layers = result.num_layers
+    if num_layers != result.num_layers:
+        raise DeriveError(f"num_layers={num_layers} but the shift result covers {result.num_layers} layers")
+    if num_vision is None:
+        num_vision = result.num_vision
+    num_vision = _check_int("num_vision", num_vision, 1)
+    if num_vision != result.num_vision:
+        raise DeriveError(f"num_vision={num_vision} but the shift result was fitted on {result.num_vision} vision tokens")
+    if convention not in CONVENTIONS:
+        raise DeriveError(f"convention={convention!r} is not one of {list(CONVENTIONS)}")
+    if int(np.asarray(result.histogram).sum()) == 0:
+        raise DeriveError(
+            "the detector found no shift layers (empty histogram); lower its penalty or use n_bkps"
+        )
+    return num_layers, num_vision
+
+
+@dataclass
+class SearchedSchedule:
+    """One budget's searched schedule, its scorer options and the search that found it."""
+
+    budget: float
+    schedule: Schedule
+    scorer_options: dict[str, float]
+    search: SearchResult
+    seconds: float = 0.0  # wall time of this budget's search (the first budget's includes the cache fills)
+
+
+def search_schedules(
+    result: ShiftResult,
+    budgets: Sequence[float],
+    objective: Callable[[Candidate, Schedule], Mapping[str, Any]],
+    n_stages: int = 3,
+    num_layers: Optional[int] = None,
+    num_vision: Optional[int] = None,
+    convention: str = "processed",
+    placement: str = "after",
+    prominence: float = 0.1,
+    rel_height: float = 0.5,
+    distance: int = 1,
+    min_layer: int = 1,
+    positions: str = "keep",
+    name: Optional[str] = None,
+    provenance: Optional[Mapping[str, Any]] = None,
+    store: Optional[CandidateStore] = None,
+    settings: Optional[Mapping[str, Any]] = None,
+    objective_info: Optional[Mapping[str, Any]] = None,
+    progress: bool = False,
+) -> list[SearchedSchedule]:
+    """Per budget, the schedule minimising `objective(candidate, schedule)["objective"]` (analysis.search).
+
+    Candidate stage layers come from the dense regions of `result` (`candidate_layers_from_regions`); the paper
+    rule's layers for each stage count seed the search; each budget's search also starts from the previous budget's
+    best. `settings` overrides SEARCH_DEFAULTS; `store` keeps the scores (and makes a rerun resume).
+    """
+    num_layers, num_vision = _check_analysis(result, num_layers, num_vision, convention)
+    n_stages = _check_int("n_stages", n_stages, 1)
+    opts = {**SEARCH_DEFAULTS, **dict(settings or {})}
+    unknown = sorted(set(opts) - set(SEARCH_DEFAULTS))
+    if unknown:
+        raise DeriveError(f"search settings {unknown} are unknown; allowed: {sorted(SEARCH_DEFAULTS)}")
+    if not budgets:
+        raise DeriveError("budgets is empty; give at least one budget to search, e.g. budgets=[192,128]")
+    budgets = [check_budget(b, num_vision) for b in budgets]
+    regions = find_dense_regions(result.density, prominence=prominence, rel_height=rel_height, distance=distance)
+    seed_layers: dict[int, list[int]] = {}
+    for n in range(1, n_stages + 1):
+        try:
+            seed_layers[n] = place_stages(regions, n, num_layers, placement=placement, min_layer=min_layer)
+        except DeriveError:
+            continue
+    rule_layers = sorted({l for layers in seed_layers.values() for l in layers})
+    cand_layers = candidate_layers_from_regions(regions, num_layers, rule_layers, min_layer=min_layer,
+                                                every_layer_up_to=int(opts["every_layer_up_to"]))
+    try:
+        search = ScheduleSearch(num_layers, num_vision, cand_layers, n_stages=n_stages, blends=opts["blends"],
+                                convention=convention, step=float(opts["step"]), min_step=float(opts["min_step"]),
+                                max_rounds=int(opts["max_rounds"]), max_candidates=int(opts["max_candidates"]))
+    except SearchError as exc:
+        raise DeriveError(str(exc)) from exc
+    store = store if store is not None else CandidateStore()
+
+    def score(cand: Candidate) -> Mapping[str, Any]:
+        return objective(cand, _candidate_schedule(cand, num_layers, num_vision, positions, name))
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=search.max_scored() * len(budgets), desc="schedule search", unit="candidate")
+    out: list[SearchedSchedule] = []
+    previous: list[Candidate] = []
+    try:
+        for budget in budgets:
+            t0 = time.perf_counter()
+            try:
+                found = search.run(float(budget), score, seed_layers=seed_layers, extra_seeds=previous, store=store,
+                                   progress=bar)
+            except SearchError as exc:
+                raise DeriveError(f"budget {budget}: {exc}") from exc
+            previous = [found.best]
+            schedule = _candidate_schedule(found.best, num_layers, num_vision, positions,
+                                           f"{name or 'searched'}@{budget:g}")
+            top = [{"layers": r["layers"], "keeps": r["keeps"], "blend": r["blend"], **r["score"]}
+                   for r in store.for_budget(float(budget))[: int(opts["top_n"])]]
+            schedule.provenance = _analysis_provenance(
+                result, regions, provenance, stage_layers=list(found.best.layers),
+                derivation={"rule": "search", "budget": float(budget), "convention": convention, "n_stages": n_stages,
+                            "min_layer": min_layer, "placement": placement, "prominence": prominence,
+                            "rel_height": rel_height, "distance": distance, "positions": positions},
+                search={
+                    **dict(objective_info or {}),
+                    "value": dict(found.score),
+                    "scorer": SEARCH_SCORER,
+                    "scorer_options": found.best.scorer_options(),
+                    "candidate_layers": cand_layers,
+                    "seed_layers": {str(k): v for k, v in seed_layers.items()},
+                    "settings": {k: v for k, v in opts.items() if k != "progress"},
+                    "scored_now": found.scored,
+                    "visited": found.visited,
+                    "rounds": found.rounds,
+                    "history": found.history,
+                    "top_candidates": top,
+                },
+            )
+            out.append(SearchedSchedule(float(budget), schedule.validate(num_layers=num_layers, initial=num_vision),
+                                        found.best.scorer_options(), found, time.perf_counter() - t0))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+def _candidate_schedule(cand: Candidate, num_layers: int, num_vision: int, positions: str,
+                        name: Optional[str]) -> Schedule:
+    schedule = cand.schedule(num_layers, num_vision, name=name)
+    schedule.positions = positions
+    return schedule.validate()
 
 
 class ScheduleDeriver:
@@ -383,7 +541,7 @@ def write_plots(
 
 
 def run_derive(cfg: Any) -> Path:
-    """Derive a schedule from a collect run as `cfg` says (configs/derive.yaml); returns the output directory."""
+    """Derive schedules from a collect run as `cfg` says (configs/derive.yaml); returns the output directory."""
     cfg = _plain_cfg(cfg)
     for key in ("input", "n_stages", "budget"):
         if cfg.get(key) is None:
@@ -392,6 +550,10 @@ def run_derive(cfg: Any) -> Path:
         check_budget(cfg["budget"], 1)  # raises: not a number
     if isinstance(cfg["n_stages"], bool) or not isinstance(cfg["n_stages"], int) or cfg["n_stages"] < 1:
         raise DeriveError(f"n_stages={cfg['n_stages']!r} must be an integer >= 1 (the number of pruning stages)")
+    rule = cfg.get("rule") or "search"
+    if rule not in RULES:
+        raise DeriveError(f"rule={rule!r} is not one of {list(RULES)} (search: minimise the fidelity objective; "
+                          "paper: the AdaptInfer placement rule with geometric keep counts)")
     out_dir = _output_dir(cfg)  # before the long fit, so a missing output fails fast
     store = RecordStore.open(cfg["input"])
     records = store.load()
@@ -400,33 +562,36 @@ def run_derive(cfg: Any) -> Path:
     manifest = records.manifest
     model = manifest.get("model")
     model_name = model.get("name") if isinstance(model, Mapping) else str(model)
-    name = cfg.get("name") or f"derived_{model_name}_{cfg['budget']}".replace("/", "_")
+    default_name = f"searched_{model_name}" if rule == "search" else f"derived_{model_name}_{cfg['budget']}"
+    name = (cfg.get("name") or default_name).replace("/", "_")
     options = {k: cfg[k] for k in DERIVE_OPTIONS if cfg.get(k) is not None}  # absent: derive_schedule's defaults
-    schedule = derive_schedule(
-        result,
-        n_stages=cfg["n_stages"],
-        budget=cfg["budget"],
-        num_layers=store.num_layers,
-        num_vision=store.num_vision,
-        name=name,
-        provenance={
-            "model": model,
-            "calibration_data": manifest.get("data"),
-            "reducer": manifest.get("reducer"),
-            "records": str(Path(cfg["input"]).resolve()),
-            "collect_settings": manifest.get("settings"),
-            "versions": manifest.get("versions"),
-        },
-        **options,
-    )
+    provenance = {
+        "model": model,
+        "calibration_data": manifest.get("data"),
+        "reducer": manifest.get("reducer"),
+        "records": str(Path(cfg["input"]).resolve()),
+        "collect_settings": manifest.get("settings"),
+        "versions": manifest.get("versions"),
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     schedule_path = out_dir / SCHEDULE_FILE
+    if rule == "paper":
+        schedule = derive_schedule(result, n_stages=cfg["n_stages"], budget=cfg["budget"], num_layers=store.num_layers,
+                                   num_vision=store.num_vision, name=name, provenance=provenance, **options)
+        written = [schedule_path]
+    else:
+        from analysis.derive_search import run_search  # loads the model: only for rule=search
+
+        searched = run_search(cfg, result, store.num_layers, store.num_vision, manifest, out_dir, name, provenance,
+                              options)
+        schedule = searched[0].schedule
+        written = [schedule_path] + [out_dir / budget_file(s.budget) for s in searched] + [out_dir / FRONT_FILE]
     schedule.to_yaml(schedule_path)
     regions = [Region(**r) for r in schedule.provenance["dense_regions"]]
     summary = {**result.summary(), "sample_ids": result.sample_ids, "dense_regions": schedule.provenance["dense_regions"],
                "stage_layers": schedule.layers, "keep": schedule.keep_counts()}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(_jsonable(summary), indent=1))
-    written = [schedule_path, out_dir / SUMMARY_FILE]
+    written.append(out_dir / SUMMARY_FILE)
     plot_cfg = cfg.get("plots") or {}
     if plot_cfg.get("enabled", True):
         written += list(write_plots(records, result, schedule, regions, out_dir, plot_cfg.get("grid_layers")).values())
@@ -435,6 +600,11 @@ def run_derive(cfg: Any) -> Path:
     for path in written[1:]:
         print(f"  {path}")
     return out_dir
+
+
+def budget_file(budget: float) -> str:
+    """The searched schedule's file name at `budget`, e.g. schedule_192.yaml."""
+    return f"schedule_{budget:g}.yaml"
 
 
 @hydra.main(config_path="../configs", config_name="derive", version_base="1.3")

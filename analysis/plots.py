@@ -181,3 +181,31 @@ __all__ = [
     "t2v_grids",
     "t2v_heatmap",
 ]
+
+
+def search_front(front: Sequence[dict], candidates: Sequence[dict], path: PathLike,
+                 objective_name: str = "objective") -> Path:
+    """Schedule-search figure: best objective per budget (left) and every scored candidate (right).
+
+    front: [{"budget", "objective"}]; candidates: [{"budget_achieved", "objective", "n_stages"}].
+    """
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    pts = sorted((float(f["budget"]), float(f["objective"])) for f in front)
+    if pts:
+        left.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+    left.set_xlabel("budget (mean vision tokens per layer)")
+    left.set_ylabel(f"best {objective_name}")
+    left.set_title("searched schedules: objective vs budget")
+    stages = sorted({int(c["n_stages"]) for c in candidates})
+    for n in stages:
+        sel = [c for c in candidates if int(c["n_stages"]) == n]
+        right.scatter([c["budget_achieved"] for c in sel], [c["objective"] for c in sel], s=12, alpha=0.7,
+                      label=f"{n} stage{'s' if n > 1 else ''}")
+    if stages:
+        right.legend(fontsize=8)
+    right.set_xlabel("budget")
+    right.set_ylabel(objective_name)
+    right.set_title(f"all {len(candidates)} scored candidates")
+    fig.tight_layout()
+    return _save(fig, path)

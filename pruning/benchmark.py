@@ -58,7 +58,7 @@ from pruning import partials
 from pruning import results as res
 from pruning.runner import RunOutput, TimingSpec, evaluate
 from pruning.schedule import (BEFORE_LM, CONVENTIONS, BudgetUnreachable, MethodInfeasible, Schedule, ScheduleError,
-                              allocate_keep, round_half_up)
+                              allocate_keep, read_front, round_half_up)
 from pruning.scorers import get_scorer
 from pruning.selectors import get_selector, is_selector
 from vlm.cli import run_main
@@ -361,10 +361,11 @@ def scorer_settings(method: Mapping[str, Any]) -> dict[str, Any]:
 class PlannedRun:
     """One (method, budget) of a benchmark: its resolved schedule (None = infeasible, see `reason`) and identity."""
 
-    method: dict[str, Any]
+    method: dict[str, Any]  # as it runs (a front's entry filled in: its schedule file and scorer options)
     budget: float
     schedule: Schedule | None
     reason: str = ""
+    configured: dict[str, Any] | None = None  # as configured, when it differs from `method` (labels the variant)
     key: dict[str, Any] = dataclasses.field(default_factory=dict)
     variant: str = ""
     variant_id: str = ""
@@ -388,7 +389,7 @@ def identify(run: PlannedRun, group: Mapping[str, Any], setup: Mapping[str, Any]
         identity.update({k: method.get(k) for k in ("layers", "reference_layers", "positions", "schedule_path")})
     if _seeded(method.get("scorer")):  # its numbers depend on `seed`
         identity["seed"] = seed
-    run.variant = method_variant(method)
+    run.variant = method_variant(run.configured or method)
     run.variant_id = short_hash(identity)
     run.key = {**group, "convention": "" if run.is_baseline else convention, "method": method["name"],
                "budget": int(budget) if math.isfinite(budget) and float(budget).is_integer() else budget,
@@ -468,25 +469,59 @@ def plan_runs(methods: Sequence[Mapping[str, Any]], budgets: Sequence[float], lo
         else:
             pairs += [(dict(m), float(b)) for b in budgets]
     runs = []
-    for method, budget in pairs:
+    for configured, budget in pairs:
+        method = with_front_entry(configured, budget, convention)
         try:
             schedule = method_schedule(method, n_layers, n_vision, budget, convention)
         except BudgetUnreachable as err:
-            runs.append(PlannedRun(method, budget, None, reason=str(err)))
+            runs.append(PlannedRun(method, budget, None, reason=str(err), configured=configured))
             continue
         except ScheduleError as err:
             raise BenchmarkError(f"method {method['name']!r} at budget {budget:g}: {err}") from None
+        method = with_searched_options(method, schedule)
         if schedule.stages:
             try:  # the engine's own checks (scorer name and options, stage layers) without attaching anything
                 PruningEngine(loaded.model, schedule, scorer=method.get("scorer"),
                               scorer_options=method.get("scorer_options") or {})
             except MethodInfeasible as err:  # e.g. a keep count pooling cannot factor
-                runs.append(PlannedRun(method, budget, None, reason=str(err)))
+                runs.append(PlannedRun(method, budget, None, reason=str(err), configured=configured))
                 continue
             except (KeyError, ValueError, UserError) as err:
                 raise BenchmarkError(f"method {method['name']!r}: {str(err).strip(chr(34))}") from None
-        runs.append(PlannedRun(method, budget, schedule))
+        runs.append(PlannedRun(method, budget, schedule, configured=configured))
     return runs
+
+
+def with_front_entry(method: dict[str, Any], budget: float, convention: str) -> dict[str, Any]:
+    """A derived method whose `schedule_path` is a derive output directory with a front (analysis.derive
+    rule=search): the method with that budget's schedule file. Other methods come back as they are. BenchmarkError
+    when the front has no schedule for this budget."""
+    path = Path(str(method.get("schedule_path") or ""))
+    if method["schedule"] != SCHEDULE_DERIVED or not path.is_dir():
+        return method
+    try:
+        front = read_front(path)
+    except ScheduleError as err:
+        raise BenchmarkError(f"method {method['name']!r}: schedule_path={str(path)!r} is a directory but {err}") from None
+    match = [e for e in front if e["convention"] == convention and abs(float(e["budget"]) - float(budget)) <= 1.0]
+    if not match:
+        have = sorted({f"{float(e['budget']):g} ({e['convention']})" for e in front})
+        raise BenchmarkError(
+            f"method {method['name']!r}: the front in {str(path)!r} holds schedules for budgets {have}, none for "
+            f"{budget:g} ({convention}); search it with budgets including {budget:g} (python -m analysis.derive "
+            f"rule=search budgets=[...] output={path}) or benchmark the front's budgets"
+        )
+    return {**method, "schedule_path": match[0]["schedule_path"]}
+
+
+def with_searched_options(method: dict[str, Any], schedule: Schedule) -> dict[str, Any]:
+    """A derived method whose schedule file was searched (analysis.derive rule=search) and is used as written: the
+    method with the scorer options the schedule was searched with (`provenance.search.scorer_options`); options set
+    on the method win. Any other method or schedule comes back as it is."""
+    searched = (schedule.provenance.get("search") or {}).get("scorer_options") if schedule.provenance else None
+    if method["schedule"] != SCHEDULE_DERIVED or not isinstance(searched, Mapping):
+        return method
+    return {**method, "scorer_options": {**dict(searched), **dict(method.get("scorer_options") or {})}}
 
 
 def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:

@@ -1,7 +1,8 @@
 """`python -m pruning.demo` (`make demo`): the whole pipeline on the embedded default, end to end.
 
 1. collect text-to-vision attention on the shapes calibration split (analysis.collect.run_collect);
-2. derive a schedule of up to 3 stages at processed budget 192 (analysis.derive.run_derive);
+2. search a schedule of up to 3 stages for each benchmark budget (analysis.derive.run_derive, rule=search: the
+   fidelity objective on calibration prompts; a front of schedules with their scorer options);
 3. benchmark the unpruned model, AdaptInfer (derived and paper-style schedules) and every other method
    (configs/experiment/demo.yaml) at processed budgets 256 / 192 / 160 on the shapes test split
    (pruning.benchmark.run_benchmark, configs/experiment/demo.yaml): every method at equal cost;
@@ -13,7 +14,8 @@ to the random-weight `tiny` preset, says so loudly, and its numbers are noise.
 Budgets are in the "processed" convention: the mean vision tokens each decoder layer really processes, i.e. what a
 method costs (configs/experiment/demo.yaml says why these budgets); results.csv holds the paper convention beside.
 Everything lands in `outputs/demo/` and every step resumes: collect skips
-stored samples, derive is skipped when its schedule exists, the benchmark skips rows already in the table.
+stored samples, derive is skipped when its front covers the budgets (and resumes its candidates otherwise), the
+benchmark skips rows already in the table.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from omegaconf import OmegaConf
 
 from pruning import results as res
 from pruning.benchmark import CONFIGS_DIR, run_benchmark
-from pruning.schedule import ScheduleError
+from pruning.schedule import ScheduleError, read_front
 from vlm.cli import run_main
 from vlm.errors import UserError
 from vlm.models import DEMO_MODEL_DIR
@@ -43,8 +45,11 @@ CALIBRATION_SAMPLES = 256
 # questions with the demo architecture, on a machine shared with a training job. Raise it for tighter accuracy
 # estimates (the standard error of an accuracy near 0.8 is about 0.03 at 150 questions).
 TEST_LIMIT = 150
-DERIVE_BUDGET = 192  # processed convention; the benchmark re-solves the derived layers' keep counts per budget
 N_STAGES = 3
+# The schedule search, sized for a demo that stays under 10 minutes on 2 CPU cores: 64 calibration prompts and 12
+# candidates per budget (the defaults, 256 and 24, take about 3 minutes per budget here; see README).
+SEARCH_CALIBRATION = 64
+SEARCH_SETTINGS = {"max_candidates": 12}
 DEMO_COLUMNS = ("task", "method", "budget", "accuracy", "retention", "prefill_ms", "tflops")
 BANNER = "=" * 100
 
@@ -107,34 +112,29 @@ def collect_step(model: Mapping[str, Any], data: Mapping[str, Any], out_dir: Pat
     return run_collect(cfg)
 
 
-def derive_step(records: Path, out_dir: Path, model_name: str, budgets: Sequence[float], convention: str,
-                min_layer: int) -> Path:
-    """A schedule from the records: the most stages (up to 3), then the first reachable budget; returns schedule.yaml."""
-    from analysis.derive import SCHEDULE_FILE, DeriveError, run_derive
+def derive_step(records: Path, out_dir: Path, model: Mapping[str, Any], budgets: Sequence[float],
+                convention: str) -> Path:
+    """The searched front from the records: one schedule per benchmark budget (analysis.derive rule=search, up to
+    N_STAGES stages from layer 0 on), sized for the demo; returns the derive directory (the front's home)."""
+    from analysis.derive import DeriveError, run_derive
 
-    target = out_dir / f"derive_{model_name}"
-    schedule = target / SCHEDULE_FILE
-    if schedule.is_file():
-        print(f"derive: reusing {schedule}")
-        return schedule
-    errors = []
-    # the AdaptInfer rule puts stages outside the dense regions; on an 8-layer model a wide dense region can leave
-    # room for fewer than N_STAGES stages, so fewer stages are tried before a higher budget
-    for n_stages in range(N_STAGES, 0, -1):
-        for budget in budgets:
-            cfg = _compose("derive", [f"input={records}"])
-            cfg.update(output=str(target), budget=budget, n_stages=n_stages, convention=convention,
-                       min_layer=min_layer)
-            try:
-                run_derive(cfg)
-                if budget != budgets[0] or n_stages != N_STAGES:
-                    print(f"\n{BANNER}\nNOTE: {N_STAGES} stages at budget {budgets[0]} are out of reach of the "
-                          f"derived stage layers; the schedule was derived with {n_stages} stages at budget {budget} "
-                          f"and the benchmark re-solves its keep counts per budget.\n{BANNER}")
-                return schedule
-            except (DeriveError, ScheduleError) as err:
-                errors.append(f"{n_stages} stages, budget {budget}: {err}")
-    raise DemoError("analysis.derive found no reachable budget:\n" + "\n".join(errors))
+    target = out_dir / f"derive_{model['name']}"
+    try:
+        have = {float(e["budget"]) for e in read_front(target) if e["convention"] == convention}
+    except ScheduleError:
+        have = set()
+    if {float(b) for b in budgets} <= have:
+        print(f"derive: reusing the front in {target}")
+        return target
+    cfg = _compose("derive", [f"input={records}"])
+    cfg.update(output=str(target), rule="search", budget=budgets[0], budgets=list(budgets), n_stages=N_STAGES,
+               convention=convention, min_layer=0, model=dict(model), n_calibration=SEARCH_CALIBRATION,
+               search={**cfg["search"], **SEARCH_SETTINGS})
+    try:
+        run_derive(cfg)
+    except (DeriveError, ScheduleError) as err:
+        raise DemoError(f"analysis.derive could not search a schedule: {err}") from err
+    return target
 
 
 def run_demo(
@@ -158,10 +158,10 @@ def run_demo(
     print(f"[1/3] collect: {calibration_samples} calibration samples on {model['name']}", flush=True)
     records = collect_step(model, _data(calibration_data), out_dir, calibration_samples)
 
-    print(f"[2/3] derive: up to {N_STAGES} stages at budget {DERIVE_BUDGET} ({convention} convention)", flush=True)
-    derive_budgets = [DERIVE_BUDGET] + sorted({b for b in bench["budgets"] if b > DERIVE_BUDGET})
+    print(f"[2/3] derive: search up to {N_STAGES} stages per budget {bench['budgets']} ({convention} convention), "
+          f"{SEARCH_CALIBRATION} calibration prompts", flush=True)
     try:
-        schedule: Path | None = derive_step(records, out_dir, model["name"], derive_budgets, convention, min_layer=0)
+        schedule: Path | None = derive_step(records, out_dir, model, bench["budgets"], convention)
     except DemoError as err:
         schedule = None
         bench["methods"] = [m for m in bench["methods"] if m != "adaptinfer_derived"]

@@ -18,6 +18,7 @@ Semantics (DESIGN.md, exact):
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,9 @@ BUDGET_TOLERANCE = 0.05
 BUDGET_DIGITS = 6
 # Bisection steps used by allocate_keep (the ratio is resolved to 2**-60, far below one token).
 _BISECTION_STEPS = 60
+
+
+FRONT_FILE = "front.json"  # a derive output's front: one searched schedule per budget
 
 
 class ScheduleError(UserError, ValueError):
@@ -487,3 +491,26 @@ def allocate_keep(
         "convention": convention,
     }
     return schedule
+
+
+def read_front(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The front of schedules in a derive output directory (`front.json`, written by `analysis.derive rule=search`):
+    per budget {budget, convention, schedule_path, scorer, scorer_options, objective, ...}.
+
+    Each entry is what a benchmark run at that budget uses: the schedule file and the scorer options it was
+    searched with. Raises ScheduleError naming the file when there is no readable front.
+    """
+    path = Path(out_dir) / FRONT_FILE
+    if not path.is_file():
+        raise ScheduleError(f"{str(path)!r} does not exist: {str(out_dir)!r} holds no front of searched schedules "
+                            f"(run `python -m analysis.derive rule=search budgets=[...] output={out_dir}`)")
+    try:
+        data = json.loads(path.read_text())
+        front = [dict(entry) for entry in data["front"]]
+        for entry in front:
+            entry["schedule_path"] = str(Path(out_dir) / entry["schedule"])
+            entry.setdefault("convention", data.get("convention", "processed"))
+            entry.setdefault("scorer_options", {})
+    except (ValueError, KeyError, TypeError) as err:
+        raise ScheduleError(f"{str(path)!r} is not a front written by analysis.derive ({err!r})") from None
+    return front

@@ -360,3 +360,43 @@ def test_unknown_scorer_option_is_refused_before_anything_runs(processor_dir, tm
     with pytest.raises(BenchmarkError, match=r"text_weight_blnd.*text_weight_blend"):
         run_benchmark(cfg)
     assert not out.exists()
+
+
+def test_a_searched_front_gives_each_budget_its_own_schedule_and_scorer_options(processor_dir, tmp_path):
+    """schedule_path may be a derive output directory with a front (rule=search): each budget runs its own searched
+    schedule with the scorer options it was searched with, under one label."""
+    import json
+
+    from pruning.schedule import allocate_keep
+
+    front_dir = tmp_path / "front"
+    front_dir.mkdir()
+    entries = []
+    for budget, layers, blend in ((192, [0, 2], 0.5), (160, [0, 3], 0.0)):
+        schedule = allocate_keep(layers, 8, 576, budget, "processed", name=f"searched@{budget}")
+        schedule.provenance = {"search": {"scorer": "adaptinfer", "scorer_options": {"text_weight_blend": blend}}}
+        schedule.to_yaml(front_dir / f"schedule_{budget}.yaml")
+        entries.append({"budget": float(budget), "schedule": f"schedule_{budget}.yaml", "scorer": "adaptinfer",
+                        "scorer_options": {"text_weight_blend": blend}})
+    (front_dir / "front.json").write_text(json.dumps({"convention": "processed", "front": entries}))
+    overrides = {"adaptinfer_derived": {"schedule_path": str(front_dir)}}
+    cfg = bench_cfg(processor_dir, tmp_path / "r", ["adaptinfer_derived"], [192, 160], limit=2, baseline=False,
+                    convention="processed", method_overrides=overrides)
+    table = res.read_table(run_benchmark(cfg)).sort_values("budget", ascending=False)
+    assert [s.split(",")[0].split(":")[0] for s in table["schedule"]] == ["0", "0"]
+    assert list(table["schedule"].str.count(",")) == [1, 1]
+    assert table["schedule"].iloc[0].split(",")[1].startswith("2:") and table["schedule"].iloc[1].split(",")[1].startswith("3:")
+    assert table["variant"].nunique() == 1 and table["variant_id"].nunique() == 2  # one label, two identities
+    from pruning.benchmark import methods_from_config, plan_runs
+    from vlm.models import load_from_config
+
+    loaded = load_from_config(cfg["model"])
+    runs = plan_runs(methods_from_config(cfg), [192, 160], loaded, "processed", baseline=False)
+    assert [r.method["scorer_options"] for r in runs] == [{"text_weight_blend": 0.5}, {"text_weight_blend": 0.0}]
+    pinned = plan_runs(methods_from_config({**cfg, "method_overrides": {"adaptinfer_derived": {
+        "schedule_path": str(front_dir), "scorer_options": {"text_weight_blend": 1.0}}}}), [160], loaded, "processed",
+        baseline=False)
+    assert pinned[0].method["scorer_options"] == {"text_weight_blend": 1.0}  # options set on the method win
+    with pytest.raises(BenchmarkError, match=r"holds schedules for budgets \['160 \(processed\)', '192 \(processed\)'\]"):
+        run_benchmark({**cfg, "budgets": [128], "results_dir": str(tmp_path / "other")})
+    assert not (tmp_path / "other").exists()

@@ -197,6 +197,8 @@ def compose_derive(overrides: list[str]):
 def test_compose_config_and_every_detector() -> None:
     cfg = compose_derive(["input=/x"])
     assert cfg.n_stages == 3 and cfg.budget == 64 and cfg.convention == "processed"
+    assert cfg.rule == "search" and cfg.n_calibration == 256 and "model" not in cfg and cfg.calibration is None
+    assert compose_derive(["input=/x", "model=demo", "calibration=shapes_calibration"]).model.name == "demo"
     assert cfg.detector.algorithm == "binseg" and cfg.detector.jump == 1 and cfg.detector.n_bkps == 1
     for path in sorted((CONFIGS / "detector").glob("*.yaml")):
         cfg = compose_derive(["input=/x", f"detector={path.stem}"])
@@ -207,7 +209,7 @@ def test_compose_config_and_every_detector() -> None:
 
 def test_run_derive_writes_schedule_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     records = make_store(tmp_path / "collect")
-    cfg = compose_derive([f"input={records}", f"output={tmp_path / 'derive'}", "budget=32", "n_stages=2"])
+    cfg = compose_derive([f"input={records}", f"output={tmp_path / 'derive'}", "budget=32", "n_stages=2", "rule=paper"])
     out = run_derive(cfg)
     assert out == tmp_path / "derive"
     schedule = Schedule.from_yaml(out / "schedule.yaml")
@@ -235,7 +237,7 @@ def test_command_line_entry(tmp_path: Path) -> None:
     records = make_store(tmp_path / "collect", n=4)
     proc = subprocess.run(
         [sys.executable, "-m", "analysis.derive", f"input={records}", f"hydra.run.dir={tmp_path / 'run'}",
-         "plots.enabled=false", "n_stages=2"],
+         "plots.enabled=false", "n_stages=2", "rule=paper"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -247,7 +249,7 @@ def test_tiny_multirun(tmp_path: Path) -> None:
     records = make_store(tmp_path / "collect", n=4)
     proc = subprocess.run(
         [sys.executable, "-m", "analysis.derive", "-m", f"input={records}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-         "plots.enabled=false", "n_stages=2", "budget=24,32"],
+         "plots.enabled=false", "n_stages=2", "budget=24,32", "rule=paper"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -271,7 +273,7 @@ def test_derive_on_records_from_the_real_collector(tmp_path: Path) -> None:
         "n_samples": 6, "batch_size": 3, "reducer": "adaptinfer", "shard_size": 4,
         "output": str(tmp_path / "collect"), "seed": 0,
     })
-    out = run_derive(compose_derive([f"input={collect_dir}", f"output={tmp_path / 'derive'}",
+    out = run_derive(compose_derive([f"input={collect_dir}", f"output={tmp_path / 'derive'}", "rule=paper",
                                      "n_stages=2", "budget=13", "detector.token_fraction=0.25"]))  # 13: reachable wherever the 2 stages land
     schedule = Schedule.from_yaml(out / "schedule.yaml")
     assert schedule.num_layers == 8 and schedule.vision_tokens == 16 and len(schedule.layers) == 2
