@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SCALE_DOWN = {
     "analysis.collect": ["n_samples=16", "batch_size=8"],
+    "analysis.derive": ["n_calibration=16", "search.max_candidates=4"],
     "pruning.benchmark": ["data.limit=4", "timing.warmup=0", "timing.repeats=1", "plots=false", "progress=false"],
 }
 LAUNCHER_ONLY = "+launcher=slurm"  # commands that need a cluster: composed, not run
@@ -85,8 +86,9 @@ def test_the_readme_pipeline_runs_as_written_on_the_demo_model(tmp_path):
         assert proc.returncode == 0, f"{shlex.join(argv)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         assert "error:" not in proc.stderr, proc.stderr[-2000:]
         ran.append(module)
-    assert ran[:3] == ["analysis.collect", "analysis.derive", "pruning.benchmark"]
-    assert (tmp_path / "outputs" / "derive" / "schedule.yaml").is_file()
+    assert ran[:4] == ["analysis.collect", "analysis.derive", "analysis.derive", "pruning.benchmark"]
+    assert (tmp_path / "outputs" / "derive" / "front.json").is_file()
+    assert (tmp_path / "outputs" / "derive_paper" / "schedule.yaml").is_file()
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "outputs" / "benchmark" / "results.csv")
