@@ -207,15 +207,15 @@ def schedule_string(schedule: Schedule | None) -> str:
     return ",".join(f"{s.layer}:{s.keep}" for s in schedule.stages)
 
 
-def named_schedule(name: str, configs_dir: Path = CONFIGS_DIR) -> Schedule:
-    """A schedule from configs/schedule/<name>.yaml."""
+def preset_path(name: str, configs_dir: Path = CONFIGS_DIR) -> Path:
+    """The path of the schedule preset configs/schedule/<name>.yaml; BenchmarkError listing the presets if none."""
     path = configs_dir / "schedule" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (configs_dir / "schedule").glob("*.yaml"))
         raise BenchmarkError(
             f"schedule {name!r} is neither none/allocate/derived nor a file in configs/schedule/; known: {known}"
         )
-    return Schedule.from_yaml(path)
+    return path
 
 
 def _schedule_file(method: Mapping[str, Any], path: Path, num_layers: int, initial: int) -> Schedule:
@@ -268,8 +268,7 @@ def method_schedule(
         realloc.provenance = {"derived_from": str(path), "derived_provenance": dict(derived.provenance),
                               **realloc.provenance}
         return realloc
-    named_schedule(str(kind), configs_dir)  # an unknown name is reported as such
-    schedule = _schedule_file(method, configs_dir / "schedule" / f"{kind}.yaml", num_layers, initial)
+    schedule = _schedule_file(method, preset_path(str(kind), configs_dir), num_layers, initial)
     return _with_positions(schedule, positions)
 
 

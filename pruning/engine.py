@@ -110,8 +110,7 @@ class PruningEngine:
                     f"selector {scorer!r} chooses once, before the language model: its schedule is one stage at layer "
                     f"{BEFORE_LM}, not layers {self.stage_layers}"
                 )
-            if schedule.vision_tokens is not None:
-                check_budget(scorer, schedule.keep_counts()[0], schedule.vision_tokens, self.scorer_options)
+            spec = get_selector(scorer)
         else:
             if scorer not in available_scorers():
                 raise KeyError(f"scorer = {scorer!r}: unknown; scorers (in the LM) are {available_scorers()}, "
@@ -123,11 +122,12 @@ class PruningEngine:
                     f"a stage at layer {BEFORE_LM} (before the language model) needs a selector "
                     f"{available_selectors()}, not the scorer {scorer!r}"
                 )
-        allowed = sorted((get_selector(scorer) if self.is_selector else get_scorer(scorer)).options)
-        unknown = sorted(set(self.scorer_options) - set(allowed))
+        unknown = sorted(set(self.scorer_options) - set(spec.options))
         if unknown:
-            raise EngineError(f"scorer_options {unknown} are unknown to {scorer!r}; its options are {allowed}")
-        self.seeded = not self.is_selector and get_scorer(scorer).seeded
+            raise EngineError(f"scorer_options {unknown} are unknown to {scorer!r}; its options are {sorted(spec.options)}")
+        if self.is_selector and schedule.vision_tokens is not None:
+            check_budget(scorer, schedule.keep_counts()[0], schedule.vision_tokens, self.scorer_options)
+        self.seeded = not self.is_selector and spec.seeded
         self.record = PrefillRecord()
         self._handles: list[Any] = []
         self._probe: AttentionProbe | None = None

@@ -6,7 +6,8 @@ One run = one model, one list of samples, one schedule + scorer (or none: the un
   `max_new_tokens` new tokens, decoded without special tokens and stripped.
 * `generate_ms`: wall time of all `generate` calls divided by the number of samples (per sample, batched).
 * `prefill_ms`: a prefill-only forward (`use_cache=True, logits_to_keep=1`) on a fixed batch (the first
-  `timing.batch_size` samples, or `timing_samples` when given), `timing.warmup` untimed calls first, then the
+  `timing.batch_size` samples, or `timing_samples` when given), `timing.warmup` untimed calls first (at least
+  one: the first also checks that the logits are finite), then the
   median of `timing.repeats` timed calls; CUDA events with synchronisation on GPU, `time.perf_counter` on CPU.
   With `time_prefill=False` (the other workers of a split run) the batch runs once, untimed, and it is NaN.
 * `tflops`: analytic prefill TFLOPs per sample (`pruning.flops`, 4nd^2 + 2n^2d + 3ndm per layer) from each
@@ -250,8 +251,9 @@ def evaluate(
         def prefill() -> Any:
             return model(**timing_inputs, use_cache=True, logits_to_keep=1)
 
-        check_finite(prefill().logits, loaded)
-        prefill_ms = median_ms(prefill, device, timing.warmup, timing.repeats) if time_prefill else float("nan")
+        check_finite(prefill().logits, loaded)  # also the first warm-up call
+        prefill_ms = median_ms(prefill, device, max(timing.warmup - 1, 0), timing.repeats) if time_prefill \
+            else float("nan")
         tokens_per_layer = list(engine.record.tokens_per_layer) if engine is not None else \
             [int(timing_inputs["input_ids"].shape[1])] * loaded.num_layers
         bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False)
