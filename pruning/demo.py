@@ -13,9 +13,8 @@ to the random-weight `tiny` preset, says so loudly, and its numbers are noise.
 
 Budgets are in the "processed" convention: the mean vision tokens each decoder layer really processes, i.e. what a
 method costs (configs/experiment/demo.yaml says why these budgets); results.csv holds the paper convention beside.
-Everything lands in `outputs/demo/` and every step resumes: collect skips
-stored samples, derive is skipped when its front covers the budgets (and resumes its candidates otherwise), the
-benchmark skips rows already in the table.
+Everything lands in `outputs/demo/` and every step resumes: collect skips stored samples, derive is skipped when
+its front covers the budgets (and resumes its candidates otherwise), the benchmark skips rows already in the table.
 """
 from __future__ import annotations
 
@@ -185,7 +184,7 @@ def run_demo(
     print("\n" + (out_dir / res.SUMMARY_NAME).read_text())
     print(f"results: {out_dir / res.RESULTS_NAME}\nsummary: {out_dir / res.SUMMARY_NAME}\n"
           f"plots:   {out_dir / res.PLOTS_DIR}/"
-          + (f" and {schedule.parent}/ (attention heatmap, inflection histogram)" if schedule else "") + "\n"
+          + (f" and {schedule}/ (the searched front, attention heatmap, inflection histogram)" if schedule else "") + "\n"
           f"wall time of this invocation: {minutes:.1f} min")
     return out_dir / res.RESULTS_NAME
 
