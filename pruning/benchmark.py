@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from pruning import partials
 from pruning import results as res
+from pruning.compiled import CompileError, check_buckets, check_mode
 from pruning.runner import RunOutput, TimingSpec, evaluate
 from pruning.schedule import (BEFORE_LM, CONVENTIONS, BudgetUnreachable, MethodInfeasible, Schedule, ScheduleError,
                               allocate_keep, read_front, round_half_up)
@@ -73,7 +74,6 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 METHOD_KEYS = ("name", "scorer", "schedule", "layers", "reference_layers", "positions", "scorer_options",
                "schedule_path")
 SCHEDULE_NONE, SCHEDULE_ALLOCATE, SCHEDULE_DERIVED = "none", "allocate", "derived"
-EXECUTION = "eager"  # the forward mode; part of every row's identity
 ID_DIGITS = 10
 PARALLEL_KEYS = ("workers", "worker")  # how the work was split: never part of a row's identity or config_id
 
@@ -298,7 +298,23 @@ def _numbers(values: Sequence[int]) -> str:
     return " ".join(str(int(v)) for v in values)
 
 
-def model_settings(model_cfg: Mapping[str, Any], loaded: LoadedModel) -> dict[str, Any]:
+def execution_setting(cfg: Mapping[str, Any]) -> tuple[bool | str, Any, str]:
+    """(compile for the runner, the buckets, the execution label in a row's identity) from `compile`,
+    `compile_mode` and `compile_buckets`; BenchmarkError names a bad value."""
+    flag = cfg.get("compile", False)
+    if not isinstance(flag, bool):
+        raise BenchmarkError(f"compile={flag!r} must be true or false (compile_mode picks the torch.compile mode)")
+    if not flag:
+        return False, None, "eager"
+    try:
+        mode = check_mode(cfg.get("compile_mode"))
+        buckets = check_buckets(cfg.get("compile_buckets", 64))
+    except CompileError as err:
+        raise BenchmarkError(str(err)) from None
+    return (mode or True), buckets, f"compiled mode={mode or 'auto'} buckets={buckets}"
+
+
+def model_settings(model_cfg: Mapping[str, Any], loaded: LoadedModel, execution: str = "eager") -> dict[str, Any]:
     """How the model was loaded, as far as it can change a number: source or random architecture, dtype, ..."""
     model_cfg = dict(model_cfg or {})
     settings: dict[str, Any] = {}
@@ -309,7 +325,7 @@ def model_settings(model_cfg: Mapping[str, Any], loaded: LoadedModel) -> dict[st
                         processor=model_cfg.get("processor"))
     settings.update(dtype=str(loaded.dtype).replace("torch.", ""),
                     attn=str(getattr(loaded.config, "_attn_implementation", None) or model_cfg.get("attn_implementation")),
-                    device=loaded.device.type, execution=EXECUTION)
+                    device=loaded.device.type, execution=execution)
     return settings
 
 
@@ -416,7 +432,9 @@ def make_row(
         row.update(prefill_ms=output.prefill_ms, generate_ms=output.generate_ms, tflops=output.tflops,
                    peak_mem_mb=output.peak_mem_mb, n_samples=output.n_samples, timing_batch=output.timing_batch,
                    vision_per_layer=_numbers(output.vision_per_layer), tokens_per_layer=_numbers(output.tokens_per_layer),
-                   device=output.device)
+                   device=output.device, execution=output.extras.get("execution", "eager"))
+        if output.extras.get("compile_fallback"):
+            row["note"] = "; ".join(filter(None, [row["note"], f"compile fell back to eager: {output.extras['compile_fallback']}"]))
     if metrics is not None:
         if "score" not in metrics:
             raise BenchmarkError(f"the task's score() returned {sorted(metrics)} without the headline key 'score'")
@@ -557,7 +575,8 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
     max_new_tokens = int(cfg.get("max_new_tokens") or task.max_new_tokens)
     loaded = load_from_config(cfg["model"])
     n_layers, n_vision = loaded.num_layers, loaded.vision_tokens_per_image
-    settings = model_settings(cfg["model"], loaded)
+    compile, compile_buckets, execution = execution_setting(cfg)
+    settings = model_settings(cfg["model"], loaded, execution)
     setup = {"model": settings, "data": plain(data["options"]), "max_new_tokens": max_new_tokens,
              "timing_batch": timing.batch_size}
     group = {"model": loaded.name, "task": data["task"], "split": data["split"], "limit": data["limit"],
@@ -584,7 +603,7 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
             scorer_options=method.get("scorer_options") or {}, seed=seed, batch_size=batch_size,
             max_new_tokens=max_new_tokens, timing=timing, progress=progress,
             desc=f"{method['name']}@{run.key['budget']}", timing_samples=samples[:timing.batch_size],
-            time_prefill=time_prefill,
+            time_prefill=time_prefill, compile=compile, compile_buckets=compile_buckets,
         )
 
     def infeasible(run: PlannedRun, reason: str) -> None:

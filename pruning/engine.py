@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pruning.compiled import CompiledPrefill, check_mode
 from pruning.flops import prefill_flops
 from pruning.schedule import BEFORE_LM, Schedule
 from pruning.scorers import ScoringContext, available_scorers, get_scorer, score as run_scorer, select
@@ -87,8 +88,11 @@ class PruningEngine:
         *,
         scorer_options: dict[str, Any] | None = None,
         seed: int = 0,
+        compile: bool | str = False,
     ) -> None:
         self.model = model
+        self.compile_mode = _compile_mode(compile)
+        self._compiled: CompiledPrefill | None = None
         self.schedule = schedule
         self.scorer = scorer
         self.scorer_options = dict(scorer_options or {})
@@ -154,6 +158,10 @@ class PruningEngine:
             if probe_layers:
                 self._probe = AttentionProbe(self.model, layers=probe_layers, rows=self._probe_rows, on_rows=self._on_rows)
                 self._probe.__enter__()
+            if self.compile_mode is not None:  # last: the compiled forward traces the hooks and the probe above
+                self._compiled = CompiledPrefill(self.model, None if self.compile_mode is True else self.compile_mode)
+                self._compiled.__enter__()
+                self._handles.append(_Closer(self._compiled))
         except BaseException:
             self._detach()
             raise
@@ -161,6 +169,16 @@ class PruningEngine:
 
     def __exit__(self, *exc: Any) -> None:
         self._detach()
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the last prefill ran the compiled graph (compile=True and capture possible)."""
+        return self._compiled is not None and self._compiled.compiled
+
+    @property
+    def compile_fallback(self) -> str | None:
+        """Why the compiled prefill fell back to eager, or None."""
+        return self._compiled.fallback_reason if self._compiled is not None else None
 
     def _detach(self) -> None:
         for handle in self._handles:
@@ -185,7 +203,8 @@ class PruningEngine:
             self._decoding = True  # decode: layer hooks remap masks and positions
             return
         self._decoding = False
-        layout = TokenLayout.from_batch(input_ids, kwargs.get("attention_mask"), self.image_token_id)
+        layout = TokenLayout.from_batch(input_ids, kwargs.get("attention_mask"), self.image_token_id,
+                                        static=self._compiled is not None)
         batch, seq = input_ids.shape
         pixels = kwargs.get("pixel_values")
         if isinstance(pixels, Tensor) and pixels.dim() == 4 and layout.num_vision > 0:
@@ -197,8 +216,7 @@ class PruningEngine:
                     f"tokens at {per_image} per image): give pixel_values one image per image placeholder, in row order"
                 )
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        is_vision = torch.zeros_like(input_ids, dtype=torch.bool).scatter_(1, layout.vision_index, True)
-        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=is_vision, n_vision=layout.num_vision)
+        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=layout.vision_mask, n_vision=layout.num_vision)
         self._generators = row_generators(input_ids, kwargs.get("attention_mask"), pixels, self.seed) \
             if self.seeded else None
         self._layer_cols = [None] * self.num_layers
@@ -479,6 +497,15 @@ def row_generators(input_ids: Tensor, attention_mask: Tensor | None, pixel_value
             digest.update(pixel_values[b].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         out.append(torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1))
     return out
+
+
+def _compile_mode(compile: Any) -> bool | str | None:
+    """None (eager), True (the device's default mode) or a mode name from the engine's `compile` argument."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return True
+    return check_mode(compile)
 
 
 def refuse_compiled(model: nn.Module) -> None:

@@ -41,7 +41,7 @@ COLUMNS: tuple[str, ...] = (
     "model", "task", "split", "limit", "setup_id", "convention", "method", "budget", "variant_id", "status",
     "variant", "scorer", "schedule", "positions", "budget_processed", "budget_paper", "accuracy", "retention",
     "prefill_ms", "generate_ms", "tflops", "peak_mem_mb", "n_samples", "batch_size", "timing_batch",
-    "vision_per_layer", "tokens_per_layer", "device", "model_settings", "config_id", "timestamp", "note",
+    "vision_per_layer", "tokens_per_layer", "device", "execution", "model_settings", "config_id", "timestamp", "note",
 )
 # Two rows whose processed budgets differ by at most this many vision tokens per layer are ranked together.
 EQUAL_COST_TOLERANCE = 1.0

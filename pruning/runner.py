@@ -10,6 +10,10 @@ One run = one model, one list of samples, one schedule + scorer (or none: the un
   one: the first also checks that the logits are finite), then the
   median of `timing.repeats` timed calls; CUDA events with synchronisation on GPU, `time.perf_counter` on CPU.
   With `time_prefill=False` (the other workers of a split run) the batch runs once, untimed, and it is NaN.
+  With `compile` the prefill (timed and generating, pruned or not) runs compiled (`pruning.compiled`), every batch
+  left-padded to its `compile_buckets` length so that prompts of one bucket share a graph; `extras["execution"]`
+  says whether the timed prefill really ran compiled ("compiled") or fell back ("eager", with the reason in
+  `extras["compile_fallback"]`).
 * `tflops`: analytic prefill TFLOPs per sample (`pruning.flops`, 4nd^2 + 2n^2d + 3ndm per layer) from each
   row's real (unpadded) token count and the vision tokens each layer processed (`engine.record.vision_per_layer`),
   averaged over the samples; padding does not count, so the number does not depend on batching.
@@ -33,6 +37,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pruning.compiled import active as active_compiled, check_buckets, compiled_prefill, pad_to_bucket
 from pruning.engine import PruningEngine
 from pruning.flops import prefill_flops, sequence_tokens_per_layer, to_tflops
 from pruning.schedule import Schedule
@@ -161,16 +166,34 @@ def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats:
 # -- engine ------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def pruning(
-    loaded: LoadedModel, schedule: Schedule | None, scorer: str | None, scorer_options: dict | None = None, seed: int = 0
+    loaded: LoadedModel, schedule: Schedule | None, scorer: str | None, scorer_options: dict | None = None, seed: int = 0,
+    compile: bool | str = False,
 ) -> Iterator[PruningEngine | None]:
-    """The PruningEngine for this schedule and scorer, or nothing (the plain model) when schedule is None/empty."""
+    """The PruningEngine for this schedule and scorer, or nothing (the plain model) when schedule is None/empty.
+    With `compile` (True or a torch.compile mode) the prefill runs compiled, the plain model's too."""
     if schedule is None or not schedule.stages:
-        yield None
+        if compile:
+            with compiled_prefill(loaded.model, None if compile is True else compile):
+                yield None
+        else:
+            yield None
         return
     if not scorer:
         raise RunnerError(f"schedule {schedule.name!r} has stages but no scorer was named; give the method a `scorer`")
-    with PruningEngine(loaded.model, schedule, scorer=scorer, scorer_options=scorer_options, seed=seed) as engine:
+    with PruningEngine(loaded.model, schedule, scorer=scorer, scorer_options=scorer_options, seed=seed,
+                       compile=compile) as engine:
         yield engine
+
+
+def _execution(loaded: LoadedModel) -> dict[str, Any]:
+    """How the last prefill ran: {"execution": "compiled" | "eager"} and the fallback reason, if any."""
+    ctx = active_compiled(loaded.model)
+    if ctx is None:
+        return {"execution": "eager"}
+    out = {"execution": "compiled" if ctx.compiled else "eager"}
+    if ctx.fallback_reason:
+        out["compile_fallback"] = ctx.fallback_reason
+    return out
 
 
 def check_finite(logits: Tensor, loaded: LoadedModel) -> None:
@@ -222,6 +245,8 @@ def evaluate(
     desc: str = "run",
     timing_samples: Sequence[VQASample] | None = None,
     time_prefill: bool = True,
+    compile: bool | str = False,
+    compile_buckets: int | Sequence[int] | None = 64,
 ) -> RunOutput:
     """Generate answers for `samples` (pruned by `schedule` + `scorer`, or unpruned) and measure the run.
 
@@ -243,10 +268,16 @@ def evaluate(
     flops_total = 0
     generate_s = 0.0
     vision_per_layer: list[int] = []
-    with PeakMemory(device) as memory, pruning(loaded, schedule, scorer, scorer_options, seed) as engine, \
+    buckets = check_buckets(compile_buckets) if compile else None
+
+    def encode(batch: Sequence[VQASample]) -> dict[str, Any]:
+        return pad_to_bucket(encode_batch(processor, batch, device=device, dtype=loaded.dtype), buckets,
+                             tokenizer.pad_token_id)
+
+    with PeakMemory(device) as memory, pruning(loaded, schedule, scorer, scorer_options, seed, compile) as engine, \
             torch.inference_mode():
         timed = list(samples[: timing.batch_size] if timing_samples is None else timing_samples)
-        timing_inputs = encode_batch(processor, timed, device=device, dtype=loaded.dtype)
+        timing_inputs = encode(timed)
 
         def prefill() -> Any:
             return model(**timing_inputs, use_cache=True, logits_to_keep=1)
@@ -254,11 +285,12 @@ def evaluate(
         check_finite(prefill().logits, loaded)  # also the first warm-up call
         prefill_ms = median_ms(prefill, device, max(timing.warmup - 1, 0), timing.repeats) if time_prefill \
             else float("nan")
+        execution = _execution(loaded)
         tokens_per_layer = list(engine.record.tokens_per_layer) if engine is not None else \
             [int(timing_inputs["input_ids"].shape[1])] * loaded.num_layers
         bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False)
         for batch in _batches(samples, batch_size):
-            inputs = encode_batch(processor, batch, device=device, dtype=loaded.dtype)
+            inputs = encode(batch)
             t0 = time.perf_counter()
             out = model.generate(**inputs, **gen_kwargs)
             if device.type == "cuda":
@@ -282,7 +314,7 @@ def evaluate(
         n_samples=n,
         timing_batch=len(timed),
         device=str(device),
-        extras={"peak_mem_source": memory.source},
+        extras={"peak_mem_source": memory.source, **execution},
         flops_total=int(flops_total),
     )
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +30,7 @@ class TokenLayout:
     system_index: Tensor  # [B, S] long: positions of the real tokens before the first vision span; filler = first
     system_mask: Tensor  # [B, S] bool
     last_index: Tensor  # [B] long: position of the last real token (the one that predicts the next)
+    vision_mask: Tensor | None = None  # [B, N] bool: True at the vision tokens
 
     @property
     def batch_size(self) -> int:
@@ -57,21 +59,30 @@ class TokenLayout:
         attention_mask: Tensor | None,
         image_token_id: int,
         tokens_per_image: int | None = None,
+        static: bool = False,
     ) -> "TokenLayout":
         """Lay out a batch. Every row must hold the same number of image tokens (same images per row).
 
         input_ids: [B, N]; attention_mask: [B, N] (1 = real token) or None (no padding).
         `tokens_per_image`, when given, must divide each row's image-token count (LLaVA: 576 per image).
+        `static`: text_index / text_mask get the width N - V (every non-vision token could be text) instead of the
+        batch's longest text, so that a compiled forward has one shape for all prompts of one length.
+
+        The layout is computed on the host from one copy of the ids and the mask, before the vision tower queues any
+        work: on a GPU that is the forward's one read of device values, and nothing else waits for the device.
         """
         if input_ids.dim() != 2:
             raise LayoutError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if valid.shape != input_ids.shape:
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise LayoutError(
-                f"attention_mask shape {tuple(valid.shape)} does not match input_ids {tuple(input_ids.shape)}"
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
             )
-        is_image = (input_ids == image_token_id) & valid
+        device = input_ids.device
+        ids = input_ids.detach().cpu().numpy()
+        batch, seq = ids.shape
+        valid = np.ones(ids.shape, dtype=bool) if attention_mask is None else \
+            attention_mask.detach().cpu().numpy().astype(bool)
+        is_image = (ids == image_token_id) & valid
         counts = is_image.sum(-1)  # [B]
         for row in range(batch):
             if counts[row] == 0:
@@ -79,7 +90,7 @@ class TokenLayout:
                     f"row {row} has no image token (id {image_token_id}); a LLaVA prompt must contain the image "
                     "placeholder (e.g. 'USER: <image>\\n...') and the processor must expand it"
                 )
-        if not bool((counts == counts[0]).all()):
+        if not (counts == counts[0]).all():
             raise LayoutError(
                 f"rows hold different numbers of image tokens {counts.tolist()}; batch rows with the same number "
                 "of images (or run them one at a time)"
@@ -90,32 +101,35 @@ class TokenLayout:
                 f"each row has {n_vision} image tokens, not a multiple of the {tokens_per_image} features one image "
                 "gives; the prompt's placeholder was not expanded to the vision tower's token count"
             )
-        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        vision_index = positions[is_image].view(batch, n_vision)  # row-major, so ascending per row
+        positions = np.arange(seq)
+        vision_index = np.nonzero(is_image)[1].reshape(batch, n_vision)  # row-major, so ascending per row
         spans = [_runs(vision_index[row].tolist()) for row in range(batch)]
-        last_vision = vision_index[:, -1:]  # [B, 1]
-        first_vision = vision_index[:, :1]
-        last_index = torch.where(valid, positions, -1).max(-1).values  # [B]
-        is_text = valid & (positions > last_vision)
-        is_system = valid & (positions < first_vision)
-        text_index, text_mask = _packed_index(is_text, filler=last_index)
-        first_real = torch.where(valid, positions, seq).min(-1).values
-        system_index, system_mask = _packed_index(is_system, filler=first_real)
+        last_index = np.where(valid, positions, -1).max(-1)  # [B]
+        is_text = valid & (positions > vision_index[:, -1:])
+        is_system = valid & (positions < vision_index[:, :1])
         for row in range(batch):
-            if not bool(text_mask[row].any()):
+            if not is_text[row].any():
                 raise LayoutError(
                     f"row {row} has no text token after its image tokens; put the question after the image "
                     "placeholder ('<image>\\n{question}')"
                 )
+        text_index, text_mask = _packed_index(is_text, filler=last_index, width=seq - n_vision if static else None)
+        first_real = np.where(valid, positions, seq).min(-1)
+        system_index, system_mask = _packed_index(is_system, filler=first_real)
+
+        def dev(a: np.ndarray) -> Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
         return cls(
-            valid=valid,
+            valid=dev(valid),
             vision_spans=spans,
-            vision_index=vision_index,
-            text_index=text_index,
-            text_mask=text_mask,
-            system_index=system_index,
-            system_mask=system_mask,
-            last_index=last_index,
+            vision_index=dev(vision_index.astype(np.int64)),
+            text_index=dev(text_index),
+            text_mask=dev(text_mask),
+            system_index=dev(system_index),
+            system_mask=dev(system_mask),
+            last_index=dev(last_index.astype(np.int64)),
+            vision_mask=dev(is_image),
         )
 
 
@@ -132,12 +146,15 @@ def _runs(sorted_positions: list[int]) -> list[tuple[int, int]]:
     return spans
 
 
-def _packed_index(select: Tensor, filler: Tensor) -> tuple[Tensor, Tensor]:
-    """Positions where `select` [B, N] is True, packed left into [B, M] with a validity mask; filler [B] elsewhere."""
+def _packed_index(select: np.ndarray, filler: np.ndarray, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Positions where `select` [B, N] is True, packed left into [B, M] with a validity mask; filler [B] elsewhere.
+    M = `width`, or the largest count in the batch."""
     batch, seq = select.shape
     counts = select.sum(-1)
-    width = int(counts.max()) if batch else 0
-    order = torch.argsort((~select).to(torch.int8), dim=-1, stable=True)[:, :width]  # selected positions first
-    mask = torch.arange(width, device=select.device).expand(batch, width) < counts[:, None]
-    index = torch.where(mask, order, filler[:, None].expand(batch, width))
+    most = int(counts.max()) if batch else 0
+    if width is None:
+        width = most
+    order = np.argsort(~select, axis=-1, kind="stable")[:, :width]  # selected positions first, ascending
+    mask = np.arange(width)[None, :] < counts[:, None]
+    index = np.where(mask, order, filler[:, None]).astype(np.int64)
     return index, mask

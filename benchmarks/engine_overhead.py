@@ -1,0 +1,164 @@
+"""The pruning engine's own cost where the host dominates: a CPU proxy of batch-1 GPU prefill.
+
+A 32-layer LLaVA-1.5 structure of tiny width (configs/model/tiny.yaml's widths, 32 layers, a 56 px image = 16 vision
+tokens) at batch 1 with a 91-token prompt (35 system + 16 vision + 40 text): the arithmetic is negligible, so the
+time is the host's (Python and op dispatch), as in a batch-1 forward of the 7B model on a GPU. Variants:
+unpruned; keep-all (the "64" preset's stage layers 1, 10, 20 keeping every token: scoring and gathering, nothing
+dropped); "64" (the adaptinfer_7b_64 preset's keep counts scaled to 16 vision tokens: 4, 1, 1). Reported per
+variant: the aten ops one forward dispatches (and its host reads of tensor values), and the median wall time of the
+full forward (interleaved repeats), as a ratio to unpruned. With --compile the same variants also run with the
+language model compiled (`PruningEngine(..., compile=True)`, and `compiled_prefill` for unpruned), ratios taken
+compiled against compiled.
+
+    python benchmarks/engine_overhead.py --repeats 30 --out benchmarks/results/engine_overhead_cpu.md
+    python benchmarks/engine_overhead.py --repeats 30 --compile --out benchmarks/results/engine_overhead_cpu.md
+
+Targets (issue 17): keep-all <= 1.05x, "64" <= 1.00x unpruned (eager); the engine's extra ops <= 150.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pruning.engine import PruningEngine  # noqa: E402
+from pruning.schedule import Schedule  # noqa: E402
+from vlm.models import build_random_model  # noqa: E402
+
+IMAGE_TOKEN_ID = 3
+SYSTEM_LEN, TEXT_LEN = 35, 40
+
+
+def proxy_model(layers: int = 32) -> torch.nn.Module:
+    """configs/model/tiny.yaml's architecture with `layers` decoder layers and a 56 px image (16 vision tokens)."""
+    arch = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / "tiny.yaml"), resolve=True)["arch"]
+    arch["text_config"]["num_hidden_layers"] = layers
+    arch["vision_config"]["image_size"] = 56
+    arch["image_token_id"] = IMAGE_TOKEN_ID
+    return build_random_model(arch, dtype="float32", device="cpu", seed=0, name="proxy").model
+
+
+def proxy_inputs(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """[35 system][16 image tokens][40 text] with random ids, one random image."""
+    n_vision = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, model.config.text_config.vocab_size, (1, SYSTEM_LEN + n_vision + TEXT_LEN), generator=g)
+    ids[:, SYSTEM_LEN:SYSTEM_LEN + n_vision] = IMAGE_TOKEN_ID
+    size = model.config.vision_config.image_size
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(1, 3, size, size, generator=g)}
+
+
+def schedules(n_vision: int = 16) -> dict[str, Schedule]:
+    """keep-all and "64" at the adaptinfer_7b_64 preset's stage layers (a 32-layer preset: no depth scaling)."""
+    preset = Schedule.from_yaml(ROOT / "configs" / "schedule" / "adaptinfer_7b_64.yaml")
+    keeps = [max(1, round(s.keep * n_vision / preset.vision_tokens)) for s in preset.stages]
+    return {
+        "keep-all": Schedule.from_dict({"stages": [{"layer": s.layer, "keep": 1.0} for s in preset.stages]}),
+        '"64"': Schedule.from_dict({"stages": [{"layer": s.layer, "keep": k} for s, k in zip(preset.stages, keeps)]}),
+    }
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops a forward dispatches, and those that read a tensor value on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.host_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.host_reads += func.overloadpacket is torch.ops.aten._local_scalar_dense  # .item(), int(), bool()
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model: torch.nn.Module, inputs: dict, schedule: Schedule | None, scorer: str = "adaptinfer"):
+    """(aten ops, host reads) of one eager forward, unpruned (schedule None) or under the engine."""
+    with torch.no_grad():
+        with ExitStack() as stack:
+            if schedule is not None:
+                stack.enter_context(PruningEngine(model, schedule, scorer))
+            model(**inputs)  # warm: lazy initialisation is not the engine's cost
+            counter = OpCounter()
+            with counter:
+                model(**inputs)
+    return counter.ops, counter.host_reads
+
+
+def time_variants(model, inputs, variants: dict, repeats: int, warmup: int, compile: bool) -> dict[str, list[float]]:
+    """Wall ms of the full forward per variant, interleaved round-robin (each variant's engine stays open)."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for step in range(warmup + repeats):
+            for name, schedule in variants.items():
+                with ExitStack() as run:
+                    if schedule is not None:
+                        options = {"compile": True} if compile else {}
+                        run.enter_context(PruningEngine(model, schedule, "adaptinfer", **options))
+                    elif compile:
+                        from pruning.compiled import compiled_prefill
+
+                        run.enter_context(compiled_prefill(model))
+                    start = time.perf_counter()
+                    model(**inputs)
+                    elapsed = (time.perf_counter() - start) * 1e3
+                if step >= warmup:
+                    times[name].append(elapsed)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time the compiled forward (minutes on a CPU)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = proxy_model(args.layers)
+    inputs = proxy_inputs(model)
+    variants = {"unpruned": None, **schedules()}
+    lines = [
+        "# Engine overhead, CPU proxy of batch-1 GPU prefill",
+        "",
+        f"Command: `python {' '.join(sys.argv)}`  ",
+        f"torch {torch.__version__}, 1 thread; LLaVA-1.5 structure, tiny width, {args.layers} layers, batch 1, "
+        f"{inputs['input_ids'].shape[1]}-token prompt (16 vision tokens); full forward, median of {args.repeats} "
+        f"interleaved repeats after {args.warmup} warm-up rounds.",
+        "",
+        "| execution | variant | stages (layer:keep) | aten ops | extra ops | host reads | ms | ratio to unpruned |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ops = {name: count_ops(model, inputs, schedule) for name, schedule in variants.items()}
+    modes = ["eager"] + (["compiled"] if args.compile else [])
+    for mode in modes:
+        times = time_variants(model, inputs, variants, args.repeats, args.warmup, compile=mode == "compiled")
+        base = statistics.median(times["unpruned"])
+        for name, schedule in variants.items():
+            ms = statistics.median(times[name])
+            stages = " ".join(f"{s.layer}:{s.keep:g}" for s in schedule.stages) if schedule is not None else "-"
+            n_ops, reads = ops[name] if mode == "eager" else ("-", "-")
+            extra = n_ops - ops["unpruned"][0] if mode == "eager" else "-"
+            line = f"| {mode} | {name} | {stages} | {n_ops} | {extra} | {reads} | {ms:.2f} | {ms / base:.3f} |"
+            print(line, flush=True)
+            lines.append(line)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""A compiled (graph-captured) prefill of the language model, with or without the pruning engine inside it.
+
+At batch 1 on a GPU an eager forward is host-bound: the host issues every kernel of the model (and the engine's), and
+dropping tokens only shortens GPU work the host is already waiting behind. Compiling the language model's forward
+with the engine's hooks in place (torch.compile inlines module hooks) turns the pruned prefill into one graph:
+scoring, top-k and the gathers are part of it, and with `mode="reduce-overhead"` on CUDA the graph is replayed as
+a CUDA graph, one launch for the whole decoder.
+
+`CompiledPrefill(model)` (and `PruningEngine(..., compile=True)`, which opens one after attaching its hooks):
+
+* compiles the language model's forward with static shapes (`dynamic=False`, `fullgraph=True`): one graph per
+  (schedule, batch shape); pad prompts to a few lengths (`pad_to_bucket`) so that prompts of one bucket share it;
+* runs only prefill forwards compiled; decode steps (one new token) and chunked steps stay eager, so `generate`
+  does not recompile for every cache length;
+* falls back to the eager forward, once and with a warning naming the reason, when the forward cannot be captured
+  (a graph break under `fullgraph`, a backend that fails to build); `fallback_reason` keeps it, `compiled` says
+  whether the last prefill ran compiled;
+* restores the model's own forward on exit; the compiled function is dropped with it.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vlm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class CompileError(UserError, ValueError):
+    """A compile option that cannot work; the message says what would."""
+
+
+def default_mode(device: torch.device) -> str:
+    """`reduce-overhead` (CUDA graphs) on CUDA, `default` elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+def check_mode(mode: Any) -> str | None:
+    """A valid compile mode name, or None (the device's default); CompileError otherwise."""
+    if mode is None or mode in COMPILE_MODES:
+        return mode
+    raise CompileError(f"compile mode {mode!r} is unknown; use one of {list(COMPILE_MODES)} or null (CUDA graphs on "
+                       "a GPU, plain inductor elsewhere)")
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    for path in ("model.language_model", "language_model"):
+        obj: Any = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise CompileError(f"cannot find the language model of {type(model).__name__} (expected model.language_model)")
+
+
+def _is_prefill(args: tuple, kwargs: dict) -> bool:
+    """A forward over more than one new token with an empty cache (decode and chunked steps are not)."""
+    embeds = kwargs.get("inputs_embeds")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    x = embeds if embeds is not None else ids
+    if x is None or x.shape[1] <= 1:
+        return False
+    cache = kwargs.get("past_key_values")
+    return cache is None or cache.get_seq_length() == 0
+
+
+class CompiledPrefill:
+    """Context manager: the language model's prefill runs through `torch.compile` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, mode: str | None = None) -> None:
+        self.model = model
+        self.lm = _language_model(model)
+        device = next(model.parameters()).device
+        self.mode = check_mode(mode) or default_mode(device)
+        self.compiled = False  # the last prefill ran the compiled graph
+        self.fallback_reason: str | None = None
+        self._fn = None
+        self._original = None
+        self._installed = None
+
+    def __enter__(self) -> "CompiledPrefill":
+        if "forward" in vars(self.lm):
+            raise CompileError("the language model's forward is already replaced (another compiled prefill or engine "
+                               "with compile=True is open on this model); nest at most one")
+        self._original = self.lm.forward  # the bound class method
+        self._fn = torch.compile(self._original, dynamic=False, fullgraph=True, mode=self.mode)
+        self._installed = self._forward  # one bound-method object, to recognise it on exit
+        self.lm.forward = self._installed  # instance attribute: nn.Module.__call__ finds it first
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed is not None and vars(self.lm).get("forward") is self._installed:
+            del self.lm.forward
+        self._fn = self._installed = None
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not _is_prefill(args, kwargs):
+            return self._original(*args, **kwargs)
+        if self.fallback_reason is None:
+            try:
+                out = self._fn(*args, **kwargs)
+                self.compiled = True
+                return out
+            except torch._dynamo.exc.RecompileError:
+                raise  # asked for by the caller (error_on_recompile): not a capture failure
+            except torch._dynamo.exc.TorchDynamoException as exc:  # capture impossible: say why, then run eager
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self.fallback_reason = f"{type(exc).__name__}: {first}"
+                warnings.warn(f"compile: the prefill cannot be captured as one graph ({self.fallback_reason}); running "
+                              "it eager from now on", RuntimeWarning, stacklevel=2)
+        self.compiled = False
+        return self._original(*args, **kwargs)
+
+
+def active(model: nn.Module) -> CompiledPrefill | None:
+    """The CompiledPrefill open on `model` (its own, or a PruningEngine's with compile=True), or None."""
+    installed = vars(_language_model(model)).get("forward")
+    owner = getattr(installed, "__self__", None)
+    return owner if isinstance(owner, CompiledPrefill) else None
+
+
+def compiled_prefill(model: nn.Module, mode: str | None = None) -> CompiledPrefill:
+    """The unpruned model's prefill compiled the way `PruningEngine(..., compile=True)` compiles a pruned one."""
+    return CompiledPrefill(model, mode)
+
+
+def check_buckets(buckets: Any) -> int | list[int] | None:
+    """None, a step (int >= 1: lengths round up to its multiples) or a list of lengths; CompileError otherwise."""
+    if buckets is None:
+        return None
+    if isinstance(buckets, int) and not isinstance(buckets, bool):
+        if buckets >= 1:
+            return buckets
+    elif isinstance(buckets, Sequence) and not isinstance(buckets, str) and buckets and all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in buckets):
+        return sorted(int(b) for b in buckets)
+    raise CompileError(f"compile_buckets={buckets!r}: give a step (an int >= 1, e.g. 64: prompts are padded to a "
+                       "multiple of it), a list of prompt lengths (e.g. [640, 768]), or null (no padding)")
+
+
+def bucket_length(length: int, buckets: int | Sequence[int]) -> int:
+    """The bucket a prompt of `length` tokens is padded to: the next multiple of a step, or the smallest listed
+    length >= length (CompileError when the prompt is longer than every listed length)."""
+    buckets = check_buckets(buckets)
+    if isinstance(buckets, int):
+        return -(-length // buckets) * buckets
+    fitting = [b for b in buckets if b >= length]
+    if not fitting:
+        raise CompileError(f"a prompt of {length} tokens is longer than every compile bucket {buckets}; add a "
+                           f"bucket >= {length} (compile_buckets)")
+    return fitting[0]
+
+
+def pad_to_bucket(inputs: dict[str, Tensor], buckets: int | Sequence[int] | None, pad_token_id: int) -> dict[str, Tensor]:
+    """Left-pad input_ids and attention_mask [B, N] to the bucket length (no change when buckets is None/empty).
+
+    Left padding keeps each row's tokens at the end, as generation expects; RoPE is relative, so the shifted absolute
+    positions leave the outputs equal up to rounding.
+    """
+    if not buckets:
+        return inputs
+    ids = inputs["input_ids"]
+    target = bucket_length(ids.shape[1], buckets)
+    extra = target - ids.shape[1]
+    if extra == 0:
+        return inputs
+    out = dict(inputs)
+    pad = ids.new_full((ids.shape[0], extra), int(pad_token_id))
+    out["input_ids"] = torch.cat([pad, ids], dim=1)
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    out["attention_mask"] = torch.cat([mask.new_zeros((ids.shape[0], extra)), mask], dim=1)
+    return out
+
+
+__all__ = ["COMPILE_MODES", "CompileError", "active", "CompiledPrefill", "bucket_length", "check_buckets", "check_mode", "compiled_prefill",
+           "default_mode", "pad_to_bucket"]

@@ -1,0 +1,160 @@
+"""The compiled prefill (pruning/compiled.py, PruningEngine(compile=True)): equal to eager, one graph per bucket,
+eager fallback with a reason, generation, the model restored on exit, and a compiled benchmark row."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+
+from pruning.compiled import CompileError, active, bucket_length, check_buckets, compiled_prefill, pad_to_bucket
+from pruning.engine import PruningEngine
+from pruning.schedule import Schedule
+from pruning.scorers import register_scorer
+from tests.bench_fixtures import save_processor
+from tests.conftest import PAD_TOKEN_ID, make_prompts, pixel_values, tiny_arch
+from vlm.models import build_random_model
+
+N_VISION = 16
+BUCKET = 48
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_random_model(tiny_arch(layers=3, kv_heads=2, init_range=0.2), dtype="float32", device="cpu",
+                              seed=5).model
+
+
+def _inputs(lengths, seed=0):
+    inputs = make_prompts(N_VISION, lengths, seed=seed)
+    inputs["pixel_values"] = pixel_values(len(lengths), seed=seed)
+    return pad_to_bucket(inputs, BUCKET, PAD_TOKEN_ID)
+
+
+SCHEDULE = Schedule.from_dict({"stages": [{"layer": 0, "keep": 8}, {"layer": 1, "keep": 3}]})
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def test_compiled_pruned_prefill_equals_eager_and_compiles_once_per_bucket(model):
+    first, second = _inputs([7]), _inputs([12], seed=1)  # different prompts, both padded to one bucket
+    assert first["input_ids"].shape == second["input_ids"].shape == (1, BUCKET)
+    with torch.no_grad():
+        unpruned = model(**first).logits
+        eager = {}
+        for name, inputs in (("first", first), ("second", second)):
+            with PruningEngine(model, SCHEDULE, "adaptinfer") as engine:
+                eager[name] = (model(**inputs).logits, engine.record.kept_positions, engine.record.vision_per_layer)
+        with PruningEngine(model, SCHEDULE, "adaptinfer", compile=True) as engine:
+            out = model(**first).logits
+            assert engine.compiled and engine.compile_fallback is None
+            torch.testing.assert_close(out, eager["first"][0], rtol=1e-5, atol=1e-5)
+            assert [k.tolist() for k in engine.record.kept_positions] == [k.tolist() for k in eager["first"][1]]
+            assert engine.record.vision_per_layer == eager["first"][2] == [N_VISION, 8, 3]
+            graphs = _graphs()
+            with torch._dynamo.config.patch(error_on_recompile=True):  # another prompt of the bucket: no recompile
+                out2 = model(**second).logits
+            assert _graphs() == graphs
+            torch.testing.assert_close(out2, eager["second"][0], rtol=1e-5, atol=1e-5)
+            assert [k.tolist() for k in engine.record.kept_positions] == [k.tolist() for k in eager["second"][1]]
+        # a new engine with the same schedule reuses the graph; the plain model is untouched afterwards
+        with PruningEngine(model, SCHEDULE, "adaptinfer", compile=True) as engine, \
+                torch._dynamo.config.patch(error_on_recompile=True):
+            model(**first)
+            assert engine.compiled
+        assert "forward" not in vars(model.model.language_model) and active(model) is None
+        assert torch.equal(model(**first).logits, unpruned)
+
+
+def test_compiled_unpruned_prefill_and_generation(model):
+    inputs = _inputs([9, 5], seed=2)
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        with compiled_prefill(model) as ctx:
+            torch.testing.assert_close(model(**inputs).logits, eager, rtol=1e-5, atol=1e-5)
+            assert ctx.compiled and active(model) is ctx
+        with PruningEngine(model, SCHEDULE, "fastv") as engine:
+            expected = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=PAD_TOKEN_ID)
+        with PruningEngine(model, SCHEDULE, "fastv", compile=True) as engine:
+            got = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=PAD_TOKEN_ID)
+            assert engine.compiled  # the prefill ran compiled; decode steps ran eager
+    assert torch.equal(got, expected)
+
+
+@register_scorer("test_host_read", rows="last", replace=True)
+def _host_read(ctx):
+    """A scorer with code dynamo cannot trace (an explicit graph break stands for it): no single graph."""
+    torch._dynamo.graph_break()
+    return ctx.attn.float().mean(dim=(1, 2)).gather(1, ctx.vision_index)
+
+
+def test_capture_impossible_falls_back_to_eager_with_the_reason(model):
+    inputs = _inputs([7])
+    with torch.no_grad():
+        with PruningEngine(model, SCHEDULE, "test_host_read") as engine:
+            eager = model(**inputs).logits
+        with PruningEngine(model, SCHEDULE, "test_host_read", compile=True) as engine:
+            with pytest.warns(RuntimeWarning, match="cannot be captured"):
+                out = model(**inputs).logits
+            assert not engine.compiled and engine.compile_fallback
+            assert engine.record.vision_per_layer == [N_VISION, 8, 3]  # pruned, eager
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # warned once, not at every call
+                model(**inputs)
+    torch.testing.assert_close(out, eager)
+
+
+def test_buckets_and_their_errors():
+    assert bucket_length(91, 64) == 128 and bucket_length(128, 64) == 128
+    assert bucket_length(91, [100, 640]) == 100
+    with pytest.raises(CompileError, match="longer than every compile bucket"):
+        bucket_length(700, [100, 640])
+    for bad in (0, "64", [64, -1], [], True):
+        with pytest.raises(CompileError, match="compile_buckets"):
+            check_buckets(bad)
+    inputs = make_prompts(N_VISION, [5, 2])
+    padded = pad_to_bucket(inputs, 32, PAD_TOKEN_ID)
+    assert padded["input_ids"].shape == (2, 32)
+    assert torch.equal(padded["input_ids"][:, -inputs["input_ids"].shape[1]:], inputs["input_ids"])
+    assert padded["attention_mask"].sum() == inputs["attention_mask"].sum()
+    with pytest.raises(ValueError, match="compile mode 'fast' is unknown"):
+        PruningEngine(build_random_model(tiny_arch(layers=2), dtype="float32", device="cpu").model, SCHEDULE.__class__
+                      .from_dict({"stages": [{"layer": 0, "keep": 4}]}), "fastv", compile="fast")
+
+
+def test_a_compiled_benchmark_row_says_so_and_its_baseline_is_compiled(tmp_path):
+    from pruning.benchmark import BenchmarkError, run_benchmark
+    from pruning.results import read_table
+    from tests.test_benchmark import bench_cfg
+
+    processor_dir = save_processor(tmp_path / "processor")
+    tables = {}
+    for name, extra in (("compiled", {"compile": True, "compile_buckets": 32}), ("eager", {})):
+        cfg = bench_cfg(processor_dir, tmp_path / name, ["fastv"], [320], limit=2, **extra)
+        cfg["model"]["arch"]["text_config"]["num_hidden_layers"] = 2
+        run_benchmark(cfg)
+        tables[name] = read_table(tmp_path / name)
+    compiled, eager = tables["compiled"], tables["eager"]
+    assert sorted(compiled["method"]) == ["fastv", "unpruned"]
+    assert set(compiled["execution"]) == {"compiled"} and set(eager["execution"]) == {"eager"}
+    assert compiled["model_settings"].str.contains("execution=compiled").all()
+    assert set(compiled["setup_id"]).isdisjoint(eager["setup_id"])  # a compiled row never replaces an eager one
+    assert compiled.set_index("method")["accuracy"].to_dict() == eager.set_index("method")["accuracy"].to_dict()
+    assert compiled.set_index("method")["vision_per_layer"].to_dict() == \
+        eager.set_index("method")["vision_per_layer"].to_dict()
+    cfg = bench_cfg(processor_dir, tmp_path / "bad", ["fastv"], [320], limit=2, compile=True, compile_buckets=[])
+    with pytest.raises(BenchmarkError, match="compile_buckets"):
+        run_benchmark(cfg)
+    assert not (tmp_path / "bad").exists()
