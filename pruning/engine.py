@@ -48,11 +48,17 @@ class EngineError(UserError, RuntimeError):
 class PrefillRecord:
     """What the last prefill did: per stage and row the original vision positions kept, tokens per layer."""
 
-    kept_positions: list[Tensor] = field(default_factory=list)  # per stage: [B, k] original positions (slots), ascending
+    stage_picks: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per stage: (cur_idx [B, N'], kept [B, k])
     tokens_per_layer: list[int] = field(default_factory=list)  # sequence length each decoder layer processed
     vision_per_layer: list[int] = field(default_factory=list)  # vision tokens each decoder layer processed
     flops: int = 0  # analytic FLOPs of the decoder layers for ONE row (4nd^2 + 2n^2d + 3ndm per layer)
     batch_size: int = 0
+
+    @property
+    def kept_positions(self) -> list[Tensor]:
+        """Per stage: [B, k] original positions (slots) of the vision tokens kept, ascending (computed when read,
+        so that a prefill does not pay for it)."""
+        return [cur_idx.gather(1, kept) for cur_idx, kept in self.stage_picks]
 
 
 @dataclass
@@ -62,13 +68,15 @@ class _RowState:
     layout: TokenLayout
     cur_idx: Tensor  # [B, N'] indices into the original sequence of the tokens currently present
     is_vision: Tensor  # [B, N'] bool: current token is a vision token
+    vision_cur: Tensor  # [B, V'] current positions of the vision tokens, ascending
+    text_cur: Tensor  # [B, T] current positions of the text tokens (layout.text_index shifted by the drops)
+    valid_cur: Tensor  # [B, N'] bool: current token is real (not padding)
     pos_full: Tensor | None = None  # [B, N] original position ids (from layer 0's kwargs)
     cos_sin_full: tuple[Tensor, Tensor] | None = None  # original (cos, sin) [B|1, N, hd]
     n_vision: int = 0  # vision tokens each row currently holds (the same in every row), kept on the host
     pending: Tensor | None = None  # [B, N''] keep-index into the current sequence, applied at the next layer
     pending_vision: int = 0  # vision tokens left once `pending` is applied
     pending_merge: tuple | None = None  # (dropped positions [B, n], their scores [B, n], merged count, kept [B, k'])
-    dropped: Tensor | None = None  # [B, 1] tokens dropped so far, for the current `cur_idx`
     slice_key: tuple | None = None  # identity of the inputs `sliced` was made from
     sliced: dict[str, Any] | None = None  # the layer kwargs sliced to `cur_idx`, shared by the layers between stages
 
@@ -216,7 +224,9 @@ class PruningEngine:
                     f"tokens at {per_image} per image): give pixel_values one image per image placeholder, in row order"
                 )
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=layout.vision_mask, n_vision=layout.num_vision)
+        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=layout.vision_mask,
+                                vision_cur=layout.vision_index, text_cur=layout.text_index, valid_cur=layout.valid,
+                                n_vision=layout.num_vision)
         self._generators = row_generators(input_ids, kwargs.get("attention_mask"), pixels, self.seed) \
             if self.seeded else None
         self._layer_cols = [None] * self.num_layers
@@ -258,17 +268,16 @@ class PruningEngine:
             hidden = self._merge_dropped(hidden)
         if st.pending is not None:
             keep = st.pending  # [B, N'] indices into the previous sequence
-            hidden = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1]))
+            hidden = _gather_seq(hidden, keep)
             st.cur_idx = st.cur_idx.gather(1, keep)
             st.is_vision = st.is_vision.gather(1, keep)
+            st.valid_cur = st.valid_cur.gather(1, keep)
+            # every row drops the same number of vision tokens, all before its text: the text moves by that many
+            st.text_cur = st.layout.text_index - (st.layout.seq_len - keep.shape[1])
             st.n_vision = st.pending_vision
             st.pending = None
-            st.dropped = None
         n_cur = st.cur_idx.shape[1]
         self._layer_cols[index] = st.cur_idx
-        if st.dropped is None:  # once per stage, not per layer: at batch 1 on a GPU every launch is host time
-            st.dropped = (st.cur_idx - torch.arange(n_cur, device=hidden.device))[:, -1:]  # [B, 1]
-        self._dropped[index] = st.dropped
         self.record.tokens_per_layer.append(n_cur)
         self.record.vision_per_layer.append(st.n_vision)
         if n_cur != st.layout.seq_len:
@@ -345,6 +354,8 @@ class PruningEngine:
             pos = _expand_batch(kwargs.get("position_ids"), hidden.shape[0])
             if pos is None:
                 raise EngineError("renumbered positions need position_ids in decode")
+            if self._dropped[index] is None:  # tokens dropped before this layer: once per layer, not per step
+                self._dropped[index] = cols[:, -1:] - (cols.shape[1] - 1)  # [B, 1]
             pos = pos - self._dropped[index]
             kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=pos)
             kwargs["position_ids"] = pos
@@ -355,12 +366,10 @@ class PruningEngine:
         """Current positions of the scorer's query rows: text tokens, or the last real token."""
         st = self._state
         lay = st.layout
-        if self.rows_kind == "last":
-            orig = lay.last_index[:, None]
-            mask = torch.ones_like(orig, dtype=torch.bool)
-        else:
-            orig, mask = lay.text_index, lay.text_mask
-        return _current_positions(st.cur_idx, orig), mask
+        if self.rows_kind == "last":  # the last real token follows every vision token: it moves like the text
+            shift = lay.seq_len - st.cur_idx.shape[1]
+            return (lay.last_index[:, None] - shift) if shift else lay.last_index[:, None], None
+        return st.text_cur, None if lay.text_full else lay.text_mask  # no filler rows: nothing to mask
 
     def _probe_rows(self, call: ProbeCall):
         if self._state is None or call.q_len == 1:
@@ -371,14 +380,14 @@ class PruningEngine:
         if self.rows_kind == "text":  # the probe's rows are the text rows `_context` computes: pass that very tensor,
             ctx = self._context(attn=rows, stage=call.site)  # so the scorer's consistency check needs no device round trip
         else:
+            if mask is None:
+                mask = torch.ones_like(index, dtype=torch.bool)
             ctx = self._context(attn=rows, query_index=index, query_mask=mask, stage=call.site)
         self._apply_selection(call.site, run_scorer(self.scorer, ctx))
 
     def _context(self, **kw: Any) -> ScoringContext:
         st = self._state
-        vision_cur = _true_positions(st.is_vision, st.n_vision)  # [B, V_cur]
-        text_cur = _current_positions(st.cur_idx, st.layout.text_index)
-        key_mask = st.layout.valid.gather(1, st.cur_idx)
+        vision_cur, text_cur, key_mask = st.vision_cur, st.text_cur, st.valid_cur
         return ScoringContext(
             attn=kw.get("attn"),
             query_index=kw.get("query_index", text_cur),
@@ -387,6 +396,7 @@ class PruningEngine:
             text_index=text_cur,
             text_mask=st.layout.text_mask,
             key_mask=key_mask,
+            text_full=st.layout.text_full,
             generators=self._generators,
             hidden_states=kw.get("hidden_states"),
             next_layer=kw.get("next_layer"),
@@ -407,7 +417,7 @@ class PruningEngine:
         """
         st = self._state
         k = self._keep_counts[self.stage_layers.index(stage_layer)]
-        vision_cur = _true_positions(st.is_vision, st.n_vision)  # [B, V_cur]
+        vision_cur = st.vision_cur  # [B, V_cur]
         n_merged = self._merge.split(st.n_vision, k, **self._merge_options()) if self._merge is not None else 0
         kept_v = select(scores, k - n_merged)  # [B, k'] indices into the vision axis, ascending
         kept_pos = vision_cur.gather(1, kept_v)  # [B, k'] current positions
@@ -426,9 +436,10 @@ class PruningEngine:
         """Record and schedule the drop: keep the non-vision tokens and the vision tokens at kept_pos [B, k]
         (ascending current positions); the gather happens at the next layer's pre-hook."""
         st = self._state
-        self.record.kept_positions.append(st.cur_idx.gather(1, kept_pos))
-        keep_mask = (~st.is_vision).scatter(1, kept_pos, True)
-        st.pending = _true_positions(keep_mask, st.cur_idx.shape[1] - st.n_vision + k)
+        self.record.stage_picks.append((st.cur_idx, kept_pos))
+        drop_mask = st.is_vision.scatter(1, kept_pos, False)
+        st.pending = _false_positions(drop_mask, st.cur_idx.shape[1] - st.n_vision + k)
+        st.vision_cur = torch.searchsorted(st.pending, kept_pos)  # where the kept ones sit once the drop is applied
         st.pending_vision = k
 
     def _merge_dropped(self, hidden: Tensor) -> Tensor:
@@ -542,8 +553,8 @@ def _expand_batch(t: Tensor | None, batch: int) -> Tensor | None:
 
 def _gather_seq(t: Tensor, idx: Tensor) -> Tensor:
     """Gather t [B|1, N, D] along the sequence axis with idx [B, N'] -> [B, N', D]."""
-    if t.shape[0] == 1 and idx.shape[0] > 1:
-        t = t.expand(idx.shape[0], *t.shape[1:])
+    if t.shape[0] == 1:  # shared by the rows (RoPE tables; batch 1): one indexing op
+        return t[0][idx]
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
 
@@ -554,6 +565,11 @@ def _true_positions(mask: Tensor, count: int) -> Tensor:
     `nonzero` or `int(tensor)` in every layer hook stalls the host until the device catches up).
     """
     return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+
+
+def _false_positions(mask: Tensor, count: int) -> Tensor:
+    """Ascending positions [B, count] of the False entries of mask [B, N] (`_true_positions` of ~mask, one op less)."""
+    return torch.sort(mask, dim=1, stable=True).indices[:, :count]  # False sorts first; stable keeps the order
 
 
 def _current_positions(cur_idx: Tensor, orig: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ class ScoringContext:
     text_index: Tensor  # [B, T] long: positions of the text tokens (after the vision span), padded
     text_mask: Tensor  # [B, T] bool
     key_mask: Tensor  # [B, K] bool: keys that are real tokens (False = padding)
+    text_full: bool = False  # known on the host: text_mask has no False entry (scorers may skip masking then)
     generators: list[torch.Generator] | None = None  # one per row, for scorers registered with seeded=True
     hidden_states: Tensor | None = None  # [B, K, D] the stage layer's output (input of layer l+1)
     next_layer: nn.Module | None = None  # decoder layer l+1 (.input_layernorm, .self_attn.{q_proj,k_proj})
@@ -169,7 +170,7 @@ def select(scores: Tensor, k: int) -> Tensor:
     v = scores.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= v:
         raise ValueError(f"k = {k!r}: must be an int in 0..{v} (the number of vision tokens)")
-    clean = scores.float().masked_fill(torch.isnan(scores), -math.inf)
+    clean = torch.nan_to_num(scores.float(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     order = torch.sort(clean, dim=-1, descending=True, stable=True).indices  # [B, V] equal scores keep index order
     return order[:, :k].sort(dim=-1).values
 
@@ -183,7 +184,7 @@ def _valid_rows(attn: Tensor, row_mask: Tensor) -> Tensor:
 def _columns(attn: Tensor, index: Tensor) -> Tensor:
     """attn[:, :, :, index] per row: [B, H, R, K] x [B, C] -> [B, H, R, C]."""
     b, h, r, _ = attn.shape
-    return attn.gather(-1, index[:, None, None, :].expand(b, h, r, index.shape[1]))
+    return attn.gather(-1, index.view(b, 1, 1, index.shape[1]).expand(b, h, r, index.shape[1]))
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -217,6 +218,11 @@ def adaptinfer(ctx: ScoringContext, text_weight_blend: float) -> Tensor:
     if not 0.0 <= lb <= 1.0:
         raise ValueError(f"text_weight_blend = {text_weight_blend!r}: must lie in [0, 1]")
     tm = ctx.text_mask  # [B, T]
+    if lb == 1.0 and ctx.text_full:  # no filler rows or columns: w_j = column sum + row sum - diagonal of T
+        attn = ctx.attn.float()
+        tt = _columns(attn, ctx.text_index)  # [B, H, T, T]
+        weight = tt.sum(dim=-2) + tt.sum(dim=-1) - tt.diagonal(dim1=-2, dim2=-1)  # [B, H, T] = sum_i S[b, h, i, j]
+        return (weight[..., None] * attn).sum(dim=(1, 2)).gather(1, ctx.vision_index)  # [B, K] -> [B, V]
     attn = _valid_rows(ctx.attn, tm)  # [B, H, T, K], rows are the text tokens
     pair = tm[:, None, :, None] & tm[:, None, None, :]  # [B, 1, T, T]
     zero = torch.zeros((), dtype=attn.dtype, device=attn.device)

@@ -364,3 +364,22 @@ def test_a_compiled_model_is_refused_not_silently_unpruned(compile_what):
     with pytest.raises(EngineError, match="compiled with torch.compile"):
         with PruningEngine(target, _schedule([(0, 8)]), "adaptinfer"):
             pass
+
+
+def test_engine_extra_ops_on_the_batch1_proxy_stay_within_150():
+    """Issue 17's budget: on the 32-layer proxy of batch-1 prefill (benchmarks/engine_overhead.py) the engine adds at
+    most 150 aten ops to a forward with 3 stages, and reads no tensor value on the host beyond the model's own."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_overhead.py"
+    spec = importlib.util.spec_from_file_location("engine_overhead", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = bench.proxy_model(32)
+    inputs = bench.proxy_inputs(model)
+    plain_ops, plain_reads = bench.count_ops(model, inputs, None)
+    for name, schedule in bench.schedules().items():
+        ops, reads = bench.count_ops(model, inputs, schedule)
+        assert ops - plain_ops <= 150, f"{name}: the engine adds {ops - plain_ops} ops (budget 150)"
+        assert reads == plain_reads, f"{name}: {reads - plain_reads} extra host reads of tensor values"

@@ -1,7 +1,7 @@
 """Where each row's tokens are: [padding][system / pre-prompt][vision span(s)][text], read from input_ids."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,10 +27,20 @@ class TokenLayout:
     vision_index: Tensor  # [B, V] long: positions of the vision tokens, ascending
     text_index: Tensor  # [B, T] long: positions of the text tokens, ascending; filler = last real token
     text_mask: Tensor  # [B, T] bool: True where text_index is a real text token
-    system_index: Tensor  # [B, S] long: positions of the real tokens before the first vision span; filler = first
-    system_mask: Tensor  # [B, S] bool
     last_index: Tensor  # [B] long: position of the last real token (the one that predicts the next)
     vision_mask: Tensor | None = None  # [B, N] bool: True at the vision tokens
+    text_full: bool = False  # every entry of text_mask is True (no filler), known on the host
+    _system: tuple | None = field(default=None, repr=False)  # host arrays behind system_index / system_mask
+
+    @property
+    def system_index(self) -> Tensor:
+        """[B, S] long: positions of the real tokens before the first vision span; filler = the first real token."""
+        return torch.from_numpy(self._system[0]).to(self.valid.device)
+
+    @property
+    def system_mask(self) -> Tensor:
+        """[B, S] bool: True where system_index is a real system token."""
+        return torch.from_numpy(self._system[1]).to(self.valid.device)
 
     @property
     def batch_size(self) -> int:
@@ -78,10 +88,10 @@ class TokenLayout:
                 f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
             )
         device = input_ids.device
-        ids = input_ids.detach().cpu().numpy()
+        ids = input_ids.cpu().numpy()  # integer ids never require grad
         batch, seq = ids.shape
         valid = np.ones(ids.shape, dtype=bool) if attention_mask is None else \
-            attention_mask.detach().cpu().numpy().astype(bool)
+            attention_mask.cpu().numpy().astype(bool)
         is_image = (ids == image_token_id) & valid
         counts = is_image.sum(-1)  # [B]
         for row in range(batch):
@@ -118,7 +128,8 @@ class TokenLayout:
         system_index, system_mask = _packed_index(is_system, filler=first_real)
 
         def dev(a: np.ndarray) -> Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return t if device.type == "cpu" else t.to(device)
 
         return cls(
             valid=dev(valid),
@@ -126,10 +137,10 @@ class TokenLayout:
             vision_index=dev(vision_index.astype(np.int64)),
             text_index=dev(text_index),
             text_mask=dev(text_mask),
-            system_index=dev(system_index),
-            system_mask=dev(system_mask),
             last_index=dev(last_index.astype(np.int64)),
             vision_mask=dev(is_image),
+            text_full=bool(text_mask.all()),
+            _system=(system_index, system_mask),
         )
 
 

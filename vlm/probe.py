@@ -100,7 +100,7 @@ def allowed_keys(
         return m[..., :kv_len] if m.shape[-1] >= kv_len else m
     offset = kv_len - q_len  # queries sit at the end of the key axis (cache)
     keys = torch.arange(kv_len, device=device)
-    allowed = (keys[None, None, :] <= (rows[:, :, None] + offset)) if is_causal else torch.ones(
+    allowed = (keys <= ((rows + offset) if offset else rows)[:, :, None]) if is_causal else torch.ones(
         batch, rows.shape[1], kv_len, dtype=torch.bool, device=device
     )
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -120,15 +120,22 @@ def attention_rows(
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[2]
     scale = scaling if scaling is not None else dim**-0.5
-    q = query.gather(2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], dim)).float()  # [B, H, R, D]
-    k = key.float()
+    q = query.gather(2, rows.view(batch, 1, rows.shape[1], 1).expand(batch, heads, rows.shape[1], dim))  # [B, H, R, D]
+    q = q.float() if q.dtype != torch.float32 else q
+    k = key.float() if key.dtype != torch.float32 else key
     if key.shape[1] != heads:
         k = k.repeat_interleave(heads // key.shape[1], dim=1)  # [B, H, K, D]
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, R, K]
+    rows_n = rows.shape[1]  # one batched matmul over (B * H): fewer ops to dispatch than a 4-D matmul
+    scores = torch.bmm(q.reshape(batch * heads, rows_n, dim), k.reshape(batch * heads, kv_len, dim).transpose(1, 2))
+    scores = scores.view(batch, heads, rows_n, kv_len) * scale  # [B, H, R, K]
+    if attention_mask is None and is_causal:  # causal only (no padding): the common batch-1 case, in fewer ops
+        offset = kv_len - q_len
+        last_key = rows.view(batch, 1, rows_n, 1)
+        future = torch.arange(kv_len, device=rows.device) > ((last_key + offset) if offset else last_key)
+        return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)  # key 0 is always allowed: no NaN
     allowed = allowed_keys(attention_mask, rows, batch, q_len, kv_len, is_causal)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+    return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
 
 
 class AttentionProbe:
@@ -219,9 +226,10 @@ class AttentionProbe:
             if selected is None:
                 return
             index, mask = selected
-            with torch.no_grad():
+            with torch.no_grad():  # (inputs that carry autograd history are detached; plain tensors cost no op)
                 rows = attention_rows(
-                    query.detach(), key.detach(), attention_mask, index, scaling, getattr(module, "is_causal", True)
+                    query.detach() if query.requires_grad else query, key.detach() if key.requires_grad else key,
+                    attention_mask, index, scaling, getattr(module, "is_causal", True),
                 )
             if mask is not None:
                 rows = rows * mask[:, None, :, None]
