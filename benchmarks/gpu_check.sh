@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
 # One call on a lent GPU gives this session's GPU figures (one markdown file, the commands inside):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: $OUT if set (the device tool), else benchmarks/results
-#   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # the same steps on the CPU with the tiny model (a few seconds)
-# Measured: decoder-loop prefill of the LLaVA-1.5-7B architecture (random fp16 weights) at batch 1 and 8, unpruned,
-# keep-all and the AdaptInfer "64" / "128" presets, with SDPA and (when installed) FlashAttention-2. Eager forward
-# only: a compiled / graph-captured pruned forward, the vision tower and time-to-first-token are issue 17's open part.
-# Budget: about 5 minutes on an H100/H200 (the 7B build dominates); leave time for a rerun within 15 minutes.
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # the same steps on the CPU with a 4-layer tiny model (about a minute)
+# Measured: prefill of the LLaVA-1.5-7B architecture (random fp16 weights): vision tower, decoder (language model) and
+# time to first token, unpruned, keep-all and the AdaptInfer "64" / "128" presets,
+#   1. eager at batch 1 and 8, SDPA and (when installed) FlashAttention-2;
+#   2. compiled (pruning inside one graph, CUDA graphs: `PruningEngine(compile=True)`), SDPA: all four variants at
+#      batch 1, unpruned and "64" at batch 8 (each compiled variant builds its own graph: about a minute each).
+# Goals (issue 17): batch-1 decoder "64" <= 0.35x unpruned compiled against compiled; batch 8 <= 0.30x.
+# Budget: about 8 minutes on an H100/H200 (the compiles dominate); set COMPILE=0 to skip part 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python}"
+COMPILE="${COMPILE:-1}"
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  MODELS="tiny"; BATCHES="1 2"; REPEATS=1; WARMUP=0; DEVICE=cpu
+  MODELS="tiny"; LAYERS="--layers 4"; BATCHES="1 2"; BIG=2; REPEATS=1; WARMUP=0; DEVICE=cpu
 else
-  MODELS="llava-1.5-7b-arch"; BATCHES="1 8"; REPEATS=20; WARMUP=3; DEVICE=cuda
+  MODELS="llava-1.5-7b-arch"; LAYERS=""; BATCHES="1 8"; BIG=8; REPEATS=20; WARMUP=3; DEVICE=cuda
 fi
 ATTN="sdpa"
 if "$PY" -c "import flash_attn" 2>/dev/null && [ "$DEVICE" = cuda ]; then ATTN="sdpa flash_attention_2"; fi
@@ -23,6 +27,16 @@ import torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 PYEOF
-"$PY" benchmarks/prefill_latency.py --models $MODELS --batch $BATCHES --attn $ATTN --repeats "$REPEATS" \
-  --warmup "$WARMUP" --device "$DEVICE" --out "$OUT_DIR/gpu_check_prefill.md"
-echo "wrote $OUT_DIR/gpu_check_prefill.md"
+COMMON="--models $MODELS $LAYERS --repeats $REPEATS --warmup $WARMUP --device $DEVICE"
+"$PY" benchmarks/prefill_latency.py $COMMON --batch $BATCHES --attn $ATTN --out "$OUT_DIR/gpu_check_eager.md"
+OUT_FILE="$OUT_DIR/gpu_check_prefill.md"
+cp "$OUT_DIR/gpu_check_eager.md" "$OUT_FILE"
+if [ "$COMPILE" = "1" ]; then
+  "$PY" benchmarks/prefill_latency.py $COMMON --batch 1 --attn sdpa --compile --out "$OUT_DIR/gpu_check_compiled_b1.md"
+  "$PY" benchmarks/prefill_latency.py $COMMON --batch "$BIG" --attn sdpa --compile \
+    --compile-variants unpruned adaptinfer_7b_64 --out "$OUT_DIR/gpu_check_compiled_big.md"
+  for part in gpu_check_compiled_b1 gpu_check_compiled_big; do
+    { echo; echo "## $part"; echo; cat "$OUT_DIR/$part.md"; } >> "$OUT_FILE"
+  done
+fi
+echo "wrote $OUT_FILE"

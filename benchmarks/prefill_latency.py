@@ -1,15 +1,15 @@
-"""Prefill latency of the decoder-layer loop: unpruned vs pruning schedules, beside the analytic FLOPs ratio.
+"""Prefill latency: unpruned vs pruning schedules, eager and compiled, beside the analytic FLOPs ratio.
 
-Run by hand (not a test); writes a markdown table with the command that made it. The timed region is the
-language model's decoder-layer loop (pre-hook of layer 0 to the output of the last layer), as in the
-AdaptInfer code: CUDA events on GPU, perf_counter on CPU; warm-up, then the median of repeats, with the
-variants interleaved round-robin so that background load affects them alike. The scorer's cost is the
+Run by hand (not a test); writes a markdown table with the command that made it. Timed per forward: the vision
+tower, the language model ("decoder", the ratio column) and the whole forward (time to first token), CUDA events
+on GPU, perf_counter on CPU (`StageTimer`); warm-up, then the median of repeats, eager variants interleaved
+round-robin so that background load affects them alike. The scorer's cost is the
 extra time of a schedule that keeps every token at the same stage layers (it scores and gathers, drops
 nothing), as a share of the unpruned time.
 
     python benchmarks/prefill_latency.py --models tiny mid --batch 1 --repeats 7 \
         --out benchmarks/results/prefill_latency_cpu.md
-    python benchmarks/prefill_latency.py --models llava-1.5-7b-arch --batch 1 8 --out benchmarks/results/prefill_latency_gpu.md
+    python benchmarks/prefill_latency.py --models llava-1.5-7b-arch --batch 1 8 --compile --out benchmarks/results/prefill_latency_gpu.md
 """
 from __future__ import annotations
 
@@ -44,13 +44,17 @@ MID_ARCH = {  # a quarter of LLaVA-1.5-7B's width, all 32 layers; a small vision
 }
 
 
-def build(name: str, device: torch.device, attn: str = "sdpa") -> LoadedModel:
-    """The random-weight model a name stands for: a configs/model preset with `arch`, or 'mid'."""
+def build(name: str, device: torch.device, attn: str = "sdpa", layers: int | None = None) -> LoadedModel:
+    """The random-weight model a name stands for: a configs/model preset with `arch`, or 'mid' (`layers` overrides
+    the decoder depth)."""
     if name == "mid":
-        return build_random_model(MID_ARCH, dtype="float32" if device.type == "cpu" else "float16", device=device,
+        arch = {**MID_ARCH, "text_config": {**MID_ARCH["text_config"], **({"num_hidden_layers": layers} if layers else {})}}
+        return build_random_model(arch, dtype="float32" if device.type == "cpu" else "float16", device=device,
                                   name="mid", attn_implementation=attn)
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{name}.yaml"), resolve=True)
     arch = dict(cfg["arch"])
+    if layers:
+        arch["text_config"] = {**arch["text_config"], "num_hidden_layers": layers}
     if name == "tiny":  # no processor needed: the prompt is synthetic
         arch["text_config"] = {**arch["text_config"], "vocab_size": 64}
         arch["image_token_id"] = 7
@@ -72,39 +76,53 @@ def synthetic_inputs(loaded: LoadedModel, batch: int, text_len: int, system_len:
             "attention_mask": torch.ones_like(ids).to(loaded.device)}
 
 
-class DecoderLoopTimer:
-    """Times the decoder-layer loop of each forward: CUDA events on GPU, perf_counter on CPU."""
+class StageTimer:
+    """Times each forward's vision tower (tower + projector) and language model ("decoder": the decoder-layer loop
+    with its mask/RoPE set-up and final norm), and the whole forward (time to first token's logits): CUDA events on
+    GPU, perf_counter on CPU. Its hooks sit on the tower, projector and language-model modules, outside the graph a
+    compiled prefill runs, so eager and compiled forwards are timed alike."""
 
     def __init__(self, loaded: LoadedModel) -> None:
-        self.layers = loaded.decoder_layers
+        inner = loaded.model.model
+        self.sites = {"vision": (inner.vision_tower, inner.multi_modal_projector), "decoder": (loaded.language_model,) * 2}
         self.cuda = loaded.device.type == "cuda"
-        self.times_ms: list[float] = []
+        self.times_ms: dict[str, list[float]] = {"vision": [], "decoder": [], "ttft": []}
+        self._marks: dict[str, Any] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "DecoderLoopTimer":
-        self._handles.append(self.layers[0].register_forward_pre_hook(lambda m, a: self._start()))
-        self._handles.append(self.layers[-1].register_forward_hook(lambda m, a, o: self._stop()))
+    def __enter__(self) -> "StageTimer":
+        for name, (first, last) in self.sites.items():
+            self._handles.append(first.register_forward_pre_hook(lambda m, a, n=name: self._mark(f"{n}0")))
+            self._handles.append(last.register_forward_hook(lambda m, a, o, n=name: self._mark(f"{n}1")))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
 
-    def _start(self) -> None:
+    def _mark(self, key: str) -> None:
         if self.cuda:
-            self._ev0 = torch.cuda.Event(enable_timing=True)
-            self._ev0.record()
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks[key] = ev
         else:
-            self._t0 = time.perf_counter()
+            self._marks[key] = time.perf_counter()
 
-    def _stop(self) -> None:
+    def _ms(self, a: str, b: str) -> float:
         if self.cuda:
-            ev1 = torch.cuda.Event(enable_timing=True)
-            ev1.record()
+            return float(self._marks[a].elapsed_time(self._marks[b]))
+        return (self._marks[b] - self._marks[a]) * 1e3
+
+    def run(self, fn) -> None:
+        """Call fn (one forward) and record its three times."""
+        self._mark("all0")
+        fn()
+        self._mark("all1")
+        if self.cuda:
             torch.cuda.synchronize()
-            self.times_ms.append(self._ev0.elapsed_time(ev1))
-        else:
-            self.times_ms.append((time.perf_counter() - self._t0) * 1e3)
+        self.times_ms["vision"].append(self._ms("vision0", "vision1"))
+        self.times_ms["decoder"].append(self._ms("decoder0", "decoder1"))
+        self.times_ms["ttft"].append(self._ms("all0", "all1"))
 
 
 def keep_all(schedule: Schedule) -> Schedule:
@@ -113,12 +131,28 @@ def keep_all(schedule: Schedule) -> Schedule:
                                "positions": schedule.positions})
 
 
+def _variant_context(loaded: LoadedModel, schedule: Schedule | None, scorer: str, compiled: bool):
+    """The engine for a schedule (compiled or not), or, unpruned, the compiled prefill / nothing."""
+    from contextlib import nullcontext
+
+    from pruning.compiled import compiled_prefill
+
+    if schedule is not None:
+        return PruningEngine(loaded.model, schedule, scorer, compile=compiled)
+    return compiled_prefill(loaded.model) if compiled else nullcontext()
+
+
 def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len: int, system_len: int,
-            scorer: str) -> list[dict[str, Any]]:
-    """Median decoder-loop time per variant (interleaved), with the analytic FLOPs of each."""
+            scorer: str, modes: tuple[str, ...] = ("eager",),
+            compile_variants: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Median vision-tower, decoder and time-to-first-token per variant and execution mode, with analytic FLOPs.
+
+    Eager variants are interleaved round-robin (each repeat enters each variant's engine anew); compiled ones run
+    in blocks, each variant's engine open for its warm-up and repeats (a compiled graph is built once per engine
+    and, with CUDA graphs, recorded during the warm-up, at least 3 calls)."""
     inputs = synthetic_inputs(loaded, batch, text_len, system_len)
     n_layers = loaded.num_layers
-    schedules: dict[str, Schedule] = {}
+    schedules: dict[str, Schedule | None] = {"unpruned": None}
     for preset in PAPER_PRESETS:
         sched = Schedule.from_yaml(ROOT / "configs" / "schedule" / f"{preset}.yaml")
         if n_layers != 32:  # the 32-layer preset's layers at this depth (the benchmark's rule), same keep counts
@@ -127,33 +161,57 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
                                         "positions": sched.positions})
         schedules[preset] = sched
     schedules[f"keep-all@{PAPER_PRESETS[0]} layers"] = keep_all(schedules[PAPER_PRESETS[0]])
-    times: dict[str, list[float]] = {name: [] for name in ["unpruned", *schedules]}
-    tokens: dict[str, list[int]] = {}
     tc = loaded.config.text_config
     seq = inputs["input_ids"].shape[1]
-    tokens["unpruned"] = [seq] * n_layers
-    with torch.no_grad():
-        for step in range(warmup + repeats):
-            for name in times:
-                with DecoderLoopTimer(loaded) as timer:
-                    if name == "unpruned":
-                        loaded.model(**inputs)
-                    else:
-                        with PruningEngine(loaded.model, schedules[name], scorer) as engine:
-                            loaded.model(**inputs)
-                        tokens[name] = list(engine.record.tokens_per_layer)
-                if step >= warmup:
-                    times[name].append(timer.times_ms[-1])
-    base_ms = statistics.median(times["unpruned"])
-    base_flops = prefill_flops(tokens["unpruned"], tc.hidden_size, tc.intermediate_size)
+    tokens: dict[str, list[int]] = {"unpruned": [seq] * n_layers}
     rows = []
-    for name, ts in times.items():
-        ms = statistics.median(ts)
-        flops = prefill_flops(tokens[name], tc.hidden_size, tc.intermediate_size)
-        rows.append({"variant": name, "ms": ms, "spread_ms": max(ts) - min(ts), "latency_ratio": ms / base_ms,
-                     "tflops_per_sample": flops / 1e12, "flops_ratio": flops / base_flops,
-                     "budget_processed": schedules[name].budget(n_layers, loaded.vision_tokens_per_image)
-                     if name in schedules else float(loaded.vision_tokens_per_image)})
+
+    def forward() -> None:
+        loaded.model(**inputs, use_cache=True, logits_to_keep=1)
+
+    for mode in modes:
+        compiled = mode == "compiled"
+        times: dict[str, dict[str, list[float]]] = {}
+        status: dict[str, str] = {}
+        with torch.no_grad():
+            if not compiled:
+                timers = {name: StageTimer(loaded) for name in schedules}
+                for step in range(warmup + repeats):
+                    for name, schedule in schedules.items():
+                        with _variant_context(loaded, schedule, scorer, False) as engine, timers[name]:
+                            if step < warmup:
+                                forward()
+                            else:
+                                timers[name].run(forward)
+                        if engine is not None:
+                            tokens[name] = list(engine.record.tokens_per_layer)
+                times = {name: t.times_ms for name, t in timers.items()}
+                status = {name: "eager" for name in schedules}
+            else:
+                for name, schedule in schedules.items():
+                    if compile_variants and name.split("@")[0] not in compile_variants:
+                        continue
+                    timer = StageTimer(loaded)
+                    with _variant_context(loaded, schedule, scorer, True) as ctx, timer:
+                        for _ in range(max(warmup, 3)):
+                            forward()
+                        for _ in range(repeats):
+                            timer.run(forward)
+                        status[name] = "compiled" if ctx.compiled else f"eager (fallback: {ctx.compile_fallback if schedule is not None else ctx.fallback_reason})"
+                    times[name] = timer.times_ms
+        base = {k: statistics.median(v) for k, v in times["unpruned"].items()}
+        base_flops = prefill_flops(tokens["unpruned"], tc.hidden_size, tc.intermediate_size)
+        if "unpruned" not in times:
+            raise SystemExit("--compile-variants must include unpruned (the ratios' base)")
+        for name, ts in times.items():
+            med = {k: statistics.median(v) for k, v in ts.items()}
+            flops = prefill_flops(tokens[name], tc.hidden_size, tc.intermediate_size)
+            rows.append({"mode": status[name], "variant": name, "vision_ms": med["vision"], "ms": med["decoder"],
+                         "ttft_ms": med["ttft"], "spread_ms": max(ts["decoder"]) - min(ts["decoder"]),
+                         "latency_ratio": med["decoder"] / base["decoder"], "ttft_ratio": med["ttft"] / base["ttft"],
+                         "tflops_per_sample": flops / 1e12, "flops_ratio": flops / base_flops,
+                         "budget_processed": schedules[name].budget(n_layers, loaded.vision_tokens_per_image)
+                         if schedules[name] is not None else float(loaded.vision_tokens_per_image)})
     return rows
 
 
@@ -168,8 +226,13 @@ def main() -> None:
     parser.add_argument("--scorer", default="adaptinfer")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attn", nargs="+", default=["sdpa"], help="attention implementations, e.g. sdpa flash_attention_2")
+    parser.add_argument("--compile", action="store_true", help="also time compiled prefill (CUDA graphs on a GPU)")
+    parser.add_argument("--compile-variants", nargs="+", default=None,
+                        help="compiled variants to time (default all): unpruned adaptinfer_7b_64 adaptinfer_7b_128 keep-all")
+    parser.add_argument("--layers", type=int, default=None, help="override the decoder depth (a quick dry run)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    modes = ("eager", "compiled") if args.compile else ("eager",)
     device = resolve_device(args.device)
     lines = [
         f"# Prefill latency ({device.type}, {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'})",
@@ -177,23 +240,27 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, scorer `{args.scorer}`, "
         f"prompt = {args.system_len} system + 576 vision + {args.text_len} text tokens, random weights.  ",
-        "Timed region: the decoder-layer loop (median of repeats after warm-up, variants interleaved). "
-        "Budgets in the processed convention (mean vision tokens per decoder layer). "
+        "Timed per forward (`model(**inputs, use_cache=True, logits_to_keep=1)`): the vision tower + projector "
+        "(vision ms), the language model (decoder ms: the decoder layers with their mask/RoPE set-up and final norm; "
+        "the latency ratio is of this column) and the whole forward (TTFT ms: time to the first token's logits). "
+        "Medians of repeats after warm-up; eager variants interleaved, compiled ones in blocks (one graph each, "
+        "compiled against compiled). Budgets in the processed convention (mean vision tokens per decoder layer). "
         "keep-all = the same stage layers keeping every token: its extra time is the scorer's cost.",
         "",
-        "| model | attention | batch | variant | budget | decoder ms | spread ms | latency ratio | TFLOPs/sample | "
-        "FLOPs ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | attention | batch | execution | variant | budget | vision ms | decoder ms | spread ms | TTFT ms | "
+        "latency ratio | TTFT ratio | TFLOPs/sample | FLOPs ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in args.models:
         for attn in args.attn:
-            loaded = build(name, device, attn)
+            loaded = build(name, device, attn, args.layers)
             for batch in args.batch:
                 for row in measure(loaded, batch, args.repeats, args.warmup, args.text_len, args.system_len,
-                                   args.scorer):
-                    line = (f"| {name} | {attn} | {batch} | {row['variant']} | {row['budget_processed']:.1f} | "
-                            f"{row['ms']:.1f} | {row['spread_ms']:.1f} | {row['latency_ratio']:.3f} | "
-                            f"{row['tflops_per_sample']:.4f} | {row['flops_ratio']:.3f} |")
+                                   args.scorer, modes, tuple(args.compile_variants or ())):
+                    line = (f"| {name} | {attn} | {batch} | {row['mode']} | {row['variant']} | "
+                            f"{row['budget_processed']:.1f} | {row['vision_ms']:.1f} | {row['ms']:.1f} | "
+                            f"{row['spread_ms']:.1f} | {row['ttft_ms']:.1f} | {row['latency_ratio']:.3f} | "
+                            f"{row['ttft_ratio']:.3f} | {row['tflops_per_sample']:.4f} | {row['flops_ratio']:.3f} |")
                     print(line, flush=True)
                     lines.append(line)
             del loaded

@@ -4,17 +4,34 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+
+import pytest
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_check_dry_run_writes_its_table(tmp_path):
-    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+def _dry_run(tmp_path, compile: bool) -> str:
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "COMPILE": str(int(compile))}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (tmp_path / "gpu_check_prefill.md").read_text()
+    return (tmp_path / "gpu_check_prefill.md").read_text()
+
+
+def test_gpu_check_dry_run_writes_its_eager_table(tmp_path):
+    table = _dry_run(tmp_path, compile=False)
     for variant in ("unpruned", "adaptinfer_7b_64", "adaptinfer_7b_128", "keep-all"):
-        assert f"| {variant}" in table
-    assert "| tiny | sdpa | 2 |" in table
+        assert f"| eager | {variant}" in table
+    assert "| tiny | sdpa | 2 | eager |" in table and "| compiled |" not in table
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_with_compiled_rows(tmp_path):
+    """The whole script, compiled part included (a few minutes of compiling on a CPU)."""
+    table = _dry_run(tmp_path, compile=True)
+    for variant in ("unpruned", "adaptinfer_7b_64", "adaptinfer_7b_128", "keep-all"):
+        assert f"| eager | {variant}" in table
+        assert f"| compiled | {variant}" in table  # batch 1: every variant compiled, none fell back
+    assert "| tiny | sdpa | 2 | compiled | adaptinfer_7b_64" in table  # the large batch: unpruned and "64"
+    assert "| tiny | sdpa | 2 | eager |" in table
