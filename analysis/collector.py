@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from pruning import scorers
 from vlm.layout import TokenLayout
 from vlm.models import LoadedModel, find_decoder_layers
 from vlm.probe import AttentionProbe, ProbeCall
@@ -55,21 +56,12 @@ def vision_columns(rows: Tensor, layout: TokenLayout) -> Tensor:
     return rows.gather(-1, index)
 
 
-def text_block(rows: Tensor, layout: TokenLayout) -> Tensor:
-    """Text-to-text attention `T[b, h, i, j] = A[text_i, text_j]`, zero outside real text: [B, H, T, K] -> [B, H, T, T]."""
-    b, h, t, _ = rows.shape
-    index = layout.text_index.to(rows.device)[:, None, None, :].expand(b, h, t, t)
-    mask = layout.text_mask.to(rows.device)
-    return rows.gather(-1, index) * (mask[:, None, :, None] & mask[:, None, None, :])
-
-
 def text_prior(rows: Tensor, layout: TokenLayout) -> Tensor:
     """AdaptInfer text weights `w[b, h, j] = sum_i S[i, j]`, `S = T + T^T - diag(T)`: rows [B, H, T, K] -> [B, H, T].
 
-    Equivalently `w(j) = sum_i T[i, j] + sum_i T[j, i] - T[j, j]` over real text tokens i; zero at padding j.
+    `pruning.scorers.text_prior` (the computation the `adaptinfer` scorer uses) on the layout's text tokens.
     """
-    block = text_block(rows, layout)  # [B, H, T, T]
-    return block.sum(-2) + block.sum(-1) - block.diagonal(dim1=-2, dim2=-1)
+    return scorers.text_prior(rows, layout.text_index.to(rows.device), layout.text_mask.to(rows.device))
 
 
 def _row_counts(layout: TokenLayout, device: torch.device) -> Tensor:
@@ -101,8 +93,7 @@ def reduce_adaptinfer(rows: Tensor, layout: TokenLayout, prior: Tensor | None = 
     prompts of different lengths) comparable and does not change the per-layer ranking of vision tokens.
     """
     w = text_prior(rows, layout) if prior is None else prior  # [B, H, T]
-    vis = vision_columns(rows, layout)  # [B, H, T, V]
-    score = torch.einsum("bht,bhtv->bv", w, vis)
+    score = scorers.prior_weighted_vision(rows, w, layout.vision_index.to(rows.device))  # [B, V]
     return score / w.sum(dim=(1, 2)).clamp_min(_EPS)[:, None]
 
 

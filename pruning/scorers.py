@@ -206,13 +206,36 @@ def _rope_keys(layer: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, T
     return _rope(k, cos.expand(b, -1, -1), sin.expand(b, -1, -1))
 
 
+# ------------------------------------------------------------------------- AdaptInfer's text guidance
+def text_prior(attn: Tensor, text_index: Tensor, text_mask: Tensor) -> Tensor:
+    """AdaptInfer's dynamic text guidance, the weight of each text token: attn [B, H, T, K] -> w [B, H, T].
+
+    attn: the text rows' post-softmax attention over all K keys (row t = the token at text_index[:, t]);
+    text_index, text_mask: [B, T]. With T = A[text, text] over real text tokens and S = T + T^T - diag(T),
+    w[b, h, j] = sum_i S[b, h, i, j] = sum_i T[i, j] + sum_i T[j, i] - T[j, j]; zero at padding j.
+    The one computation of the prior: the `adaptinfer` scorer and the collector's reducer (analysis.collector) call it.
+    """
+    pair = text_mask[:, None, :, None] & text_mask[:, None, None, :]  # [B, 1, T, T]
+    zero = torch.zeros((), dtype=attn.dtype, device=attn.device)
+    block = torch.where(pair, _columns(attn, text_index), zero)  # [B, H, T, T]: T[b, h, i, j], zero outside real text
+    return block.sum(-2) + block.sum(-1) - block.diagonal(dim1=-2, dim2=-1)
+
+
+def prior_weighted_vision(attn: Tensor, prior: Tensor, vision_index: Tensor) -> Tensor:
+    """AdaptInfer's vision score s[b, v] = sum_h sum_j w[b, h, j] A[b, h, j, v]: attn [B, H, T, K], prior w
+    [B, H, T] (text_prior), vision_index [B, V] -> [B, V]."""
+    return torch.einsum("bhj,bhjv->bv", prior, _columns(attn, vision_index))
+
+
 # ------------------------------------------------------------------------- scorers
 @register_scorer("adaptinfer", rows="text", options={"text_weight_blend": 1.0})
 def adaptinfer(ctx: ScoringContext, text_weight_blend: float) -> Tensor:
     """AdaptInfer: vision attention of text rows, weighted by each text token's symmetrised text-text attention.
 
-    T = A[text, text]; S = T + T^T - diag(T); optionally S <- (1 - lb) mean(S) + lb S, the mean over the
-    row's heads and valid text pairs; w[b,h,j] = sum_i S[b,h,i,j]; s[b,v] = sum_h sum_j w[b,h,j] A[b,h,j,v].
+    w = text_prior(A) (w[b,h,j] = sum_i S[b,h,i,j], S = T + T^T - diag(T), T = A[text, text]); s = prior_weighted_vision
+    (s[b,v] = sum_h sum_j w[b,h,j] A[b,h,j,v]). With text_weight_blend lb < 1, S <- (1 - lb) mean(S) + lb S on the
+    valid text pairs, the mean over the row's heads and valid pairs: w[j] <- (1 - lb) n mean(S) + lb w[j] (n real text
+    tokens), since the weights sum S over its rows.
     """
     lb = float(text_weight_blend)
     if not 0.0 <= lb <= 1.0:
@@ -224,18 +247,13 @@ def adaptinfer(ctx: ScoringContext, text_weight_blend: float) -> Tensor:
         weight = tt.sum(dim=-2) + tt.sum(dim=-1) - tt.diagonal(dim1=-2, dim2=-1)  # [B, H, T] = sum_i S[b, h, i, j]
         return (weight[..., None] * attn).sum(dim=(1, 2)).gather(1, ctx.vision_index)  # [B, K] -> [B, V]
     attn = _valid_rows(ctx.attn, tm)  # [B, H, T, K], rows are the text tokens
-    pair = tm[:, None, :, None] & tm[:, None, None, :]  # [B, 1, T, T]
-    zero = torch.zeros((), dtype=attn.dtype, device=attn.device)
-    tt = torch.where(pair, _columns(attn, ctx.text_index), zero)  # [B, H, T, T]
-    sym = tt + tt.transpose(-1, -2) - torch.diag_embed(tt.diagonal(dim1=-2, dim2=-1))  # [B, H, T, T]
+    weight = text_prior(attn, ctx.text_index, tm)  # [B, H, T]
     if lb != 1.0:
-        heads = sym.shape[1]
-        n_pairs = (pair.sum(dim=(1, 2, 3)) * heads).clamp(min=1)  # [B]
-        mean = sym.sum(dim=(1, 2, 3)) / n_pairs  # [B]
-        sym = torch.where(pair, (1.0 - lb) * mean[:, None, None, None] + lb * sym, zero)
-    weight = sym.sum(dim=-2)  # [B, H, T]: w[b, h, j] = sum_i S[b, h, i, j]
-    vis = _columns(attn, ctx.vision_index)  # [B, H, T, V]
-    return torch.einsum("bhj,bhjv->bv", weight, vis)
+        n_text = tm.sum(-1).to(weight.dtype)  # [B]
+        mean = weight.sum(dim=(1, 2)) / (n_text * n_text * weight.shape[1]).clamp(min=1)  # [B]: mean of S
+        blended = (1.0 - lb) * (n_text * mean)[:, None, None] + lb * weight  # [B, H, T]
+        weight = torch.where(tm[:, None, :], blended, torch.zeros((), dtype=weight.dtype, device=weight.device))
+    return prior_weighted_vision(attn, weight, ctx.vision_index)
 
 
 @register_scorer("fastv", rows="last")
