@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pruning.benchmark import scale_layers  # noqa: E402
+from pruning.methods import scale_layers  # noqa: E402
 from pruning.engine import PruningEngine  # noqa: E402
 from pruning.flops import prefill_flops  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from analysis.derive import read_front  # noqa: E402
 from pruning import results as res  # noqa: E402
-from pruning.benchmark import CONFIGS_DIR, run_benchmark  # noqa: E402
+from pruning.benchmark import run_benchmark  # noqa: E402
+from pruning.methods import CONFIGS_DIR  # noqa: E402
 
 PEERS = ["adaptinfer", "fastv", "sparsevlm", "pyramiddrop", "visionzip", "random"]
 DERIVED = "adaptinfer_derived"

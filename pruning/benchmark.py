@@ -5,15 +5,9 @@
 method in `methods` (or the `method` group) at every budget in `budgets`; Hydra multirun spreads more models,
 tasks, methods or budgets over jobs, all writing into the same `results_dir` (pruning/results.py).
 
-Methods (configs/method/*.yaml) name a `scorer` and how their schedule is made, `schedule`:
-
-* `none`: no pruning (the `unpruned` baseline; its budget is the model's vision-token count);
-* `allocate`: stage `layers` (given for a `reference_layers`-deep model and scaled to this one by
-  `scale_layers`) with keep counts solved from the run's budget by `pruning.schedule.allocate_keep`
-  (geometric rule) so the schedule's budget in `convention` is within one token of the target;
-* `derived`: the schedule file at `schedule_path` (analysis.derive); used as is when its budget is within one
-  token of the target, else its layers with keep counts re-solved at the target;
-* any other value: a schedule in configs/schedule/ used as is (its own budget; `budgets` does not apply).
+Methods (configs/method/*.yaml) become a schedule, a scorer and its options at each budget through
+`pruning.methods.resolve_method` (none, allocate, derived from a schedule file or a searched front, or a
+configs/schedule preset; see that module).
 
 A budget below what a method's layers allow (every layer up to the first stage sees every vision token) gives a
 row with status `infeasible` and the allowed range in `note`, instead of a silently different budget. That is the
@@ -42,11 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import hydra
 import torch
@@ -57,9 +52,10 @@ from tqdm.auto import tqdm
 from pruning import partials
 from pruning import results as res
 from pruning.compiled import CompileError, check_buckets, check_mode
+from pruning.methods import (CONFIGS_DIR, SCHEDULE_NONE, MethodError, check_method, fixed_budget, load_method,
+                             method_schedule, resolve_method, with_front_entry)
 from pruning.runner import RunOutput, TimingSpec, evaluate
-from pruning.schedule import (BEFORE_LM, CONVENTIONS, BudgetUnreachable, MethodInfeasible, Schedule, ScheduleError,
-                              allocate_keep, read_front, round_half_up)
+from pruning.schedule import CONVENTIONS, BudgetUnreachable, MethodInfeasible, Schedule, ScheduleError, schedule_string
 from pruning.scorers import get_scorer
 from pruning.selectors import get_selector, is_selector
 from vlm.cli import run_main
@@ -69,17 +65,27 @@ from vlm.parallel import WorkerSpec, locked, missing_workers, read_parts, write_
 from vlm.tasks.base import Task, TaskError, VQASample, build_task, data_spec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-METHOD_KEYS = ("name", "scorer", "schedule", "layers", "reference_layers", "positions", "scorer_options",
-               "schedule_path")
-SCHEDULE_NONE, SCHEDULE_ALLOCATE, SCHEDULE_DERIVED = "none", "allocate", "derived"
 ID_DIGITS = 10
 PARALLEL_KEYS = ("workers", "worker")  # how the work was split: never part of a row's identity or config_id
 
 
 class BenchmarkError(UserError, ValueError):
     """A benchmark configuration that cannot run; the message names the setting and what would be right."""
+
+
+def _benchmark_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: a MethodError (an invalid method, pruning.methods) raised by `fn` becomes a BenchmarkError."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except MethodError as err:
+            raise BenchmarkError(str(err)) from None
+
+    return wrapper
 
 
 # -- configuration ----------------------------------------------------------------------------------------------
@@ -90,44 +96,7 @@ def plain(cfg: Any) -> Any:
     return cfg
 
 
-def load_method(name: str, configs_dir: Path = CONFIGS_DIR) -> dict[str, Any]:
-    """The method config configs/method/<name>.yaml as a plain mapping."""
-    path = configs_dir / "method" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (configs_dir / "method").glob("*.yaml"))
-        raise BenchmarkError(f"unknown method {name!r} (no {path}); known methods: {known}")
-    return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=True))
-
-
-def check_method(method: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a method mapping; raise BenchmarkError naming the bad key."""
-    method = dict(method)
-    unknown = sorted(set(method) - set(METHOD_KEYS))
-    if unknown:
-        raise BenchmarkError(f"method {method.get('name')!r}: unknown keys {unknown}; allowed keys are {list(METHOD_KEYS)}")
-    if not method.get("name"):
-        raise BenchmarkError(f"a method needs a `name`, got {method!r}")
-    schedule = method.get("schedule")
-    if not schedule:
-        raise BenchmarkError(
-            f"method {method['name']!r}: `schedule` is missing; use none, allocate, derived or a configs/schedule name"
-        )
-    if schedule != SCHEDULE_NONE and not method.get("scorer"):
-        raise BenchmarkError(f"method {method['name']!r} prunes (schedule={schedule!r}) but names no `scorer`")
-    if schedule == SCHEDULE_ALLOCATE and not method.get("layers"):
-        raise BenchmarkError(f"method {method['name']!r}: schedule=allocate needs `layers` (the stage layers)")
-    if schedule == SCHEDULE_DERIVED and not method.get("schedule_path"):
-        raise BenchmarkError(
-            f"method {method['name']!r}: schedule=derived needs `schedule_path` (a schedule.yaml written by "
-            f"`python -m analysis.derive`): add method.schedule_path=PATH to `method={method['name']}`, or "
-            f"+method_overrides.{method['name']}.schedule_path=PATH when it is one of `methods=[...]`"
-        )
-    options = method.get("scorer_options") or {}
-    if not isinstance(options, Mapping):
-        raise BenchmarkError(f"method {method['name']!r}: scorer_options={options!r} must be a mapping of option: value")
-    return method
-
-
+@_benchmark_errors
 def methods_from_config(cfg: Mapping[str, Any], configs_dir: Path = CONFIGS_DIR) -> list[dict[str, Any]]:
     """The methods of this run: `methods` (names) or the `method` group; `method_overrides[name]` merged on top."""
     names = cfg.get("methods")
@@ -167,114 +136,6 @@ def budgets_from_config(cfg: Mapping[str, Any]) -> list[float]:
     if not out:
         raise BenchmarkError("budgets=[] names no budget; give at least one, e.g. budgets=[192,128]")
     return out
-
-
-# -- schedules --------------------------------------------------------------------------------------------------
-def scale_layers(layers: Sequence[int], num_layers: int, reference_layers: int | None) -> list[int]:
-    """Map stage layers given for a `reference_layers`-deep model onto a `num_layers`-deep one.
-
-    A stage at layer l drops tokens after l + 1 layers have run, so what scales is that number of layers before the
-    drop: l -> round_half_up((l + 1) * num_layers / reference_layers) - 1, clipped to 0..num_layers-2, then each
-    layer raised to one above the previous where needed so the stages stay strictly increasing. The drop then lands
-    at the same fraction of the stack as in the reference (scaling l itself would land it about
-    (1 - num_layers / reference_layers) layers late). Layer -1 (before the LM) stays. With reference_layers None
-    (or equal to num_layers) the layers are used as given. Examples for the reference [1, 10, 20] of 32 layers:
-    8 layers -> [0, 2, 4], 16 -> [0, 5, 10], 40 -> [2, 13, 25].
-    """
-    last = num_layers - 2
-    out: list[int] = []
-    for layer in layers:
-        layer = int(layer)
-        if layer == BEFORE_LM or not reference_layers or reference_layers == num_layers:
-            scaled = layer
-        else:
-            scaled = min(max(round_half_up((layer + 1) * num_layers / reference_layers) - 1, 0), last)
-        if out and scaled <= out[-1]:
-            scaled = out[-1] + 1
-        if scaled > last:
-            raise BenchmarkError(
-                f"stage layers {list(layers)} (for {reference_layers} layers) do not fit a {num_layers}-layer model: "
-                f"scaled to {out + [scaled]}, but stages must lie in {BEFORE_LM} or 0..{last}"
-            )
-        out.append(scaled)
-    return out
-
-
-def schedule_string(schedule: Schedule | None) -> str:
-    """Stages as 'layer:keep' pairs, e.g. '1:133,10:27,20:3' ('' = no pruning)."""
-    if schedule is None:
-        return ""
-    return ",".join(f"{s.layer}:{s.keep}" for s in schedule.stages)
-
-
-def preset_path(name: str, configs_dir: Path = CONFIGS_DIR) -> Path:
-    """The path of the schedule preset configs/schedule/<name>.yaml; BenchmarkError listing the presets if none."""
-    path = configs_dir / "schedule" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (configs_dir / "schedule").glob("*.yaml"))
-        raise BenchmarkError(
-            f"schedule {name!r} is neither none/allocate/derived nor a file in configs/schedule/; known: {known}"
-        )
-    return path
-
-
-def _schedule_file(method: Mapping[str, Any], path: Path, num_layers: int, initial: int) -> Schedule:
-    """The schedule in `path`, checked against the model; any defect is a BenchmarkError naming method and file."""
-    try:
-        return Schedule.from_yaml(path).validate(num_layers=num_layers, initial=initial)
-    except ScheduleError as err:
-        text = str(err)
-        where = "" if str(path) in text else f"schedule file {str(path)!r}: "
-        raise BenchmarkError(f"method {method['name']!r}: {where}{text}") from None
-
-
-def _with_positions(schedule: Schedule, positions: str | None) -> Schedule:
-    return schedule if not positions else dataclasses.replace(schedule, positions=positions)
-
-
-def method_schedule(
-    method: Mapping[str, Any], num_layers: int, initial: int, budget: float, convention: str = "processed",
-    configs_dir: Path = CONFIGS_DIR,
-) -> Schedule:
-    """The schedule a method uses at `budget` on a model with `num_layers` layers and `initial` vision tokens.
-
-    Raises BudgetUnreachable when the budget is out of reach of the method's (valid) stage layers, an infeasible
-    run, and BenchmarkError when the method, its schedule file or a setting is invalid.
-    """
-    if convention not in CONVENTIONS:
-        raise BenchmarkError(f"convention={convention!r} must be one of {list(CONVENTIONS)}")
-    kind = method["schedule"]
-    positions = method.get("positions")
-    name = f"{method['name']}@{budget}"
-    if kind == SCHEDULE_NONE:
-        return Schedule(stages=[], num_layers=num_layers, vision_tokens=initial, name=method["name"])
-    if kind == SCHEDULE_ALLOCATE:
-        layers = scale_layers(method["layers"], num_layers, method.get("reference_layers"))
-        return allocate_keep(layers, num_layers, initial, float(budget), convention, positions=positions or "keep",
-                             name=name)
-    if kind == SCHEDULE_DERIVED:
-        path = Path(str(method["schedule_path"]))
-        if not path.exists():
-            raise BenchmarkError(
-                f"method {method['name']!r}: schedule_path={str(path)!r} does not exist; run "
-                "`python -m analysis.derive input=<records dir> budget=...` first and point schedule_path at its schedule.yaml"
-            )
-        derived = _schedule_file(method, path, num_layers, initial)
-        fitted = dataclasses.replace(derived, num_layers=num_layers, vision_tokens=initial)
-        if abs(fitted.budget(convention=convention) - float(budget)) <= 1.0:
-            return _with_positions(fitted, positions)
-        realloc = allocate_keep(fitted.layers, num_layers, initial, float(budget), convention,
-                                positions=positions or derived.positions, name=name)
-        realloc.provenance = {"derived_from": str(path), "derived_provenance": dict(derived.provenance),
-                              **realloc.provenance}
-        return realloc
-    schedule = _schedule_file(method, preset_path(str(kind), configs_dir), num_layers, initial)
-    return _with_positions(schedule, positions)
-
-
-def fixed_budget(method: Mapping[str, Any]) -> bool:
-    """True for methods whose schedule fixes the budget (a configs/schedule preset, or no pruning)."""
-    return method["schedule"] not in (SCHEDULE_ALLOCATE, SCHEDULE_DERIVED)
 
 
 # -- rows -------------------------------------------------------------------------------------------------------
@@ -461,6 +322,7 @@ def check_results_dir(results_dir: Path) -> Path:
     return results_dir
 
 
+@_benchmark_errors
 def plan_runs(methods: Sequence[Mapping[str, Any]], budgets: Sequence[float], loaded: LoadedModel, convention: str,
               baseline: bool = True) -> list[PlannedRun]:
     """Every (method, budget) of the run in order, the baseline first, each with its schedule resolved.
@@ -487,15 +349,15 @@ def plan_runs(methods: Sequence[Mapping[str, Any]], budgets: Sequence[float], lo
             pairs += [(dict(m), float(b)) for b in budgets]
     runs = []
     for configured, budget in pairs:
-        method = with_front_entry(configured, budget, convention)
         try:
-            schedule = method_schedule(method, n_layers, n_vision, budget, convention)
+            resolved = resolve_method(configured, n_layers, n_vision, budget, convention)
         except BudgetUnreachable as err:
+            method = with_front_entry(configured, budget, convention)  # the front's entry, as the run would use it
             runs.append(PlannedRun(method, budget, None, reason=str(err), configured=configured))
             continue
         except ScheduleError as err:
-            raise BenchmarkError(f"method {method['name']!r} at budget {budget:g}: {err}") from None
-        method = with_searched_options(method, schedule)
+            raise BenchmarkError(f"method {configured['name']!r} at budget {budget:g}: {err}") from None
+        method, schedule = resolved.method, resolved.schedule
         if schedule.stages:
             try:  # the engine's own checks (scorer name and options, stage layers) without attaching anything
                 PruningEngine(loaded.model, schedule, scorer=method.get("scorer"),
@@ -507,38 +369,6 @@ def plan_runs(methods: Sequence[Mapping[str, Any]], budgets: Sequence[float], lo
                 raise BenchmarkError(f"method {method['name']!r}: {str(err).strip(chr(34))}") from None
         runs.append(PlannedRun(method, budget, schedule, configured=configured))
     return runs
-
-
-def with_front_entry(method: dict[str, Any], budget: float, convention: str) -> dict[str, Any]:
-    """A derived method whose `schedule_path` is a derive output directory with a front (analysis.derive
-    rule=search): the method with that budget's schedule file. Other methods come back as they are. BenchmarkError
-    when the front has no schedule for this budget."""
-    path = Path(str(method.get("schedule_path") or ""))
-    if method["schedule"] != SCHEDULE_DERIVED or not path.is_dir():
-        return method
-    try:
-        front = read_front(path)
-    except ScheduleError as err:
-        raise BenchmarkError(f"method {method['name']!r}: schedule_path={str(path)!r} is a directory but {err}") from None
-    match = [e for e in front if e["convention"] == convention and abs(float(e["budget"]) - float(budget)) <= 1.0]
-    if not match:
-        have = sorted({f"{float(e['budget']):g} ({e['convention']})" for e in front})
-        raise BenchmarkError(
-            f"method {method['name']!r}: the front in {str(path)!r} holds schedules for budgets {have}, none for "
-            f"{budget:g} ({convention}); search it with budgets including {budget:g} (python -m analysis.derive "
-            f"rule=search budgets=[...] output={path}) or benchmark the front's budgets"
-        )
-    return {**method, "schedule_path": match[0]["schedule_path"]}
-
-
-def with_searched_options(method: dict[str, Any], schedule: Schedule) -> dict[str, Any]:
-    """A derived method whose schedule file was searched (analysis.derive rule=search) and is used as written: the
-    method with the scorer options the schedule was searched with (`provenance.search.scorer_options`); options set
-    on the method win. Any other method or schedule comes back as it is."""
-    searched = (schedule.provenance.get("search") or {}).get("scorer_options") if schedule.provenance else None
-    if method["schedule"] != SCHEDULE_DERIVED or not isinstance(searched, Mapping):
-        return method
-    return {**method, "scorer_options": {**dict(searched), **dict(method.get("scorer_options") or {})}}
 
 
 def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:

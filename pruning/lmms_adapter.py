@@ -26,9 +26,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pruning.benchmark import CONFIGS_DIR, SCHEDULE_NONE, check_method, load_method, method_schedule
 from pruning.engine import PruningEngine
-from pruning.schedule import Schedule
+from pruning.methods import CONFIGS_DIR, SCHEDULE_NONE, check_method, fixed_budget, load_method, resolve_method
+from pruning.schedule import Schedule, schedule_string
 from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
 from vlm.prompts import encode_batch, format_prompt
@@ -157,14 +157,14 @@ class PrunedLLaVA(_LMMSBase):
         spec = check_method(load_method(str(method)))
         if spec["schedule"] == SCHEDULE_NONE:
             return None, None, {}
-        if budget is None and spec["schedule"] in ("allocate", "derived"):
+        if budget is None and not fixed_budget(spec):
             raise AdapterError(f"method={method!r} needs a budget (mean vision tokens per layer), e.g. budget=64")
-        sched = method_schedule(spec, n_layers, n_vision, float(budget or 0), convention)
-        return sched, scorer or spec["scorer"], {**(spec.get("scorer_options") or {}), **options}
+        resolved = resolve_method(spec, n_layers, n_vision, float(budget or 0), convention)
+        return resolved.schedule, scorer or resolved.scorer, {**resolved.scorer_options, **options}
 
     @property
     def schedule_string(self) -> str:
-        return ",".join(f"{s.layer}:{s.keep}" for s in self.schedule.stages) if self.schedule else "none"
+        return schedule_string(self.schedule) or "none"
 
     # -- lmms-eval properties ------------------------------------------------------------------------------------
     @property

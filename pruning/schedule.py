@@ -493,6 +493,13 @@ def allocate_keep(
     return schedule
 
 
+def schedule_string(schedule: Schedule | None) -> str:
+    """Stages as 'layer:keep' pairs, e.g. '1:133,10:27,20:3' ('' = no pruning)."""
+    if schedule is None:
+        return ""
+    return ",".join(f"{s.layer}:{s.keep}" for s in schedule.stages)
+
+
 def read_front(out_dir: str | Path) -> list[dict[str, Any]]:
     """The front of schedules in a derive output directory (`front.json`, written by `analysis.derive rule=search`):
     per budget {budget, convention, schedule_path, scorer, scorer_options, objective, ...}.

@@ -74,3 +74,24 @@ def tiny_model_cfg(processor_dir: Path, device: str = "cpu") -> dict:
 def toy_data_cfg(limit: int = 4, split: str = "test") -> dict:
     """A data group for the toy task."""
     return {"name": f"{TOY_TASK}_{split}", "task": TOY_TASK, "split": split, "limit": limit}
+
+
+def write_front(front_dir: Path, entries: Sequence[tuple[float, list[int], float]], num_layers: int = 8,
+                vision_tokens: int = 576) -> Path:
+    """A derive output directory with a front (as analysis.derive rule=search writes it), processed convention:
+    per (budget, stage layers, text_weight_blend) an adaptinfer schedule allocated at that budget, searched with
+    that blend; returns front_dir."""
+    import json
+
+    from pruning.schedule import allocate_keep
+
+    front_dir.mkdir(parents=True, exist_ok=True)
+    front = []
+    for budget, layers, blend in entries:
+        schedule = allocate_keep(layers, num_layers, vision_tokens, budget, "processed", name=f"searched@{budget}")
+        schedule.provenance = {"search": {"scorer": "adaptinfer", "scorer_options": {"text_weight_blend": blend}}}
+        schedule.to_yaml(front_dir / f"schedule_{budget}.yaml")
+        front.append({"budget": float(budget), "schedule": f"schedule_{budget}.yaml", "scorer": "adaptinfer",
+                      "scorer_options": {"text_weight_blend": blend}})
+    (front_dir / "front.json").write_text(json.dumps({"convention": "processed", "front": front}))
+    return front_dir

@@ -1,4 +1,4 @@
-"""The benchmark runner: method schedules at a budget, rows per run, no duplicates on rerun, Hydra multirun
+"""The benchmark runner: methods from its config, rows per run, no duplicates on rerun, Hydra multirun
 (basic launcher in process, submitit's local executor in subprocesses) and the launcher configs."""
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pruning import results as res
-from pruning.benchmark import (BenchmarkError, check_method, load_method, method_schedule, methods_from_config,
-                               run_benchmark, scale_layers)
-from pruning.schedule import ScheduleError
-from tests.bench_fixtures import CONFIGS, TOY_TASK, save_processor, tiny_model_cfg, toy_data_cfg
-
-METHOD_NAMES = sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml"))
+from pruning.benchmark import BenchmarkError, methods_from_config, run_benchmark
+from tests.bench_fixtures import CONFIGS, TOY_TASK, save_processor, tiny_model_cfg, toy_data_cfg, write_front
 
 
 @pytest.fixture(scope="module")
@@ -35,78 +31,7 @@ def bench_cfg(processor_dir: Path, results_dir: Path, methods, budgets, limit: i
     return cfg
 
 
-# -- schedules --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("layers, depth, ref, expected", [
-    ([1, 10, 20], 32, 32, [1, 10, 20]),
-    ([1, 10, 20], 8, 32, [0, 2, 4]),
-    ([1, 10, 20], 16, 32, [0, 5, 10]),
-    ([1, 10, 20], 40, 32, [2, 13, 25]),
-    ([2, 6, 15], 8, 32, [0, 1, 3]),
-    ([2, 6, 15], 16, 32, [1, 3, 7]),
-    ([2, 6, 15], 40, 32, [3, 8, 19]),
-    ([8, 16, 24], 8, 32, [1, 3, 5]),
-    ([8, 16, 24], 16, 32, [4, 8, 12]),
-    ([8, 16, 24], 40, 32, [10, 20, 30]),
-    ([1, 2, 3], 4, 32, [0, 1, 2]),  # collisions are pushed up, not merged
-    ([-1], 8, None, [-1]),
-])
-def test_scale_layers(layers, depth, ref, expected):
-    assert scale_layers(layers, depth, ref) == expected
-
-
-@pytest.mark.parametrize("depth", [8, 16, 32, 40])
-@pytest.mark.parametrize("layers", [[1, 10, 20], [2, 6, 15], [8, 16, 24]])
-def test_scaled_drops_land_at_the_reference_fraction_of_the_stack(layers, depth):
-    """The layers that run before each drop are the reference's share of the stack, to the nearest layer."""
-    for ref_layer, layer in zip(layers, scale_layers(layers, depth, 32)):
-        assert abs((layer + 1) / depth - (ref_layer + 1) / 32) <= 0.5 / depth + 1e-9
-
-
-def test_scale_layers_refuses_a_model_too_shallow():
-    with pytest.raises(BenchmarkError, match="do not fit a 3-layer model"):
-        scale_layers([1, 10, 20], 3, 32)
-
-
-@pytest.mark.parametrize("name", METHOD_NAMES)
-def test_every_method_config_is_valid(name):
-    method = load_method(name)
-    if method["schedule"] == "derived":
-        with pytest.raises(BenchmarkError, match="needs `schedule_path`"):
-            check_method(method)
-        method["schedule_path"] = "derive/schedule.yaml"
-    assert check_method(method)["name"] == name
-
-
-@pytest.mark.parametrize("name", ["adaptinfer", "fastv", "sparsevlm", "pyramiddrop", "visionzip", "random"])
-@pytest.mark.parametrize("convention", ["processed", "paper"])
-def test_allocated_methods_meet_the_budget_within_one_token(name, convention):
-    method = load_method(name)
-    schedule = method_schedule(method, 32, 576, 192, convention)
-    assert abs(schedule.budget(32, 576, convention) - 192) <= 1.0
-    if name == "visionzip":
-        assert [s.layer for s in schedule.stages] == [-1] and schedule.stages[0].keep == 192
-
-
-def test_budget_below_the_first_stage_is_infeasible():
-    # PyramidDrop's first stage at layer 8 of 32: 9 layers see all 576 tokens -> processed budget >= 162
-    with pytest.raises(ScheduleError, match="unreachable"):
-        method_schedule(load_method("pyramiddrop"), 32, 576, 64, "processed")
-
-
-def test_derived_method_reuses_or_resolves_its_schedule(tmp_path):
-    from pruning.schedule import allocate_keep
-
-    path = tmp_path / "schedule.yaml"
-    allocate_keep([0, 3, 5], 8, 576, 64, "paper", name="derived").to_yaml(path)
-    method = {**load_method("adaptinfer_derived"), "schedule_path": str(path)}
-    same = method_schedule(method, 8, 576, 64, "paper")
-    assert same.name == "derived"  # within one token: used as written
-    other = method_schedule(method, 8, 576, 192, "paper")
-    assert other.layers == [0, 3, 5] and abs(other.budget(8, 576, "paper") - 192) <= 1.0
-    with pytest.raises(BenchmarkError, match="schedule_path"):
-        method_schedule({**method, "schedule_path": str(tmp_path / "missing.yaml")}, 8, 576, 64, "paper")
-
-
+# -- methods ----------------------------------------------------------------------------------------------------
 def test_methods_from_config_applies_overrides_and_checks_names():
     cfg = {"methods": ["adaptinfer_derived", "fastv"], "method": {},
            "method_overrides": {"adaptinfer_derived": {"schedule_path": "x.yaml"}}}
@@ -365,20 +290,7 @@ def test_unknown_scorer_option_is_refused_before_anything_runs(processor_dir, tm
 def test_a_searched_front_gives_each_budget_its_own_schedule_and_scorer_options(processor_dir, tmp_path):
     """schedule_path may be a derive output directory with a front (rule=search): each budget runs its own searched
     schedule with the scorer options it was searched with, under one label."""
-    import json
-
-    from pruning.schedule import allocate_keep
-
-    front_dir = tmp_path / "front"
-    front_dir.mkdir()
-    entries = []
-    for budget, layers, blend in ((192, [0, 2], 0.5), (160, [0, 3], 0.0)):
-        schedule = allocate_keep(layers, 8, 576, budget, "processed", name=f"searched@{budget}")
-        schedule.provenance = {"search": {"scorer": "adaptinfer", "scorer_options": {"text_weight_blend": blend}}}
-        schedule.to_yaml(front_dir / f"schedule_{budget}.yaml")
-        entries.append({"budget": float(budget), "schedule": f"schedule_{budget}.yaml", "scorer": "adaptinfer",
-                        "scorer_options": {"text_weight_blend": blend}})
-    (front_dir / "front.json").write_text(json.dumps({"convention": "processed", "front": entries}))
+    front_dir = write_front(tmp_path / "front", [(192, [0, 2], 0.5), (160, [0, 3], 0.0)])
     overrides = {"adaptinfer_derived": {"schedule_path": str(front_dir)}}
     cfg = bench_cfg(processor_dir, tmp_path / "r", ["adaptinfer_derived"], [192, 160], limit=2, baseline=False,
                     convention="processed", method_overrides=overrides)

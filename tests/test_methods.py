@@ -401,7 +401,7 @@ def test_benchmark_records_method_infeasible_as_an_infeasible_row(tmp_path):
 
 
 def test_every_method_config_names_a_registered_method():
-    from pruning.benchmark import load_method
+    from pruning.methods import load_method
     from pruning.scorers import available_scorers
     from pruning.selectors import available_selectors
 
