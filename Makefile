@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pruning.demo
+	$(PY) -m pipeline.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

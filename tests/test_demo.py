@@ -1,4 +1,4 @@
-"""`make demo` (pruning.demo): the pipeline on a toy scale (fast), and the real thing end to end (slow)."""
+"""`make demo` (pipeline.demo): the pipeline on a toy scale (fast), and the real thing end to end (slow)."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pruning import demo
+from pipeline import demo
 from pruning import results as res
 from tests.bench_fixtures import save_processor, tiny_model_cfg, toy_data_cfg
 
@@ -58,10 +58,10 @@ def test_demo_pipeline_on_a_toy_scale_and_resume(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_make_demo_end_to_end_under_15_minutes(tmp_path):
-    """`python -m pruning.demo` as `make demo` runs it, on whichever model is present, within 15 minutes."""
+    """`python -m pipeline.demo` as `make demo` runs it, on whichever model is present, within 15 minutes."""
     out = tmp_path / "demo"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pruning.demo", "--out", str(out)], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--out", str(out)], cwd=REPO, capture_output=True,
                           text=True, timeout=20 * 60)
     minutes = (time.perf_counter() - t0) / 60
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""`python -m pruning.demo` (`make demo`): the whole pipeline on the embedded default, end to end.
+"""`python -m pipeline.demo` (`make demo`): the whole pipeline on the embedded default, end to end.
 
 1. collect text-to-vision attention on the shapes calibration split (analysis.collect.run_collect);
 2. search a schedule of up to 3 stages for each benchmark budget (analysis.derive.run_derive, rule=search: the
@@ -29,7 +29,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pruning import results as res
-from pruning.benchmark import CONFIGS_DIR, run_benchmark
+from pruning.benchmark import run_benchmark
+from pruning.methods import CONFIGS_DIR, front_entry
 from pruning.schedule import ScheduleError, read_front
 from vlm.cli import run_main
 from vlm.errors import UserError
@@ -119,10 +120,10 @@ def derive_step(records: Path, out_dir: Path, model: Mapping[str, Any], budgets:
 
     target = out_dir / f"derive_{model['name']}"
     try:
-        have = {float(e["budget"]) for e in read_front(target) if e["convention"] == convention}
+        front = read_front(target)
     except ScheduleError:
-        have = set()
-    if {float(b) for b in budgets} <= have:
+        front = []
+    if all(front_entry(front, b, convention) is not None for b in budgets):  # the benchmark finds each budget's entry
         print(f"derive: reusing the front in {target}")
         return target
     cfg = _compose("derive", [f"input={records}"])
@@ -190,7 +191,7 @@ def run_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: `python -m pruning.demo [--out DIR] [--test-limit N] [--calibration-samples N]`."""
+    """Command line: `python -m pipeline.demo [--out DIR] [--test-limit N] [--calibration-samples N]`."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--test-limit", type=int, default=TEST_LIMIT)
