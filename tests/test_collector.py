@@ -87,6 +87,27 @@ def test_records_equal_hand_computation_from_eager_attention(model4, reducer, de
     assert 0 < float(got.scalars["vision_share"].min()) and float(got.scalars["vision_share"].max()) < 1
 
 
+def test_adaptinfer_records_are_the_scorers_scores_over_the_total_prior(model4):
+    """The collector's AdaptInfer reducer and the `adaptinfer` scorer share one text prior (pruning.scorers.text_prior):
+    a record is the scorer's score divided by the total prior weight, so both rank vision tokens alike."""
+    from analysis.collector import reduce_adaptinfer, text_prior
+    from pruning.scorers import ScoringContext, score
+
+    inputs = make_prompts(N_VISION, LENGTHS, padding_side="left", seed=5)
+    eager = _eager_attentions(model4.model, inputs, pixel_values(3, seed=5))
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], IMAGE_TOKEN_ID)
+    b, h, _, n = eager[0].shape
+    index = layout.text_index[:, None, :, None].expand(b, h, layout.text_index.shape[1], n)
+    for attn in eager:
+        rows = attn.gather(2, index) * layout.text_mask[:, None, :, None]  # [B, H, T, N]: the probe's text rows
+        ctx = ScoringContext(attn=rows, query_index=layout.text_index, query_mask=layout.text_mask,
+                             vision_index=layout.vision_index, text_index=layout.text_index,
+                             text_mask=layout.text_mask, key_mask=layout.valid)
+        scores = score("adaptinfer", ctx)  # [B, V]
+        total = text_prior(rows, layout).sum(dim=(1, 2))  # [B]
+        assert torch.equal(reduce_adaptinfer(rows, layout), scores / total[:, None])
+
+
 def test_reducers_differ_and_outputs_are_unchanged(model4):
     model = model4.model
     inputs = make_prompts(N_VISION, LENGTHS, seed=6)
