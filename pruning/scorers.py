@@ -207,7 +207,7 @@ def _rope_keys(layer: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, T
 
 
 # ------------------------------------------------------------------------- AdaptInfer's text guidance
-def text_prior(attn: Tensor, text_index: Tensor, text_mask: Tensor) -> Tensor:
+def text_prior(attn: Tensor, text_index: Tensor, text_mask: Tensor, full: bool = False) -> Tensor:
     """AdaptInfer's dynamic text guidance, the weight of each text token: attn [B, H, T, K] -> w [B, H, T].
 
     attn: the text rows' post-softmax attention over all K keys (row t = the token at text_index[:, t]);
@@ -215,9 +215,12 @@ def text_prior(attn: Tensor, text_index: Tensor, text_mask: Tensor) -> Tensor:
     w[b, h, j] = sum_i S[b, h, i, j] = sum_i T[i, j] + sum_i T[j, i] - T[j, j]; zero at padding j.
     The one computation of the prior: the `adaptinfer` scorer and the collector's reducer (analysis.collector) call it.
     """
-    pair = text_mask[:, None, :, None] & text_mask[:, None, None, :]  # [B, 1, T, T]
-    zero = torch.zeros((), dtype=attn.dtype, device=attn.device)
-    block = torch.where(pair, _columns(attn, text_index), zero)  # [B, H, T, T]: T[b, h, i, j], zero outside real text
+    if full:  # the caller knows on the host that text_mask is all True: no masking ops
+        block = _columns(attn, text_index)
+    else:
+        pair = text_mask[:, None, :, None] & text_mask[:, None, None, :]  # [B, 1, T, T]
+        zero = torch.zeros((), dtype=attn.dtype, device=attn.device)
+        block = torch.where(pair, _columns(attn, text_index), zero)  # [B, H, T, T]: T[b, h, i, j], 0 outside real text
     return block.sum(-2) + block.sum(-1) - block.diagonal(dim1=-2, dim2=-1)
 
 
@@ -241,10 +244,9 @@ def adaptinfer(ctx: ScoringContext, text_weight_blend: float) -> Tensor:
     if not 0.0 <= lb <= 1.0:
         raise ValueError(f"text_weight_blend = {text_weight_blend!r}: must lie in [0, 1]")
     tm = ctx.text_mask  # [B, T]
-    if lb == 1.0 and ctx.text_full:  # no filler rows or columns: w_j = column sum + row sum - diagonal of T
+    if lb == 1.0 and ctx.text_full:  # no filler rows or columns (known on the host): the same sums in fewer ops
         attn = ctx.attn.float()
-        tt = _columns(attn, ctx.text_index)  # [B, H, T, T]
-        weight = tt.sum(dim=-2) + tt.sum(dim=-1) - tt.diagonal(dim1=-2, dim2=-1)  # [B, H, T] = sum_i S[b, h, i, j]
+        weight = text_prior(attn, ctx.text_index, tm, full=True)  # [B, H, T]
         return (weight[..., None] * attn).sum(dim=(1, 2)).gather(1, ctx.vision_index)  # [B, K] -> [B, V]
     attn = _valid_rows(ctx.attn, tm)  # [B, H, T, K], rows are the text tokens
     weight = text_prior(attn, ctx.text_index, tm)  # [B, H, T]
