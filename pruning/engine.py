@@ -77,7 +77,8 @@ class _RowState:
     pending: Tensor | None = None  # [B, N''] keep-index into the current sequence, applied at the next layer
     pending_vision: int = 0  # vision tokens left once `pending` is applied
     pending_merge: tuple | None = None  # (dropped positions [B, n], their scores [B, n], merged count, kept [B, k'])
-    slice_key: tuple | None = None  # identity of the inputs `sliced` was made from
+    slice_idx: Tensor | None = None  # the cur_idx `sliced` was made for
+    slice_src: tuple | None = None  # the layer inputs (mask, position ids, cache position, RoPE tables) it was made from
     sliced: dict[str, Any] | None = None  # the layer kwargs sliced to `cur_idx`, shared by the layers between stages
 
 
@@ -145,6 +146,7 @@ class PruningEngine:
         self._probe: AttentionProbe | None = None
         self._state: _RowState | None = None
         self._layer_cols: list[Tensor | None] = [None] * self.num_layers  # original columns each layer's cache holds
+        self._layer_vision: list[int] = [0] * self.num_layers  # vision tokens each layer processed
         self._dropped: list[Tensor | None] = [None] * self.num_layers  # [B, 1] tokens dropped before each layer
         self._capture: VisionCapture | None = None
         self._stage_input: tuple[Tensor, Any] | None = None  # (input hidden, (cos, sin)) of a "none"-rows stage layer
@@ -230,17 +232,30 @@ class PruningEngine:
         self._generators = row_generators(input_ids, kwargs.get("attention_mask"), pixels, self.seed) \
             if self.seeded else None
         self._layer_cols = [None] * self.num_layers
+        self._layer_vision = [0] * self.num_layers
         self._dropped = [None] * self.num_layers
         self.record = PrefillRecord(batch_size=batch)
         self._keep_counts = self.schedule.keep_counts(layout.num_vision)
 
     # -- per layer -------------------------------------------------------------------------------------
     def _make_layer_hook(self, index: int):
+        stages = set(self.stage_layers)
+        special = index in (0, self.num_layers - 1) or index in stages or (index - 1) in stages
+
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if self._decoding:
                 return self._decode_step(index, args, kwargs)
-            if self._state is None:
+            st = self._state
+            if st is None:
                 return None
+            if not special:  # a layer between stages: the slices of the stage's first layer, in place, or nothing
+                self._layer_cols[index] = st.cur_idx
+                self._layer_vision[index] = st.n_vision
+                if st.sliced is None:
+                    return None
+                if _same_objects(st.slice_src, _slice_sources(kwargs)):
+                    kwargs.update(st.sliced)  # the dict forward receives: nothing else to build
+                    return None
             hidden = args[0] if args else kwargs["hidden_states"]
             return self._prefill_step(index, module, hidden, args, kwargs)
 
@@ -278,8 +293,7 @@ class PruningEngine:
             st.pending = None
         n_cur = st.cur_idx.shape[1]
         self._layer_cols[index] = st.cur_idx
-        self.record.tokens_per_layer.append(n_cur)
-        self.record.vision_per_layer.append(st.n_vision)
+        self._layer_vision[index] = st.n_vision
         if n_cur != st.layout.seq_len:
             kwargs = self._sliced_kwargs(kwargs, st, hidden)
         if self.rows_kind == "none" and not self.is_selector and index in self.stage_layers:
@@ -295,13 +309,11 @@ class PruningEngine:
     def _sliced_kwargs(self, kwargs: dict, st: _RowState, hidden: Tensor) -> dict:
         """`_slice_kwargs`, computed once for the layers between two stages: they receive the same position
         ids, RoPE tables and mask objects from the model (checked by identity), so their slices are the same."""
-        pe = kwargs.get("position_embeddings")
-        key = (id(st.cur_idx), id(kwargs.get("attention_mask")), id(kwargs.get("position_ids")),
-               id(kwargs.get("cache_position")), tuple(map(id, pe)) if isinstance(pe, tuple) else id(pe))
-        if st.slice_key != key:
+        src = _slice_sources(kwargs)
+        if st.slice_idx is not st.cur_idx or not _same_objects(st.slice_src, src):
             full = self._slice_kwargs(kwargs, st, hidden)
             st.sliced = {k: full[k] for k in SLICED_KWARGS if k in full}
-            st.slice_key = key
+            st.slice_idx, st.slice_src = st.cur_idx, src
         return {**kwargs, **st.sliced}
 
     def _slice_kwargs(self, kwargs: dict, st: _RowState, hidden: Tensor) -> dict:
@@ -464,6 +476,8 @@ class PruningEngine:
         return hidden
 
     def _finish_record(self) -> None:
+        self.record.tokens_per_layer = [cols.shape[1] for cols in self._layer_cols]
+        self.record.vision_per_layer = list(self._layer_vision)
         tc = self.config.text_config
         self.record.flops = prefill_flops(self.record.tokens_per_layer, tc.hidden_size, tc.intermediate_size)
 
@@ -543,6 +557,18 @@ class _Closer:
 
     def remove(self) -> None:
         self.ctx.__exit__(None, None, None)
+
+
+def _slice_sources(kwargs: dict) -> tuple:
+    """The layer inputs the engine slices (mask, position ids, cache position, RoPE tables), to compare by identity."""
+    pe = kwargs.get("position_embeddings")
+    return (kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs.get("cache_position"),
+            *(pe if isinstance(pe, tuple) else (pe,)))
+
+
+def _same_objects(a: tuple | None, b: tuple) -> bool:
+    """Identity, element by element (`==` on tensors would compare values, on the device)."""
+    return a is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _expand_batch(t: Tensor | None, batch: int) -> Tensor | None:
