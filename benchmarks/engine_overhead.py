@@ -35,6 +35,7 @@ from pruning.schedule import Schedule  # noqa: E402
 from vlm.models import build_random_model  # noqa: E402
 
 IMAGE_TOKEN_ID = 3
+CLOCK = time.perf_counter  # --clock process: this process's CPU time (steadier on a machine shared with other jobs)
 SYSTEM_LEN, TEXT_LEN = 35, 40
 
 
@@ -109,9 +110,9 @@ def time_variants(model, inputs, variants: dict, repeats: int, warmup: int, comp
                         from pruning.compiled import compiled_prefill
 
                         run.enter_context(compiled_prefill(model))
-                    start = time.perf_counter()
+                    start = CLOCK()
                     model(**inputs)
-                    elapsed = (time.perf_counter() - start) * 1e3
+                    elapsed = (CLOCK() - start) * 1e3
                 if step >= warmup:
                     times[name].append(elapsed)
     return times
@@ -123,8 +124,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time the compiled forward (minutes on a CPU)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="wall (perf_counter) or process (this process's CPU time, steadier on a shared machine)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     torch.set_num_threads(1)
     model = proxy_model(args.layers)
     inputs = proxy_inputs(model)
@@ -135,7 +140,7 @@ def main() -> None:
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"torch {torch.__version__}, 1 thread; LLaVA-1.5 structure, tiny width, {args.layers} layers, batch 1, "
         f"{inputs['input_ids'].shape[1]}-token prompt (16 vision tokens); full forward, median of {args.repeats} "
-        f"interleaved repeats after {args.warmup} warm-up rounds.",
+        f"interleaved repeats after {args.warmup} warm-up rounds, {args.clock} clock.",
         "",
         "| execution | variant | stages (layer:keep) | aten ops | extra ops | host reads | ms | ratio to unpruned |",
         "|---|---|---|---|---|---|---|---|",

@@ -51,8 +51,13 @@ class PrefillRecord:
     stage_picks: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per stage: (cur_idx [B, N'], kept [B, k])
     tokens_per_layer: list[int] = field(default_factory=list)  # sequence length each decoder layer processed
     vision_per_layer: list[int] = field(default_factory=list)  # vision tokens each decoder layer processed
-    flops: int = 0  # analytic FLOPs of the decoder layers for ONE row (4nd^2 + 2n^2d + 3ndm per layer)
     batch_size: int = 0
+    widths: tuple[int, int] = (0, 0)  # (hidden size, intermediate size) of the decoder, for `flops`
+
+    @property
+    def flops(self) -> int:
+        """Analytic FLOPs of the decoder layers for ONE row (4nd^2 + 2n^2d + 3ndm per layer), computed when read."""
+        return prefill_flops(self.tokens_per_layer, *self.widths) if self.tokens_per_layer else 0
 
     @property
     def kept_positions(self) -> list[Tensor]:
@@ -479,7 +484,7 @@ class PruningEngine:
         self.record.tokens_per_layer = [cols.shape[1] for cols in self._layer_cols]
         self.record.vision_per_layer = list(self._layer_vision)
         tc = self.config.text_config
-        self.record.flops = prefill_flops(self.record.tokens_per_layer, tc.hidden_size, tc.intermediate_size)
+        self.record.widths = (tc.hidden_size, tc.intermediate_size)
 
     # -- before the language model: the registered selector -------------------------------------------
     def _before_lm_stage(self, hidden: Tensor) -> Tensor:

@@ -23,14 +23,27 @@ class TokenLayout:
     """
 
     valid: Tensor  # [B, N] bool: real (non-padding) tokens
-    vision_spans: list[list[tuple[int, int]]]  # per row, [start, end) of each contiguous run of image tokens
     vision_index: Tensor  # [B, V] long: positions of the vision tokens, ascending
     text_index: Tensor  # [B, T] long: positions of the text tokens, ascending; filler = last real token
     text_mask: Tensor  # [B, T] bool: True where text_index is a real text token
     last_index: Tensor  # [B] long: position of the last real token (the one that predicts the next)
     vision_mask: Tensor | None = None  # [B, N] bool: True at the vision tokens
     text_full: bool = False  # every entry of text_mask is True (no filler), known on the host
-    _system: tuple | None = field(default=None, repr=False)  # host arrays behind system_index / system_mask
+    _host: dict | None = field(default=None, repr=False)  # host arrays behind the lazily built fields below
+
+    @property
+    def vision_spans(self) -> list[list[tuple[int, int]]]:
+        """Per row, [start, end) of each contiguous run of image tokens."""
+        return [_runs(row.tolist()) for row in self._host["vision_index"]]
+
+    @property
+    def _system(self) -> tuple[np.ndarray, np.ndarray]:
+        host = self._host
+        if "system" not in host:
+            seq = host["valid"].shape[1]
+            first_real = np.where(host["valid"], np.arange(seq), seq).min(-1)
+            host["system"] = _packed_index(host["is_system"], filler=first_real)
+        return host["system"]
 
     @property
     def system_index(self) -> Tensor:
@@ -113,7 +126,6 @@ class TokenLayout:
             )
         positions = np.arange(seq)
         vision_index = np.nonzero(is_image)[1].reshape(batch, n_vision)  # row-major, so ascending per row
-        spans = [_runs(vision_index[row].tolist()) for row in range(batch)]
         last_index = np.where(valid, positions, -1).max(-1)  # [B]
         is_text = valid & (positions > vision_index[:, -1:])
         is_system = valid & (positions < vision_index[:, :1])
@@ -124,8 +136,6 @@ class TokenLayout:
                     "placeholder ('<image>\\n{question}')"
                 )
         text_index, text_mask = _packed_index(is_text, filler=last_index, width=seq - n_vision if static else None)
-        first_real = np.where(valid, positions, seq).min(-1)
-        system_index, system_mask = _packed_index(is_system, filler=first_real)
 
         def dev(a: np.ndarray) -> Tensor:
             t = torch.from_numpy(np.ascontiguousarray(a))
@@ -133,14 +143,13 @@ class TokenLayout:
 
         return cls(
             valid=dev(valid),
-            vision_spans=spans,
             vision_index=dev(vision_index.astype(np.int64)),
             text_index=dev(text_index),
             text_mask=dev(text_mask),
             last_index=dev(last_index.astype(np.int64)),
             vision_mask=dev(is_image),
             text_full=bool(text_mask.all()),
-            _system=(system_index, system_mask),
+            _host={"vision_index": vision_index, "valid": valid, "is_system": is_system},
         )
 
 
