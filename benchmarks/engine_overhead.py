@@ -29,7 +29,9 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from prefill_latency import write_table  # noqa: E402
 from pruning.engine import PruningEngine  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402
 from vlm.models import build_random_model  # noqa: E402
@@ -158,11 +160,7 @@ def main() -> None:
             line = f"| {mode} | {name} | {stages} | {n_ops} | {extra} | {reads} | {ms:.2f} | {ms / base:.3f} |"
             print(line, flush=True)
             lines.append(line)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    write_table(lines, args.out)
 
 
 if __name__ == "__main__":

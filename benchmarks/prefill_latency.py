@@ -266,11 +266,16 @@ def main() -> None:
             del loaded
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    write_table(lines, args.out)
+
+
+def write_table(lines: list[str], out: Path | None) -> None:
+    """Print the markdown lines and, with `out`, write them there (folders made as needed)."""
     text = "\n".join(lines) + "\n"
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
 
 
 if __name__ == "__main__":

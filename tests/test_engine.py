@@ -312,18 +312,16 @@ def test_flops_follow_real_token_counts(model6):
     assert engine.record.tokens_per_layer == [n0, n0] + [n0 - 12] * 4
 
 
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops a forward dispatches, and those that read a device value on the host."""
+def _engine_overhead():
+    """benchmarks/engine_overhead.py as a module: its op counter and the 32-layer batch-1 proxy."""
+    import importlib.util
+    from pathlib import Path
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops = 0
-        self.host_reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        self.host_reads += func.overloadpacket is torch.ops.aten._local_scalar_dense  # .item(), int(), bool()
-        return func(*args, **(kwargs or {}))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_overhead.py"
+    spec = importlib.util.spec_from_file_location("engine_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_engine_work_per_layer_does_not_grow_with_depth():
@@ -335,7 +333,7 @@ def test_engine_work_per_layer_does_not_grow_with_depth():
         inputs = _inputs([9])
         counts = []
         for schedule in (None, _schedule([(0, 8), (1, 4)])):
-            counter = _OpCounter()
+            counter = _engine_overhead().OpCounter()
             with torch.no_grad(), counter:
                 if schedule is None:
                     model(**inputs)
@@ -369,13 +367,7 @@ def test_a_compiled_model_is_refused_not_silently_unpruned(compile_what):
 def test_engine_extra_ops_on_the_batch1_proxy_stay_within_150():
     """Issue 17's budget: on the 32-layer proxy of batch-1 prefill (benchmarks/engine_overhead.py) the engine adds at
     most 150 aten ops to a forward with 3 stages, and reads no tensor value on the host beyond the model's own."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_overhead.py"
-    spec = importlib.util.spec_from_file_location("engine_overhead", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _engine_overhead()
     model = bench.proxy_model(32)
     inputs = bench.proxy_inputs(model)
     plain_ops, plain_reads = bench.count_ops(model, inputs, None)
