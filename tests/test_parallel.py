@@ -71,6 +71,38 @@ def test_parts_are_written_atomically_and_read_back(tmp_path):
     assert read_parts(tmp_path, 3) == {}  # a part of another worker count is not this run's
 
 
+def test_heartbeat_and_peer_watch(tmp_path):
+    """A peer is alive while its beat changes; gone `timeout` s after its last change (killed), at once when its state
+    says it stopped, and `timeout` s after the watch began when it never wrote a status file."""
+    from vlm.parallel import Heartbeat, PeerWatch, read_status
+
+    now = [0.0]
+    watch = PeerWatch(tmp_path, 3, timeout=10.0, clock=lambda: now[0])
+    assert watch.alive(1) and watch.alive(2)  # not started yet: given time
+    beat = Heartbeat(tmp_path, 1, 3, interval=3600, info={"digest": "d"})  # beats only when told (_write)
+    with beat:
+        now[0] = 9.0
+        assert watch.alive(1)  # first seen now
+        now[0] = 18.0
+        beat._write()
+        assert watch.alive(1) and 1 in watch.moved and watch.last[1]["info"] == {"digest": "d"}
+        now[0] = 27.9
+        assert watch.alive(1)
+        now[0] = 28.1
+        assert not watch.alive(1)  # no beat for 10 s: killed
+        assert not watch.alive(2)  # never wrote its file within 10 s of the watch's start
+        beat._write()
+        assert watch.alive(1)  # beats again: back
+        beat.update(scored=3)
+    assert read_status(tmp_path, 1, 3)["state"] == "done" and read_status(tmp_path, 1, 3)["info"]["scored"] == 3
+    assert not watch.alive(1)  # done: no longer doing anything
+    with pytest.raises(RuntimeError):
+        with Heartbeat(tmp_path, 1, 3, interval=3600):
+            raise RuntimeError("boom")
+    assert read_status(tmp_path, 1, 3)["state"] == "failed"
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
 # -- the manifest under concurrent writers --------------------------------------------------------------------------
 def _hammer(run_dir: str, writer: int, shards: int) -> None:
     """Open the store as writer `writer` and add `shards` one-sample shards of ids w<writer>-<k>."""
