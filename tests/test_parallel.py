@@ -1,5 +1,7 @@
 """Data parallelism past one process (vlm.parallel): slicing, config checks, a manifest hammered by concurrent
-writers, N-worker collection == one-worker collection (in-process and as real processes), a killed worker rerun."""
+writers, N-worker collection == one-worker collection (in-process and as real processes), a killed worker rerun;
+the benchmark split the same way; the schedule search over N concurrent workers (the one-worker result, a killed,
+interrupted or absent worker taken over and rerun alone, the candidate store under concurrent appends)."""
 from __future__ import annotations
 
 import json
@@ -389,3 +391,182 @@ def test_a_method_infeasible_on_the_model_gives_one_infeasible_row_in_a_split_ru
     bench.run_benchmark(_bench(bench_processor, tmp_path, workers=2))  # nothing missing: merge only passes
     table = res.read_table(tmp_path)
     assert sorted(zip(table["method"], table["status"])) == [("fastv", res.STATUS_INFEASIBLE), ("unpruned", res.STATUS_OK)]
+
+
+# -- the schedule search over N workers ---------------------------------------------------------------------------
+SEARCH_BUDGETS = (160.0, 128.0)
+SEARCH_SETTINGS = {"objective": "synthetic"}
+
+
+def _search(store_path: Path, team=None, objective=None) -> list[dict]:
+    """The synthetic search of tests/test_search.py at two budgets (the second seeded by the first's best)."""
+    from analysis.search import CandidateStore, ScheduleSearch
+    from tests.test_search import L, V, early_vision_objective
+
+    search = ScheduleSearch(L, V, range(0, L - 1), n_stages=3, max_candidates=40, max_rounds=20)
+    store = CandidateStore(store_path, SEARCH_SETTINGS)
+    out, previous = [], []
+    for budget in SEARCH_BUDGETS:
+        found = search.run(budget, objective or early_vision_objective, extra_seeds=previous, store=store, team=team)
+        previous = [found.best]
+        out.append({"best": found.best.key, "score": found.score, "visited": found.visited, "rounds": found.rounds,
+                    "history": found.history})
+    return json.loads(json.dumps(out))
+
+
+def _search_worker(directory: str, workers: int, worker: int, timeout: float, die_after: int | None = None,
+                   how: str = "kill") -> None:
+    """Worker `worker` of `workers` of the synthetic search in `directory`; `die_after` candidates it scores, it is
+    killed outright (`how="kill"`: no last word in its status file) or interrupted (`how="interrupt"`)."""
+    import time
+
+    from analysis.search_workers import SearchTeam
+    from tests.test_search import early_vision_objective
+
+    d = Path(directory)
+    calls = 0
+
+    def objective(cand):
+        nonlocal calls
+        calls += 1
+        if die_after is not None and calls > die_after:
+            if how == "kill":
+                os._exit(9)
+            raise KeyboardInterrupt
+        time.sleep(0.005)  # let the workers interleave
+        with open(d / f"scored-w{worker}.txt", "a") as fh:
+            fh.write(cand.key + "\n")
+        return early_vision_objective(cand)
+
+    with SearchTeam(WorkerSpec(workers, worker), d / "workers", "digest", timeout=timeout) as team:
+        result = _search(d / "candidates.jsonl", team, objective)
+    (d / f"result-w{worker}.json").write_text(json.dumps(result))
+
+
+def _start_search_workers(directory: Path, workers: int, which, timeout: float, die: dict | None = None) -> list:
+    """Workers `which` of `workers` as processes; `die` maps a worker to its _search_worker death options."""
+    ctx = multiprocessing.get_context("fork")  # no re-import per process; the synthetic objective needs no torch
+    jobs = [ctx.Process(target=_search_worker, args=(str(directory), workers, w, timeout),
+                        kwargs=(die or {}).get(w, {})) for w in which]
+    for job in jobs:
+        job.start()
+    return jobs
+
+
+def _join(jobs, codes=None) -> None:
+    for i, job in enumerate(jobs):
+        job.join(timeout=120)
+        assert job.exitcode == (0 if codes is None else codes[i]), (i, job.exitcode)
+
+
+@pytest.fixture(scope="module")
+def one_worker_search(tmp_path_factory):
+    path = tmp_path_factory.mktemp("search1") / "candidates.jsonl"
+    return _search(path), _store_rows(path)
+
+
+def _store_rows(path: Path) -> dict:
+    from analysis.search import CandidateStore
+
+    return CandidateStore(path, SEARCH_SETTINGS).rows
+
+
+def _assert_same_search(directory: Path, one_worker_search, workers) -> None:
+    result, rows = one_worker_search
+    for w in workers:
+        assert json.loads((directory / f"result-w{w}.json").read_text()) == result, f"worker {w}"
+    shared = _store_rows(directory / "candidates.jsonl")
+    assert {k: r["score"] for k, r in shared.items() if k in rows} == {k: r["score"] for k, r in rows.items()}
+    assert set(rows) <= set(shared)  # plus the candidates of a chunk after its first improvement
+
+    def must_not_score(cand):
+        raise AssertionError(f"{cand.key} was not in the store")
+
+    assert _search(directory / "candidates.jsonl", objective=must_not_score) == result  # the merge: all there
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_search_workers_as_processes_take_the_one_worker_path(one_worker_search, tmp_path, workers):
+    """N concurrent workers over one candidates.jsonl: every worker ends with the one-worker result (best, score,
+    candidates looked at, rounds, history); each scored a share, no candidate twice."""
+    _join(_start_search_workers(tmp_path, workers, range(workers), timeout=60.0))
+    _assert_same_search(tmp_path, one_worker_search, range(workers))
+    lines = (tmp_path / "candidates.jsonl").read_text().splitlines()
+    scored = [len((tmp_path / f"scored-w{w}.txt").read_text().splitlines()) for w in range(workers)]
+    assert all(n > 0 for n in scored) and sum(scored) == len(lines) == len(_store_rows(tmp_path / "candidates.jsonl"))
+    states = [json.loads((tmp_path / "workers" / f"worker-{w}-of-{workers}.json").read_text()) for w in range(workers)]
+    assert [s["state"] for s in states] == ["done"] * workers and [s["info"]["scored"] for s in states] == scored
+
+
+@pytest.mark.parametrize("scenario", ["killed", "interrupted", "never started"])
+def test_a_gone_search_worker_is_taken_over_and_rerun_alone_completes(one_worker_search, tmp_path, scenario):
+    """Worker 1 of 3 is killed outright (its beat stops: taken over after worker_timeout), interrupted (its status
+    says failed: taken over at once) or never starts; the others finish the search, and worker 1 rerun alone
+    replays it from the store to the same result."""
+    import time
+
+    timeout = 60.0 if scenario == "interrupted" else 1.0
+    die = {"killed": {"die_after": 4, "how": "kill"}, "interrupted": {"die_after": 4, "how": "interrupt"}}
+    which = [0, 2] if scenario == "never started" else [0, 1, 2]
+    t0 = time.monotonic()
+    jobs = _start_search_workers(tmp_path, 3, which, timeout, die={1: die.get(scenario, {})})
+    _join(jobs, [9 if scenario == "killed" and w == 1 else 1 if w == 1 else 0 for w in which])
+    assert time.monotonic() - t0 < 30  # an interrupted worker's share was taken over without waiting 60 s
+    statuses = [json.loads((tmp_path / "workers" / f"worker-{w}-of-3.json").read_text()) for w in (0, 2)]
+    assert sum(s["info"]["taken_over"] for s in statuses) > 0
+    if scenario != "never started":
+        assert len((tmp_path / "scored-w1.txt").read_text().splitlines()) == 4  # kept, not rescored
+    _join(_start_search_workers(tmp_path, 3, [1], timeout))
+    _assert_same_search(tmp_path, one_worker_search, range(3))
+
+
+def test_a_killed_search_worker_rerun_while_the_others_wait_joins_in(one_worker_search, tmp_path):
+    """Worker 1 killed outright; rerun before worker_timeout, it resumes from the store: nothing taken over, no
+    candidate scored twice, the one-worker result."""
+    others = _start_search_workers(tmp_path, 3, [0, 2], timeout=60.0)
+    _join(_start_search_workers(tmp_path, 3, [1], 60.0, die={1: {"die_after": 6, "how": "kill"}}), [9])
+    _join(_start_search_workers(tmp_path, 3, [1], timeout=60.0))
+    _join(others)
+    _assert_same_search(tmp_path, one_worker_search, range(3))
+    lines = (tmp_path / "candidates.jsonl").read_text().splitlines()
+    assert len(lines) == len(_store_rows(tmp_path / "candidates.jsonl"))  # nobody scored a candidate twice
+    assert all(json.loads((tmp_path / "workers" / f"worker-{w}-of-3.json").read_text())["info"]["taken_over"] == 0
+               for w in range(3))
+
+
+def test_a_search_worker_with_other_settings_is_an_error(tmp_path):
+    from analysis.search_workers import SearchTeam
+    from vlm.parallel import Heartbeat
+
+    with Heartbeat(tmp_path / "workers", 1, 2, interval=0.02, info={"digest": "other"}):
+        with pytest.raises(ParallelError, match="worker 1 of 2 .* searches with other settings"):
+            with SearchTeam(WorkerSpec(2, 0), tmp_path / "workers", "mine", timeout=30.0) as team:
+                _search(tmp_path / "candidates.jsonl", team)
+    assert json.loads((tmp_path / "workers" / "worker-0-of-2.json").read_text())["state"] == "failed"
+
+
+def _append_rows(path: str, writer: int, n: int) -> None:
+    from analysis.search import Candidate, CandidateStore
+
+    store = CandidateStore(Path(path), SEARCH_SETTINGS)
+    for k in range(n):
+        store.add(100.0, Candidate((1,), (writer * 1000 + k,)), {"objective": float(k)}, 100.0)
+        store.add(100.0, Candidate((2,), (k,)), {"objective": float(writer)}, 100.0)  # the same k by every writer
+
+
+def test_candidate_store_under_concurrent_appends_loses_nothing(tmp_path):
+    """4 processes append to one store at once (after a line cut by a killed writer): every row is there, each
+    line whole, a candidate appended by several writers stored once (the first)."""
+    path = tmp_path / "candidates.jsonl"
+    path.write_text('{"budget": 100.0, "key": "cut by a kill')  # no newline: the next append starts a new line
+    writers, n = 4, 40
+    ctx = multiprocessing.get_context("fork")
+    jobs = [ctx.Process(target=_append_rows, args=(str(path), w, n)) for w in range(writers)]
+    for job in jobs:
+        job.start()
+    _join(jobs)
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith("cut by a kill") and all(json.loads(line) for line in lines[1:])
+    rows = _store_rows(path)
+    assert len(lines) - 1 == len(rows) == writers * n + n
+    assert {k for _, k in rows} >= {f"1:{w * 1000 + k}|b=1" for w in range(writers) for k in range(n)}
