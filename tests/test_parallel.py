@@ -570,3 +570,151 @@ def test_candidate_store_under_concurrent_appends_loses_nothing(tmp_path):
     rows = _store_rows(path)
     assert len(lines) - 1 == len(rows) == writers * n + n
     assert {k for _, k in rows} >= {f"1:{w * 1000 + k}|b=1" for w in range(writers) for k in range(n)}
+
+
+def _front(out: Path) -> dict:
+    """front.json without what depends on the process that wrote it (its own work and time)."""
+    front = json.loads((out / "front.json").read_text())
+    per_process = ("candidates_scored", "seconds")
+    return {"front": [{k: v for k, v in f.items() if k not in per_process} for f in front["front"]],
+            **{k: front[k] for k in ("objective", "calibration", "settings")}}
+
+
+def _schedules(out: Path) -> dict:
+    """Every schedule file of a derive directory, without the provenance of the process that wrote it."""
+    found = {}
+    for path in sorted(out.glob("schedule*.yaml")):
+        schedule = yaml.safe_load(path.read_text())
+        search = schedule["provenance"]["search"]
+        for key in ("seconds", "call", "scored_now"):
+            search.pop(key, None)
+        schedule["provenance"].pop("records", None)
+        found[path.name] = schedule
+    return found
+
+
+def _derive_in_process(cfg: dict) -> None:
+    """run_derive in a forked process, on one thread (as every process of the comparison)."""
+    torch.set_num_threads(1)
+    from analysis.derive import run_derive
+
+    run_derive(cfg)
+
+
+def test_derive_search_workers_as_processes_match_one_worker(tmp_path):
+    """run_derive with workers=3 worker=0,1,2 as three concurrent processes, beside a one-worker run, on a tiny model:
+    the same front, schedules (provenance included, but for each process's own work and time) and candidate
+    scores; worker 1 and 2 write no results; `workers=3` without `worker` then finds everything scored."""
+    from omegaconf import OmegaConf
+
+    from analysis.derive import run_derive
+    from analysis.search import CandidateStore
+    from tests.test_derive import compose_derive
+    from tests.test_search import _collect
+
+    collect_dir, model = _collect(tmp_path, layers=8, n=6)
+    split, single = tmp_path / "split", tmp_path / "single"
+    overrides = [f"input={collect_dir}", "budgets=[12,9]", "n_stages=2", "min_layer=0", "n_calibration=6",
+                 "search.max_candidates=12", "search.batch_size=3", "search.progress=false", "plots.enabled=false",
+                 "detector.token_fraction=0.25"]
+
+    def cfg(*extra: str) -> dict:
+        return {**OmegaConf.to_container(compose_derive([*overrides, *extra])), "model": model}
+
+    ctx = multiprocessing.get_context("fork")  # no re-import of torch per process: the test stays fast
+    jobs = [ctx.Process(target=_derive_in_process, args=(cfg(f"output={single}"),))]
+    jobs += [ctx.Process(target=_derive_in_process, args=(cfg(f"output={split}", "workers=3", f"worker={w}"),))
+             for w in range(3)]
+    for job in jobs:
+        job.start()
+    _join(jobs)
+    assert _front(split) == _front(single) and _schedules(split) == _schedules(single)
+    settings = _settings(single)
+    rows = {k: r["score"] for k, r in CandidateStore(single / "candidates.jsonl", settings).rows.items()}
+    shared = CandidateStore(split / "candidates.jsonl", settings).rows
+    assert rows and {k: shared[k]["score"] for k in rows} == rows
+    states = [json.loads((split / "workers" / f"worker-{w}-of-3.json").read_text()) for w in range(3)]
+    assert [s["state"] for s in states] == ["done"] * 3 and all(s["info"]["scored"] > 0 for s in states)
+    assert sorted(p.name for p in split.glob("schedule*.yaml")) == ["schedule.yaml", "schedule_12.yaml",
+                                                                   "schedule_9.yaml"]
+
+    (split / "front.json").unlink()
+    run_derive(cfg(f"output={split}", "workers=3"))  # no worker: completes the search from the store, writes
+    again = json.loads((split / "front.json").read_text())
+    assert again["candidates_scored_now"] == 0 and again["candidates_from_file"] == len(shared)
+    assert again["workers"] == 3 and _front(split) == _front(single)
+
+
+@pytest.mark.slow
+def test_derive_search_workers_through_the_cli(processor_dir, tmp_path):
+    """`python -m analysis.derive ... workers=3 worker=i` as three concurrent processes (and a one-worker run beside
+    them) on a tiny model: the same front, schedules and candidate scores; then `workers=3` without `worker` finds
+    everything scored and writes the same results."""
+    from omegaconf import OmegaConf
+
+    from analysis.derive import run_derive
+    from analysis.search import CandidateStore
+    from tests.test_derive import compose_derive
+
+    model = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
+    model.update(processor=str(processor_dir), device="cpu")
+    model["arch"]["vision_config"]["image_size"] = 56
+    records = tmp_path / "records"
+    run_collect(_cfg(processor_dir, records, n_samples=6, batch_size=3, shard_size=6) | {"model": model})
+    code = ("import runpy, sys, tests.test_collect_cli; sys.argv[0] = 'analysis/derive.py'; "
+            "runpy.run_module('analysis.derive', run_name='__main__', alter_sys=True)")  # = python -m analysis.derive
+    args = [f"input={records}", "model=tiny", f"model.processor={processor_dir}", "model.device=cpu",
+            "model.arch.vision_config.image_size=56", "budgets=[12,9]", "n_stages=2", "min_layer=0", "n_calibration=6",
+            "search.max_candidates=12", "search.batch_size=3", "search.progress=false", "plots.enabled=false",
+            "detector.token_fraction=0.25"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    split, single = tmp_path / "split", tmp_path / "single"
+    commands = [[*args, f"output={single}"]]
+    commands += [[*args, f"output={split}", "workers=3", f"worker={w}"] for w in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, *c], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(out)
+    assert "worker 1 of 3 done" in outs[2] and "worker 0 writes" in outs[2]
+    assert _front(split) == _front(single) and _schedules(split) == _schedules(single)
+    rows = {k: r["score"] for k, r in CandidateStore(single / "candidates.jsonl", _settings(single)).rows.items()}
+    shared = CandidateStore(split / "candidates.jsonl", _settings(single)).rows
+    assert rows and {k: shared[k]["score"] for k in rows} == rows
+    states = [json.loads((split / "workers" / f"worker-{w}-of-3.json").read_text())["state"] for w in range(3)]
+    assert states == ["done"] * 3
+
+    merged = json.loads((split / "front.json").read_text())
+    (split / "front.json").unlink()
+    cfg = OmegaConf.to_container(compose_derive([*args[:1], *args[5:], f"output={split}", "workers=3"]))
+    run_derive({**cfg, "model": {**model, "processor": str(processor_dir)}})
+    again = json.loads((split / "front.json").read_text())
+    assert again["candidates_scored_now"] == 0 and again["workers"] == 3 and _front(split) == _front(single)
+    assert again["candidates_from_file"] == len(shared) and merged["workers"] == 3
+
+
+def _settings(out: Path) -> dict:
+    """The store settings of a derive directory's candidates.jsonl (its first row's)."""
+    return json.loads((out / "candidates.jsonl").read_text().splitlines()[0])["settings"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["workers=3", "worker=3"], r"worker=3 must be an integer in 0\.\.2"),
+    (["workers=0"], "workers=0 must be an integer >= 1"),
+    (["workers=2", "worker=0", "rule=paper"], "rule=paper takes seconds"),
+    (["workers=2", "worker=0", "output=null"], "workers=2 needs output=DIR"),
+    (["workers=2", "worker=1", "worker_timeout=0"], "worker_timeout=0 must be"),
+])
+def test_bad_derive_worker_settings_are_user_errors_and_write_nothing(tmp_path, overrides, match):
+    from omegaconf import OmegaConf
+
+    from analysis.derive import run_derive
+    from tests.test_derive import compose_derive
+
+    cfg = OmegaConf.to_container(compose_derive([f"input={tmp_path / 'none'}", f"output={tmp_path / 'out'}",
+                                                 *overrides]))
+    with pytest.raises(UserError, match=match):
+        run_derive(cfg)
+    assert not (tmp_path / "out").exists()
