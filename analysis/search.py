@@ -474,4 +474,5 @@ def candidate_layers_from_regions(regions: Sequence[Any], num_layers: int, rule_
 
 
 __all__ = ["BLENDS", "Candidate", "CandidateStore", "ScheduleSearch", "SearchError", "SearchResult", "Team",
-           "budget_of", "candidate_layers_from_regions", "keeps_from_shares", "prefix_cost", "shares_from_keeps", "spans"]
+           "budget_of", "candidate_layers_from_regions", "keeps_from_shares", "prefix_cost", "shares_from_keeps",
+           "spans"]
