@@ -15,7 +15,10 @@ Two rules (`rule=`):
   records' own when it is loadable) and calibration prompts (`calibration=<data preset name>`, default: the
   records' own data; the first `n_calibration` prompts). Writes `schedule.yaml` (the first budget), `schedule_<budget>.yaml` per budget, `front.json`
   (per budget: schedule file, scorer options, objective), `front.png`, and `candidates.jsonl` (every scored
-  candidate, appended as scored: a rerun into the same output resumes). See `search_schedules`.
+  candidate, appended as scored: a rerun into the same output resumes). See `search_schedules`. `workers=N
+  worker=i output=DIR` makes this process one of N that run the search together, at the same time, with the same
+  result (`analysis.search_workers`); worker 0 writes the results, and `workers=N` without `worker` completes the
+  search from the stored scores and writes them.
 * `paper`: the rule below, unchanged (stages around the dense regions, geometric keep counts).
 
 Dense regions (`find_dense_regions`), on the smoothed, normalised density `d[L]`:
@@ -61,13 +64,14 @@ from scipy.signal import find_peaks
 
 from analysis.records import Records, RecordStore
 from analysis.search import (
-    BLENDS, Candidate, CandidateStore, ScheduleSearch, SearchError, SearchResult, budget_of,
+    BLENDS, Candidate, CandidateStore, ScheduleSearch, SearchError, SearchResult, Team, budget_of,
     candidate_layers_from_regions,
 )
 from analysis.shift import ShiftDetector, ShiftResult
 from pruning.schedule import CONVENTIONS, FRONT_FILE, Schedule, ScheduleError, allocate_keep, read_front  # noqa: F401
 from vlm.cli import hydra_run_dir, run_main
 from vlm.errors import UserError
+from vlm.parallel import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -335,12 +339,14 @@ def search_schedules(
     settings: Optional[Mapping[str, Any]] = None,
     objective_info: Optional[Mapping[str, Any]] = None,
     progress: bool = False,
+    team: Optional[Team] = None,
 ) -> list[SearchedSchedule]:
     """Per budget, the schedule minimising `objective(candidate, schedule)["objective"]` (analysis.search).
 
     Candidate stage layers come from the dense regions of `result` (`candidate_layers_from_regions`); the paper
     rule's layers for each stage count seed the search; each budget's search also starts from the previous budget's
-    best. `settings` overrides SEARCH_DEFAULTS; `store` keeps the scores (and makes a rerun resume).
+    best. `settings` overrides SEARCH_DEFAULTS; `store` keeps the scores (and makes a rerun resume); `team`: this
+    process is one of several sharing `store` (analysis.search_workers), with the same result as one alone.
     """
     num_layers, num_vision = _check_analysis(result, num_layers, num_vision, convention)
     n_stages = _check_int("n_stages", n_stages, 1)
@@ -384,14 +390,15 @@ def search_schedules(
             t0 = time.perf_counter()
             try:
                 found = search.run(float(budget), score, seed_layers=seed_layers, extra_seeds=previous, store=store,
-                                   progress=bar)
+                                   progress=bar, team=team)
             except SearchError as exc:
                 raise DeriveError(f"budget {budget}: {exc}") from exc
             previous = [found.best]
             schedule = _candidate_schedule(found.best, num_layers, num_vision, positions,
                                            f"{name or 'searched'}@{budget:g}")
+            looked = set(found.looked_at)  # not the rest of the store: earlier runs', other workers' in vain
             top = [{"layers": r["layers"], "keeps": r["keeps"], "blend": r["blend"], **r["score"]}
-                   for r in store.for_budget(float(budget))[: int(opts["top_n"])]]
+                   for r in store.for_budget(float(budget)) if r["key"] in looked][: int(opts["top_n"])]
             schedule.provenance = _analysis_provenance(
                 result, regions, provenance, stage_layers=list(found.best.layers),
                 derivation={"rule": "search", "budget": float(budget), "convention": convention, "n_stages": n_stages,
@@ -554,6 +561,7 @@ def run_derive(cfg: Any) -> Path:
     if rule not in RULES:
         raise DeriveError(f"rule={rule!r} is not one of {list(RULES)} (search: minimise the fidelity objective; "
                           "paper: the AdaptInfer placement rule with geometric keep counts)")
+    spec = _worker_spec(cfg, rule)
     out_dir = _output_dir(cfg)  # before the long fit, so a missing output fails fast
     store = RecordStore.open(cfg["input"])
     records = store.load()
@@ -584,6 +592,8 @@ def run_derive(cfg: Any) -> Path:
 
         searched = run_search(cfg, result, store.num_layers, store.num_vision, manifest, out_dir, name, provenance,
                               options)
+        if not writes_results(spec):
+            return out_dir
         schedule = searched[0].schedule
         written = [schedule_path] + [out_dir / budget_file(s.budget) for s in searched] + [out_dir / FRONT_FILE]
     schedule.to_yaml(schedule_path)
@@ -600,6 +610,41 @@ def run_derive(cfg: Any) -> Path:
     for path in written[1:]:
         print(f"  {path}")
     return out_dir
+
+
+def _worker_spec(cfg: Mapping[str, Any], rule: str) -> WorkerSpec:
+    """`workers`/`worker` of the config, checked: a split search needs rule=search, a shared `output`, a positive
+    `worker_timeout` and workers that run at the same time (not one after another in Hydra's basic launcher)."""
+    spec = WorkerSpec.from_config(cfg)
+    if spec.workers == 1:
+        return spec
+    if rule != "search":
+        raise DeriveError(f"workers={spec.workers} splits the schedule search; rule={rule} takes seconds in one "
+                          "process: drop workers/worker")
+    if not cfg.get("output"):
+        raise DeriveError(f"workers={spec.workers} needs output=DIR: the directory every worker shares (its "
+                          "candidates.jsonl holds the scores)")
+    timeout = cfg.get("worker_timeout", 120)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise DeriveError(f"worker_timeout={timeout!r} must be a number of seconds > 0 (how long a worker waits "
+                          "for a silent peer before scoring its candidates itself)")
+    if spec.worker is not None and HydraConfig.initialized():
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and "BasicLauncher" in str(hydra_cfg.launcher.get("_target_", "")):
+            raise DeriveError(
+                f"workers={spec.workers} worker=... in a Hydra multirun with the basic launcher runs the workers one "
+                "after another, but the search's workers score each round together: add +launcher=local (or "
+                "+launcher=slurm) to run them at the same time, or start one process per worker"
+            )
+    return spec
+
+
+def writes_results(spec: WorkerSpec) -> bool:
+    """Whether this process writes the derive results: one worker alone, worker 0 of a split search, or the
+    `workers=N` run without `worker` that completes the search from the stored scores."""
+    return spec.worker in (0, None)
 
 
 def budget_file(budget: float) -> str:

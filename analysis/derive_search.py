@@ -3,10 +3,13 @@
 Kept apart from analysis/derive.py because it loads a model; `rule=paper` never imports it.
 Writes into the output directory: `schedule_<budget>.yaml` per budget, `front.json`, `front.png`,
 `candidates.jsonl` (appended as each candidate is scored; a rerun with the same settings resumes from it) and
-`reference.pt` (the unpruned answer distribution on the calibration prompts).
+`reference.pt` (the unpruned answer distribution on the calibration prompts). With `workers=N worker=i` this process
+is one of N sharing the search (`analysis.search_workers`, status files in `workers/`); only worker 0 (or the
+`workers=N` run without `worker`) writes the schedules and the front.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -21,6 +24,7 @@ from analysis.objective import OBJECTIVE_DOC, OBJECTIVE_NAME, Calibration, calib
 from analysis.search import Candidate, CandidateStore
 from analysis.shift import ShiftResult
 from pruning.schedule import CONVENTIONS, Schedule
+from vlm.parallel import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -83,33 +87,47 @@ def run_search(cfg: Mapping[str, Any], result: ShiftResult, num_layers: int, num
     n_cal = int(cfg.get("n_calibration") or 256)
     convention = options.get("convention", "processed")
     positions = options.get("positions", "keep")
+    spec = WorkerSpec.from_config(cfg)
+    team = None
+    if spec.workers > 1 and spec.worker is not None:  # one of several workers sharing out_dir
+        from analysis.search_workers import WORKERS_DIR, SearchTeam, settings_digest
+
+        team = SearchTeam(spec, out_dir / WORKERS_DIR, settings_digest(cfg),
+                          timeout=float(cfg.get("worker_timeout", 120)))
     t0 = time.perf_counter()
-    loaded = load_from_config(_model_cfg(cfg, manifest))
-    if loaded.num_layers != num_layers or loaded.vision_tokens_per_image != num_vision:
-        raise DeriveError(f"the model has {loaded.num_layers} layers and {loaded.vision_tokens_per_image} vision "
-                          f"tokens, the records {num_layers} and {num_vision}: pass the records' model")
-    samples = calibration_samples(data, n_cal)
-    calibration = Calibration(loaded, samples, batch_size=int(settings["batch_size"]), cache_dir=out_dir,
-                              max_cached_layers=int(settings["max_cached_layers"]),
-                              mismatch_weight=float(settings["mismatch_weight"]), progress=bool(settings["progress"]))
-    cal_info = {"data": _jsonable(data), **calibration.identity()}
-    store_settings = {"objective": OBJECTIVE_NAME, "mismatch_weight": settings["mismatch_weight"],
-                      "calibration": cal_info, "convention": convention, "positions": positions,
-                      "scorer": SEARCH_SCORER}
-    store = CandidateStore(out_dir / CANDIDATES_FILE, store_settings)
-    resumed = len(store.rows)
+    with team if team is not None else contextlib.nullcontext():  # peers see this worker alive from here on
+        loaded = load_from_config(_model_cfg(cfg, manifest))
+        if loaded.num_layers != num_layers or loaded.vision_tokens_per_image != num_vision:
+            raise DeriveError(f"the model has {loaded.num_layers} layers and {loaded.vision_tokens_per_image} vision "
+                              f"tokens, the records {num_layers} and {num_vision}: pass the records' model")
+        samples = calibration_samples(data, n_cal)
+        calibration = Calibration(loaded, samples, batch_size=int(settings["batch_size"]), cache_dir=out_dir,
+                                  max_cached_layers=int(settings["max_cached_layers"]),
+                                  mismatch_weight=float(settings["mismatch_weight"]),
+                                  progress=bool(settings["progress"]))
+        cal_info = {"data": _jsonable(data), **calibration.identity()}
+        store_settings = {"objective": OBJECTIVE_NAME, "mismatch_weight": settings["mismatch_weight"],
+                          "calibration": cal_info, "convention": convention, "positions": positions,
+                          "scorer": SEARCH_SCORER}
+        store = CandidateStore(out_dir / CANDIDATES_FILE, store_settings)
+        resumed = len(store.rows)
 
-    def objective(cand: Candidate, schedule: Schedule) -> Mapping[str, Any]:
-        return calibration.fidelity(schedule, SEARCH_SCORER, cand.scorer_options()).as_dict()
+        def objective(cand: Candidate, schedule: Schedule) -> Mapping[str, Any]:
+            return calibration.fidelity(schedule, SEARCH_SCORER, cand.scorer_options()).as_dict()
 
-    searched = search_schedules(
-        result, budgets, objective, n_stages=cfg["n_stages"], num_layers=num_layers, num_vision=num_vision,
-        name=name, provenance={**dict(provenance), "calibration": cal_info}, store=store,
-        settings={k: v for k, v in settings.items() if k in SEARCH_DEFAULTS},
-        objective_info={"objective": OBJECTIVE_NAME, "definition": OBJECTIVE_DOC,
-                        "mismatch_weight": settings["mismatch_weight"]},
-        progress=bool(settings["progress"]), **options,
-    )
+        searched = search_schedules(
+            result, budgets, objective, n_stages=cfg["n_stages"], num_layers=num_layers, num_vision=num_vision,
+            name=name, provenance={**dict(provenance), "calibration": cal_info}, store=store,
+            settings={k: v for k, v in settings.items() if k in SEARCH_DEFAULTS},
+            objective_info={"objective": OBJECTIVE_NAME, "definition": OBJECTIVE_DOC,
+                            "mismatch_weight": settings["mismatch_weight"]},
+            progress=bool(settings["progress"]), team=team, **options,
+        )
+    if team is not None and spec.worker != 0:
+        print(f"search: {team} done in {time.perf_counter() - t0:.0f} s, {team.scored} candidates scored here "
+              f"({team.taken_over} of them other workers'); worker 0 writes the schedules and front.json into "
+              f"{out_dir}")
+        return searched
     seconds = time.perf_counter() - t0
     passes = calibration.counter.as_dict()
     for s in searched:
@@ -124,7 +142,8 @@ def run_search(cfg: Mapping[str, Any], result: ShiftResult, num_layers: int, num
     summary = {"objective": OBJECTIVE_NAME, "definition": OBJECTIVE_DOC, "convention": convention, "front": front,
                "calibration": cal_info, "passes": passes, "seconds": round(seconds, 1),
                "candidates_scored_now": sum(s.search.scored for s in searched),
-               "candidates_from_file": resumed, "settings": {k: v for k, v in settings.items() if k != "progress"}}
+               "candidates_from_file": resumed, "settings": {k: v for k, v in settings.items() if k != "progress"},
+               "workers": spec.workers}
     (out_dir / FRONT_FILE).write_text(json.dumps(_jsonable(summary), indent=1))
     rows = [{"budget_achieved": r["budget_achieved"], "objective": r["score"]["objective"],
              "n_stages": len(r["layers"])} for r in store.rows.values()]

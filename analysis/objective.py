@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from pruning.engine import PruningEngine
 from pruning.schedule import Schedule
 from vlm.models import LoadedModel
+from vlm.parallel import atomic_write, locked
 from vlm.prompts import encode_batch
 from vlm.tasks.base import VQASample
 
@@ -171,25 +172,31 @@ class Calibration:
         return {"model": self.loaded.name, "source": str(self.loaded.source), "n": self.n, "sample_ids_sha256": digest}
 
     def _reference(self, cache_dir: Optional[Path], progress: bool) -> list[Tensor]:
-        """Unpruned log-probs at the answer position per batch, from cache_dir/reference.pt when it matches."""
-        path = Path(cache_dir) / REFERENCE_FILE if cache_dir is not None else None
+        """Unpruned log-probs at the answer position per batch, from cache_dir/reference.pt when it matches.
+
+        The file is read or made under a file lock, so the workers of a split search compute it once between them.
+        """
+        if cache_dir is None:
+            return self._compute_reference(progress)
+        path = Path(cache_dir) / REFERENCE_FILE
         ident = self.identity()
-        if path is not None and path.is_file():
-            stored = torch.load(path, map_location="cpu")
-            if stored.get("identity") == ident:
-                return [t.to(self.loaded.device) for t in stored["logp"]]
-            log.info("%s was made for %s, not %s: recomputing", path, stored.get("identity"), ident)
+        with locked(path):
+            if path.is_file():
+                stored = torch.load(path, map_location="cpu")
+                if stored.get("identity") == ident:
+                    return [t.to(self.loaded.device) for t in stored["logp"]]
+                log.info("%s was made for %s, not %s: recomputing", path, stored.get("identity"), ident)
+            out = self._compute_reference(progress)
+            atomic_write(path, lambda tmp: torch.save({"identity": ident, "logp": [t.cpu() for t in out]}, tmp))
+        return out
+
+    def _compute_reference(self, progress: bool) -> list[Tensor]:
         out = []
         with torch.inference_mode():
             for inputs in self._progress(self.batches, progress, "reference"):
                 logits = self.model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
                 self._count(inputs, [self.num_layers])
                 out.append(torch.log_softmax(logits.float(), dim=-1))
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"identity": ident, "logp": [t.cpu() for t in out]}, tmp)
-            tmp.replace(path)
         return out
 
     @staticmethod

@@ -24,6 +24,14 @@ Every candidate is scored at most once: scores are kept in a `CandidateStore` (a
 candidate is scored), so a search interrupted and rerun over the same file skips what it already scored and,
 being deterministic, reaches the same result.
 
+Several processes (`team`, analysis/search_workers.py): each runs this same search over one shared store; before
+the search looks at candidates, the team scores them together: all the seeds at once, then the neighbours in
+their order, in chunks holding up to `workers` candidates the team has not scored yet. The search then reads the
+scores in its usual order and moves exactly as one process would (first improvement; the rest of a chunk after
+the improving neighbour was scored in vain and stays in the store). `max_candidates` counts the candidates looked
+at in that order, as with one process, so the moves, the count and the result are the same; with N workers, up
+to N - 1 more candidates a round are scored.
+
 Pass count: each scored candidate costs one pass over the calibration set from its first stage layer on (plus, once
 per first-stage layer, the unpruned prefix that fills the hidden-state cache). With s stages at most n_stages, the
 neighbourhood has at most `(|blends| - 1) + 2 s + s (s - 1) + s + (s + 1)` members, so one budget scores at most
@@ -36,11 +44,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from pruning.schedule import CONVENTIONS, Schedule, ScheduleError, Stage, allocate_keep, round_half_up
+from vlm.parallel import locked
 
 log = logging.getLogger(__name__)
 
@@ -133,37 +143,67 @@ class CandidateStore:
 
     Each line: {"budget", "key", "layers", "keeps", "blend", "budget_achieved", "score": {...}, "settings"}. Lines
     from other `settings` (objective, calibration data, model) are ignored, so one file never mixes objectives.
+    Several processes may share the file (the workers of one search): appends happen under a file lock
+    (`vlm.parallel.locked`), each one whole line; `refresh` reads what the others appended; a line cut by a killed
+    writer is skipped (the next append starts a new line). A candidate stored twice keeps its first line.
     """
 
     def __init__(self, path: Optional[Path] = None, settings: Optional[Mapping[str, Any]] = None) -> None:
         self.path = Path(path) if path is not None else None
         self.settings = json.loads(json.dumps(dict(settings or {}), sort_keys=True, default=str))
         self.rows: dict[tuple[float, str], dict[str, Any]] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by an interruption
-                    continue
-                if row.get("settings") == self.settings:
-                    self.rows[(float(row["budget"]), row["key"])] = row
+        self._offset = 0  # bytes of the file read so far (whole lines only)
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Read the lines appended to the file since the last read (by this or another process); returns how many
+        rows of these settings were new."""
+        if self.path is None or not self.path.is_file():
+            return 0
+        with self.path.open("rb") as fh:
+            fh.seek(self._offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # a last line without its newline is still being written (or was cut)
+        self._offset += end
+        new = 0
+        for line in data[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):  # a line cut by an interruption
+                continue
+            if isinstance(row, dict) and row.get("settings") == self.settings:
+                key = (float(row["budget"]), row["key"])
+                if key not in self.rows:
+                    self.rows[key] = row
+                    new += 1
+        return new
 
     def get(self, budget: float, candidate: Candidate) -> Optional[dict[str, Any]]:
         """The stored row of `candidate` at `budget`, or None."""
         return self.rows.get((float(budget), candidate.key))
 
     def add(self, budget: float, candidate: Candidate, score: Mapping[str, Any], achieved: float) -> dict[str, Any]:
-        """Store a scored candidate (and append it to the file)."""
+        """Store a scored candidate (and append it to the file); the row already stored when another process
+        stored it first."""
         row = {"budget": float(budget), "key": candidate.key, "layers": list(candidate.layers),
                "keeps": list(candidate.keeps), "blend": candidate.blend, "budget_achieved": round(achieved, 4),
                "score": dict(score), "settings": self.settings}
-        self.rows[(float(budget), candidate.key)] = row
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
+        if self.path is None:
+            self.rows[(float(budget), candidate.key)] = row
+            return row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with locked(self.path):
+            self.refresh()
+            stored = self.get(budget, candidate)
+            if stored is not None:
+                return stored
+            with self.path.open("ab") as fh:
+                # a writer killed mid-line left bytes without a newline: start a new line
+                cut = os.fstat(fh.fileno()).st_size > self._offset
+                fh.write((b"\n" if cut else b"") + json.dumps(row).encode() + b"\n")
                 fh.flush()
-        return row
+            self.refresh()
+        return self.get(budget, candidate) or row
 
     def for_budget(self, budget: float) -> list[dict[str, Any]]:
         """Rows at `budget`, best objective first."""
@@ -186,6 +226,7 @@ class SearchResult:
     visited: int  # candidates looked at (scored now or found in the store)
     rounds: int
     history: list[dict[str, Any]] = field(default_factory=list)  # incumbent after each round
+    looked_at: list[str] = field(default_factory=list)  # keys of the candidates looked at, first look first
 
 
 class ScheduleSearch:
@@ -312,28 +353,59 @@ class ScheduleSearch:
     # the loop -----------------------------------------------------------------------------------------------------
     def run(self, budget: float, objective: Objective, *, seed_layers: Mapping[int, Sequence[int]] | None = None,
             extra_seeds: Iterable[Candidate] = (), store: Optional[CandidateStore] = None,
-            progress: Any = None) -> SearchResult:
-        """Search at `budget`; `store` holds (and receives) scores; `progress` (a tqdm bar) is updated per scoring."""
+            progress: Any = None, team: Optional["Team"] = None) -> SearchResult:
+        """Search at `budget`; `store` holds (and receives) scores; `progress` (a tqdm bar) is updated per scoring.
+
+        `team` (one of several processes sharing `store`, see `Team`): the candidates the search is about to look
+        at are scored by the team first (the seeds at once, then each round's neighbours in chunks of up to
+        `team.workers` not yet scored, in their order); the search then reads them from the store, so it takes the
+        same moves, and returns the same result, as one process alone.
+        """
         store = store if store is not None else CandidateStore()
         scored = visited = 0
+        known: set[str] = set()  # keys the team has scored at this budget (the same set in every worker)
+        looked: dict[str, None] = {}  # keys looked at, in order
+
+        def score_here(cand: Candidate) -> dict[str, Any]:
+            nonlocal scored
+            result = dict(objective(cand))
+            if "objective" not in result or not math.isfinite(float(result["objective"])):
+                raise SearchError(f"the objective returned {result} for {cand.key}; it needs a finite 'objective'")
+            row = store.add(budget, cand, result, budget_of(cand, self.num_layers, self.num_vision, self.convention))
+            scored += 1
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix_str(f"budget {budget:g} best so far {best_value:.4f}")
+            return row
 
         def score(cand: Candidate) -> float:
-            nonlocal scored, visited
+            nonlocal visited
             visited += 1
+            if cand.key not in looked:
+                looked[cand.key] = None
             row = store.get(budget, cand)
             if row is None:
-                result = dict(objective(cand))
-                if "objective" not in result or not math.isfinite(float(result["objective"])):
-                    raise SearchError(f"the objective returned {result} for {cand.key}; it needs a finite 'objective'")
-                row = store.add(budget, cand, result, budget_of(cand, self.num_layers, self.num_vision, self.convention))
-                scored += 1
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix_str(f"budget {budget:g} best so far {best_value:.4f}")
+                row = score_here(cand)
             return float(row["score"]["objective"])
 
         def spent() -> bool:
             return visited >= self.max_candidates
+
+        def prefetch(cands: Sequence[Candidate], start: int, chunk: Optional[int]) -> int:
+            """Have the team score cands[start:end] (end returned): the ones looked at next in this order, within
+            max_candidates, holding at most `chunk` (None: any number) candidates the team has not scored."""
+            if team is None:
+                return len(cands)
+            end, new = start, []
+            room = self.max_candidates - visited
+            while end < len(cands) and end - start < room and (chunk is None or len(new) < chunk):
+                if cands[end].key not in known:
+                    known.add(cands[end].key)
+                    new.append(cands[end])
+                end += 1
+            if new:
+                team.score(store, budget, new, score_here)
+            return end
 
         seeds = self.seed_candidates(budget, seed_layers or {}, extra_seeds)
         if not seeds:
@@ -343,6 +415,7 @@ class ScheduleSearch:
                 f"lowest reachable budget is {prefix_cost(self.candidate_layers[:1], self.num_vision, self.convention) / self.num_layers:.1f}"
             )
         best, best_value = seeds[0], math.inf
+        prefetch(seeds, 0, None)
         for cand in seeds:
             if spent():
                 break
@@ -354,9 +427,13 @@ class ScheduleSearch:
         while rounds < self.max_rounds and not spent():
             rounds += 1
             improved = False
-            for nb in self.neighbours(best, budget, step):
+            neighbours = self.neighbours(best, budget, step)
+            ready = 0  # neighbours[:ready] are in the store
+            for i, nb in enumerate(neighbours):
                 if spent():
                     break
+                if i >= ready:
+                    ready = prefetch(neighbours, i, team.workers if team is not None else None)
                 value = score(nb)
                 if value < best_value - 1e-12:  # first improvement: move there and look around it
                     best, best_value, improved = nb, value, True
@@ -367,7 +444,18 @@ class ScheduleSearch:
                     break
                 step /= 2
         return SearchResult(budget=float(budget), best=best, score=dict(store.get(budget, best)["score"]),
-                            scored=scored, visited=visited, rounds=rounds, history=history)
+                            scored=scored, visited=visited, rounds=rounds, history=history, looked_at=list(looked))
+
+
+class Team(Protocol):
+    """One of `workers` processes that search together over one shared `CandidateStore` (analysis.search_workers)."""
+
+    workers: int
+
+    def score(self, store: CandidateStore, budget: float, candidates: Sequence[Candidate],
+              score_here: Callable[[Candidate], Mapping[str, Any]]) -> None:
+        """Return once every one of `candidates` (the same list in every worker) is in `store`, having scored
+        this worker's share with `score_here` (and any share whose worker is gone)."""
 
 
 def candidate_layers_from_regions(regions: Sequence[Any], num_layers: int, rule_layers: Iterable[int] = (),
@@ -385,5 +473,6 @@ def candidate_layers_from_regions(regions: Sequence[Any], num_layers: int, rule_
     return out if len(out) >= 2 else list(range(lo, hi + 1))
 
 
-__all__ = ["BLENDS", "Candidate", "CandidateStore", "ScheduleSearch", "SearchError", "SearchResult", "budget_of",
-           "candidate_layers_from_regions", "keeps_from_shares", "prefix_cost", "shares_from_keeps", "spans"]
+__all__ = ["BLENDS", "Candidate", "CandidateStore", "ScheduleSearch", "SearchError", "SearchResult", "Team",
+           "budget_of", "candidate_layers_from_regions", "keeps_from_shares", "prefix_cost", "shares_from_keeps",
+           "spans"]

@@ -1,5 +1,7 @@
 """Data parallelism past one process (vlm.parallel): slicing, config checks, a manifest hammered by concurrent
-writers, N-worker collection == one-worker collection (in-process and as real processes), a killed worker rerun."""
+writers, N-worker collection == one-worker collection (in-process and as real processes), a killed worker rerun;
+the benchmark split the same way; the schedule search over N concurrent workers (the one-worker result, a killed,
+interrupted or absent worker taken over and rerun alone, the candidate store under concurrent appends)."""
 from __future__ import annotations
 
 import json
@@ -69,6 +71,38 @@ def test_parts_are_written_atomically_and_read_back(tmp_path):
     assert list(parts) == [1] and parts[1]["ids"] == ["a"]
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     assert read_parts(tmp_path, 3) == {}  # a part of another worker count is not this run's
+
+
+def test_heartbeat_and_peer_watch(tmp_path):
+    """A peer is alive while its beat changes; gone `timeout` s after its last change (killed), at once when its state
+    says it stopped, and `timeout` s after the watch began when it never wrote a status file."""
+    from vlm.parallel import Heartbeat, PeerWatch, read_status
+
+    now = [0.0]
+    watch = PeerWatch(tmp_path, 3, timeout=10.0, clock=lambda: now[0])
+    assert watch.alive(1) and watch.alive(2)  # not started yet: given time
+    beat = Heartbeat(tmp_path, 1, 3, interval=3600, info={"digest": "d"})  # beats only when told (_write)
+    with beat:
+        now[0] = 9.0
+        assert watch.alive(1)  # first seen now
+        now[0] = 18.0
+        beat._write()
+        assert watch.alive(1) and 1 in watch.moved and watch.last[1]["info"] == {"digest": "d"}
+        now[0] = 27.9
+        assert watch.alive(1)
+        now[0] = 28.1
+        assert not watch.alive(1)  # no beat for 10 s: killed
+        assert not watch.alive(2)  # never wrote its file within 10 s of the watch's start
+        beat._write()
+        assert watch.alive(1)  # beats again: back
+        beat.update(scored=3)
+    assert read_status(tmp_path, 1, 3)["state"] == "done" and read_status(tmp_path, 1, 3)["info"]["scored"] == 3
+    assert not watch.alive(1)  # done: no longer doing anything
+    with pytest.raises(RuntimeError):
+        with Heartbeat(tmp_path, 1, 3, interval=3600):
+            raise RuntimeError("boom")
+    assert read_status(tmp_path, 1, 3)["state"] == "failed"
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 # -- the manifest under concurrent writers --------------------------------------------------------------------------
@@ -357,3 +391,330 @@ def test_a_method_infeasible_on_the_model_gives_one_infeasible_row_in_a_split_ru
     bench.run_benchmark(_bench(bench_processor, tmp_path, workers=2))  # nothing missing: merge only passes
     table = res.read_table(tmp_path)
     assert sorted(zip(table["method"], table["status"])) == [("fastv", res.STATUS_INFEASIBLE), ("unpruned", res.STATUS_OK)]
+
+
+# -- the schedule search over N workers ---------------------------------------------------------------------------
+SEARCH_BUDGETS = (160.0, 128.0)
+SEARCH_SETTINGS = {"objective": "synthetic"}
+
+
+def _search(store_path: Path, team=None, objective=None) -> list[dict]:
+    """The synthetic search of tests/test_search.py at two budgets (the second seeded by the first's best)."""
+    from analysis.search import CandidateStore, ScheduleSearch
+    from tests.test_search import L, V, early_vision_objective
+
+    search = ScheduleSearch(L, V, range(0, L - 1), n_stages=3, max_candidates=40, max_rounds=20)
+    store = CandidateStore(store_path, SEARCH_SETTINGS)
+    out, previous = [], []
+    for budget in SEARCH_BUDGETS:
+        found = search.run(budget, objective or early_vision_objective, extra_seeds=previous, store=store, team=team)
+        previous = [found.best]
+        out.append({"best": found.best.key, "score": found.score, "visited": found.visited, "rounds": found.rounds,
+                    "history": found.history})
+    return json.loads(json.dumps(out))
+
+
+def _search_worker(directory: str, workers: int, worker: int, timeout: float, die_after: int | None = None,
+                   how: str = "kill") -> None:
+    """Worker `worker` of `workers` of the synthetic search in `directory`; `die_after` candidates it scores, it is
+    killed outright (`how="kill"`: no last word in its status file) or interrupted (`how="interrupt"`)."""
+    import time
+
+    from analysis.search_workers import SearchTeam
+    from tests.test_search import early_vision_objective
+
+    d = Path(directory)
+    calls = 0
+
+    def objective(cand):
+        nonlocal calls
+        calls += 1
+        if die_after is not None and calls > die_after:
+            if how == "kill":
+                os._exit(9)
+            raise KeyboardInterrupt
+        time.sleep(0.005)  # let the workers interleave
+        with open(d / f"scored-w{worker}.txt", "a") as fh:
+            fh.write(cand.key + "\n")
+        return early_vision_objective(cand)
+
+    with SearchTeam(WorkerSpec(workers, worker), d / "workers", "digest", timeout=timeout) as team:
+        result = _search(d / "candidates.jsonl", team, objective)
+    (d / f"result-w{worker}.json").write_text(json.dumps(result))
+
+
+def _start_search_workers(directory: Path, workers: int, which, timeout: float, die: dict | None = None) -> list:
+    """Workers `which` of `workers` as processes; `die` maps a worker to its _search_worker death options."""
+    ctx = multiprocessing.get_context("fork")  # no re-import per process; the synthetic objective needs no torch
+    jobs = [ctx.Process(target=_search_worker, args=(str(directory), workers, w, timeout),
+                        kwargs=(die or {}).get(w, {})) for w in which]
+    for job in jobs:
+        job.start()
+    return jobs
+
+
+def _join(jobs, codes=None) -> None:
+    for i, job in enumerate(jobs):
+        job.join(timeout=120)
+        assert job.exitcode == (0 if codes is None else codes[i]), (i, job.exitcode)
+
+
+@pytest.fixture(scope="module")
+def one_worker_search(tmp_path_factory):
+    path = tmp_path_factory.mktemp("search1") / "candidates.jsonl"
+    return _search(path), _store_rows(path)
+
+
+def _store_rows(path: Path) -> dict:
+    from analysis.search import CandidateStore
+
+    return CandidateStore(path, SEARCH_SETTINGS).rows
+
+
+def _assert_same_search(directory: Path, one_worker_search, workers) -> None:
+    result, rows = one_worker_search
+    for w in workers:
+        assert json.loads((directory / f"result-w{w}.json").read_text()) == result, f"worker {w}"
+    shared = _store_rows(directory / "candidates.jsonl")
+    assert {k: r["score"] for k, r in shared.items() if k in rows} == {k: r["score"] for k, r in rows.items()}
+    assert set(rows) <= set(shared)  # plus the candidates of a chunk after its first improvement
+
+    def must_not_score(cand):
+        raise AssertionError(f"{cand.key} was not in the store")
+
+    assert _search(directory / "candidates.jsonl", objective=must_not_score) == result  # the merge: all there
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_search_workers_as_processes_take_the_one_worker_path(one_worker_search, tmp_path, workers):
+    """N concurrent workers over one candidates.jsonl: every worker ends with the one-worker result (best, score,
+    candidates looked at, rounds, history); each scored a share, no candidate twice."""
+    _join(_start_search_workers(tmp_path, workers, range(workers), timeout=60.0))
+    _assert_same_search(tmp_path, one_worker_search, range(workers))
+    lines = (tmp_path / "candidates.jsonl").read_text().splitlines()
+    scored = [len((tmp_path / f"scored-w{w}.txt").read_text().splitlines()) for w in range(workers)]
+    assert all(n > 0 for n in scored) and sum(scored) == len(lines) == len(_store_rows(tmp_path / "candidates.jsonl"))
+    states = [json.loads((tmp_path / "workers" / f"worker-{w}-of-{workers}.json").read_text()) for w in range(workers)]
+    assert [s["state"] for s in states] == ["done"] * workers and [s["info"]["scored"] for s in states] == scored
+
+
+@pytest.mark.parametrize("scenario", ["killed", "interrupted", "never started"])
+def test_a_gone_search_worker_is_taken_over_and_rerun_alone_completes(one_worker_search, tmp_path, scenario):
+    """Worker 1 of 3 is killed outright (its beat stops: taken over after worker_timeout), interrupted (its status
+    says failed: taken over at once) or never starts; the others finish the search, and worker 1 rerun alone
+    replays it from the store to the same result."""
+    import time
+
+    timeout = 60.0 if scenario == "interrupted" else 1.0
+    die = {"killed": {"die_after": 4, "how": "kill"}, "interrupted": {"die_after": 4, "how": "interrupt"}}
+    which = [0, 2] if scenario == "never started" else [0, 1, 2]
+    t0 = time.monotonic()
+    jobs = _start_search_workers(tmp_path, 3, which, timeout, die={1: die.get(scenario, {})})
+    _join(jobs, [9 if scenario == "killed" and w == 1 else 1 if w == 1 else 0 for w in which])
+    assert time.monotonic() - t0 < 30  # an interrupted worker's share was taken over without waiting 60 s
+    statuses = [json.loads((tmp_path / "workers" / f"worker-{w}-of-3.json").read_text()) for w in (0, 2)]
+    assert sum(s["info"]["taken_over"] for s in statuses) > 0
+    if scenario != "never started":
+        assert len((tmp_path / "scored-w1.txt").read_text().splitlines()) == 4  # kept, not rescored
+    _join(_start_search_workers(tmp_path, 3, [1], timeout))
+    _assert_same_search(tmp_path, one_worker_search, range(3))
+
+
+def test_a_killed_search_worker_rerun_while_the_others_wait_joins_in(one_worker_search, tmp_path):
+    """Worker 1 killed outright; rerun before worker_timeout, it resumes from the store: nothing taken over, no
+    candidate scored twice, the one-worker result."""
+    others = _start_search_workers(tmp_path, 3, [0, 2], timeout=60.0)
+    _join(_start_search_workers(tmp_path, 3, [1], 60.0, die={1: {"die_after": 6, "how": "kill"}}), [9])
+    _join(_start_search_workers(tmp_path, 3, [1], timeout=60.0))
+    _join(others)
+    _assert_same_search(tmp_path, one_worker_search, range(3))
+    lines = (tmp_path / "candidates.jsonl").read_text().splitlines()
+    assert len(lines) == len(_store_rows(tmp_path / "candidates.jsonl"))  # nobody scored a candidate twice
+    assert all(json.loads((tmp_path / "workers" / f"worker-{w}-of-3.json").read_text())["info"]["taken_over"] == 0
+               for w in range(3))
+
+
+def test_a_search_worker_with_other_settings_is_an_error(tmp_path):
+    from analysis.search_workers import SearchTeam
+    from vlm.parallel import Heartbeat
+
+    with Heartbeat(tmp_path / "workers", 1, 2, interval=0.02, info={"digest": "other"}):
+        with pytest.raises(ParallelError, match="worker 1 of 2 .* searches with other settings"):
+            with SearchTeam(WorkerSpec(2, 0), tmp_path / "workers", "mine", timeout=30.0) as team:
+                _search(tmp_path / "candidates.jsonl", team)
+    assert json.loads((tmp_path / "workers" / "worker-0-of-2.json").read_text())["state"] == "failed"
+
+
+def _append_rows(path: str, writer: int, n: int) -> None:
+    from analysis.search import Candidate, CandidateStore
+
+    store = CandidateStore(Path(path), SEARCH_SETTINGS)
+    for k in range(n):
+        store.add(100.0, Candidate((1,), (writer * 1000 + k,)), {"objective": float(k)}, 100.0)
+        store.add(100.0, Candidate((2,), (k,)), {"objective": float(writer)}, 100.0)  # the same k by every writer
+
+
+def test_candidate_store_under_concurrent_appends_loses_nothing(tmp_path):
+    """4 processes append to one store at once (after a line cut by a killed writer): every row is there, each
+    line whole, a candidate appended by several writers stored once (the first)."""
+    path = tmp_path / "candidates.jsonl"
+    path.write_text('{"budget": 100.0, "key": "cut by a kill')  # no newline: the next append starts a new line
+    writers, n = 4, 40
+    ctx = multiprocessing.get_context("fork")
+    jobs = [ctx.Process(target=_append_rows, args=(str(path), w, n)) for w in range(writers)]
+    for job in jobs:
+        job.start()
+    _join(jobs)
+    lines = path.read_text().splitlines()
+    assert lines[0].endswith("cut by a kill") and all(json.loads(line) for line in lines[1:])
+    rows = _store_rows(path)
+    assert len(lines) - 1 == len(rows) == writers * n + n
+    assert {k for _, k in rows} >= {f"1:{w * 1000 + k}|b=1" for w in range(writers) for k in range(n)}
+
+
+def _front(out: Path) -> dict:
+    """front.json without what depends on the process that wrote it (its own work and time)."""
+    front = json.loads((out / "front.json").read_text())
+    per_process = ("candidates_scored", "seconds")
+    return {"front": [{k: v for k, v in f.items() if k not in per_process} for f in front["front"]],
+            **{k: front[k] for k in ("objective", "calibration", "settings")}}
+
+
+def _schedules(out: Path) -> dict:
+    """Every schedule file of a derive directory, without the provenance of the process that wrote it."""
+    found = {}
+    for path in sorted(out.glob("schedule*.yaml")):
+        schedule = yaml.safe_load(path.read_text())
+        search = schedule["provenance"]["search"]
+        for key in ("seconds", "call", "scored_now"):
+            search.pop(key, None)
+        schedule["provenance"].pop("records", None)
+        found[path.name] = schedule
+    return found
+
+
+def _derive_in_process(cfg: dict) -> None:
+    """run_derive in a forked process, on one thread (as every process of the comparison)."""
+    torch.set_num_threads(1)
+    from analysis.derive import run_derive
+
+    run_derive(cfg)
+
+
+def test_derive_search_workers_as_processes_match_one_worker(tmp_path):
+    """run_derive with workers=3 worker=0,1,2 as three concurrent processes, beside a one-worker run, on a tiny model:
+    the same front, schedules (provenance included, but for each process's own work and time) and candidate
+    scores; worker 1 and 2 write no results; `workers=3` without `worker` then finds everything scored."""
+    from omegaconf import OmegaConf
+
+    from analysis.derive import run_derive
+    from analysis.search import CandidateStore
+    from tests.test_derive import compose_derive
+    from tests.test_search import _collect
+
+    collect_dir, model = _collect(tmp_path, layers=8, n=6)
+    split, single = tmp_path / "split", tmp_path / "single"
+    overrides = [f"input={collect_dir}", "budgets=[12,9]", "n_stages=2", "min_layer=0", "n_calibration=6",
+                 "search.max_candidates=12", "search.batch_size=3", "search.progress=false", "plots.enabled=false",
+                 "detector.token_fraction=0.25"]
+
+    def cfg(*extra: str) -> dict:
+        return {**OmegaConf.to_container(compose_derive([*overrides, *extra])), "model": model}
+
+    ctx = multiprocessing.get_context("fork")  # no re-import of torch per process: the test stays fast
+    jobs = [ctx.Process(target=_derive_in_process, args=(cfg(f"output={single}"),))]
+    jobs += [ctx.Process(target=_derive_in_process, args=(cfg(f"output={split}", "workers=3", f"worker={w}"),))
+             for w in range(3)]
+    for job in jobs:
+        job.start()
+    _join(jobs)
+    assert _front(split) == _front(single) and _schedules(split) == _schedules(single)
+    settings = _settings(single)
+    rows = {k: r["score"] for k, r in CandidateStore(single / "candidates.jsonl", settings).rows.items()}
+    shared = CandidateStore(split / "candidates.jsonl", settings).rows
+    assert rows and {k: shared[k]["score"] for k in rows} == rows
+    states = [json.loads((split / "workers" / f"worker-{w}-of-3.json").read_text()) for w in range(3)]
+    assert [s["state"] for s in states] == ["done"] * 3 and all(s["info"]["scored"] > 0 for s in states)
+    assert sorted(p.name for p in split.glob("schedule*.yaml")) == ["schedule.yaml", "schedule_12.yaml",
+                                                                   "schedule_9.yaml"]
+
+    (split / "front.json").unlink()
+    run_derive(cfg(f"output={split}", "workers=3"))  # no worker: completes the search from the store, writes
+    again = json.loads((split / "front.json").read_text())
+    assert again["candidates_scored_now"] == 0 and again["candidates_from_file"] == len(shared)
+    assert again["workers"] == 3 and _front(split) == _front(single)
+
+
+@pytest.mark.slow
+def test_derive_search_workers_through_the_cli(processor_dir, tmp_path):
+    """`python -m analysis.derive ... workers=3 worker=i` as three concurrent processes (and a one-worker run beside
+    them) on a tiny model: the same front, schedules and candidate scores; then `workers=3` without `worker` finds
+    everything scored and writes the same results."""
+    from omegaconf import OmegaConf
+
+    from analysis.derive import run_derive
+    from analysis.search import CandidateStore
+    from tests.test_derive import compose_derive
+
+    model = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny.yaml"))
+    model.update(processor=str(processor_dir), device="cpu")
+    model["arch"]["vision_config"]["image_size"] = 56
+    records = tmp_path / "records"
+    run_collect(_cfg(processor_dir, records, n_samples=6, batch_size=3, shard_size=6) | {"model": model})
+    code = ("import runpy, sys, tests.test_collect_cli; sys.argv[0] = 'analysis/derive.py'; "
+            "runpy.run_module('analysis.derive', run_name='__main__', alter_sys=True)")  # = python -m analysis.derive
+    args = [f"input={records}", "model=tiny", f"model.processor={processor_dir}", "model.device=cpu",
+            "model.arch.vision_config.image_size=56", "budgets=[12,9]", "n_stages=2", "min_layer=0", "n_calibration=6",
+            "search.max_candidates=12", "search.batch_size=3", "search.progress=false", "plots.enabled=false",
+            "detector.token_fraction=0.25"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    split, single = tmp_path / "split", tmp_path / "single"
+    commands = [[*args, f"output={single}"]]
+    commands += [[*args, f"output={split}", "workers=3", f"worker={w}"] for w in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, *c], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c in commands]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(out)
+    assert "worker 1 of 3 done" in outs[2] and "worker 0 writes" in outs[2]
+    assert _front(split) == _front(single) and _schedules(split) == _schedules(single)
+    rows = {k: r["score"] for k, r in CandidateStore(single / "candidates.jsonl", _settings(single)).rows.items()}
+    shared = CandidateStore(split / "candidates.jsonl", _settings(single)).rows
+    assert rows and {k: shared[k]["score"] for k in rows} == rows
+    states = [json.loads((split / "workers" / f"worker-{w}-of-3.json").read_text())["state"] for w in range(3)]
+    assert states == ["done"] * 3
+
+    merged = json.loads((split / "front.json").read_text())
+    (split / "front.json").unlink()
+    cfg = OmegaConf.to_container(compose_derive([*args[:1], *args[5:], f"output={split}", "workers=3"]))
+    run_derive({**cfg, "model": {**model, "processor": str(processor_dir)}})
+    again = json.loads((split / "front.json").read_text())
+    assert again["candidates_scored_now"] == 0 and again["workers"] == 3 and _front(split) == _front(single)
+    assert again["candidates_from_file"] == len(shared) and merged["workers"] == 3
+
+
+def _settings(out: Path) -> dict:
+    """The store settings of a derive directory's candidates.jsonl (its first row's)."""
+    return json.loads((out / "candidates.jsonl").read_text().splitlines()[0])["settings"]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["workers=3", "worker=3"], r"worker=3 must be an integer in 0\.\.2"),
+    (["workers=0"], "workers=0 must be an integer >= 1"),
+    (["workers=2", "worker=0", "rule=paper"], "rule=paper takes seconds"),
+    (["workers=2", "worker=0", "output=null"], "workers=2 needs output=DIR"),
+    (["workers=2", "worker=1", "worker_timeout=0"], "worker_timeout=0 must be"),
+])
+def test_bad_derive_worker_settings_are_user_errors_and_write_nothing(tmp_path, overrides, match):
+    from omegaconf import OmegaConf
+
+    from analysis.derive import run_derive
+    from tests.test_derive import compose_derive
+
+    cfg = OmegaConf.to_container(compose_derive([f"input={tmp_path / 'none'}", f"output={tmp_path / 'out'}",
+                                                 *overrides]))
+    with pytest.raises(UserError, match=match):
+        run_derive(cfg)
+    assert not (tmp_path / "out").exists()

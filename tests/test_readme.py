@@ -6,6 +6,7 @@ cannot run here: it is composed with Hydra's `--cfg job` instead, which checks e
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -89,6 +90,7 @@ def test_the_readme_pipeline_runs_as_written_on_the_demo_model(tmp_path):
     assert ran[:4] == ["analysis.collect", "analysis.derive", "analysis.derive", "pruning.benchmark"]
     assert (tmp_path / "outputs" / "derive" / "front.json").is_file()
     assert (tmp_path / "outputs" / "derive_paper" / "schedule.yaml").is_file()
+    assert json.loads((tmp_path / "outputs" / "derive3" / "front.json").read_text())["workers"] == 3  # the completion
     import pandas as pd
 
     table = pd.read_csv(tmp_path / "outputs" / "benchmark" / "results.csv")

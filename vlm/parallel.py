@@ -16,6 +16,12 @@ same command with its own `worker=i`; nothing is sent between them, they only re
   `worker-<i>-of-<N>.json` in a directory of its own per unit of work; whoever finds every part present merges them
   (`merge_slices` puts per-worker lists back in canonical order).
 
+* **Liveness** (`Heartbeat`, `PeerWatch`), for steps whose workers wait on each other (the schedule search): each
+  worker keeps a status file `worker-<i>-of-<N>.json` (pid, host, state running/done/failed, a beat counter) that a
+  daemon thread rewrites every few seconds; a peer is alive while its state is `running` and its beat changed within
+  `timeout` seconds of the reader's own clock (no clock is compared across machines). A peer that never wrote its
+  file gets `timeout` seconds from when the reader began watching.
+
 `WorkerSpec.from_config` reads and checks the `workers` / `worker` config values. `worker` unset with `workers` > 1
 means "merge only": compute nothing, put together what the workers wrote, and say which parts are missing.
 """
@@ -24,12 +30,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import socket
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from vlm.errors import UserError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 TMP_MARKER = ".tmp"
@@ -186,7 +198,116 @@ def read_parts(directory: Path, workers: int) -> dict[int, dict[str, Any]]:
     return parts
 
 
+# -- liveness of workers that wait on each other ----------------------------------------------------------------
+RUNNING, DONE, FAILED = "running", "done", "failed"
+
+
+def read_status(directory: Path, worker: int, workers: int) -> Optional[dict[str, Any]]:
+    """Worker `worker`'s status file in `directory` (see `Heartbeat`); None when it has none or it is unreadable."""
+    path = part_path(directory, worker, workers)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class Heartbeat:
+    """While the block runs, a daemon thread rewrites this worker's status file every `interval` seconds.
+
+    The file (`<directory>/worker-<i>-of-<N>.json`, written atomically) holds worker, workers, pid, host, state
+    (`running`; on leaving the block `done`, or `failed` when the block raised), a beat counter and `info` (whatever
+    the step wants its peers to see; `update(**info)` adds to it). A worker killed outright leaves `running` with a
+    beat that no longer changes: its peers call it gone `timeout` seconds later (`PeerWatch`).
+    """
+
+    def __init__(self, directory: Path, worker: int, workers: int, interval: float = 5.0,
+                 info: Optional[Mapping[str, Any]] = None) -> None:
+        self.path = part_path(directory, worker, workers)
+        self.worker, self.workers, self.interval = int(worker), int(workers), float(interval)
+        self.info: dict[str, Any] = dict(info or {})
+        self.beat = 0
+        self.state = RUNNING
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def update(self, **info: Any) -> None:
+        """Add `info` to what the status file shows (written at the next beat)."""
+        with self._lock:
+            self.info.update(info)
+
+    def _write(self) -> None:
+        with self._lock:
+            self.beat += 1
+            status = {"worker": self.worker, "workers": self.workers, "pid": os.getpid(), "host": socket.gethostname(),
+                      "state": self.state, "beat": self.beat, "info": dict(self.info)}
+        text = json.dumps(status, default=str)
+        try:
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text), tag=f"w{self.worker}")
+        except OSError as exc:  # a missed beat is no reason to stop the work; peers allow `timeout` seconds
+            log.warning("could not write the status file %s: %s", self.path, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._write()
+
+    def __enter__(self) -> "Heartbeat":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-w{self.worker}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.state = DONE if exc_type is None else FAILED
+        self._write()
+
+
+class PeerWatch:
+    """Which of the other workers are alive, judged from their status files by this process's clock (`Heartbeat`).
+
+    A peer is alive while its state is `running` and its (beat, state) changed within the last `timeout` seconds;
+    a peer without a status file gets `timeout` seconds from when the watch began to write one.
+    """
+
+    def __init__(self, directory: Path, workers: int, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.directory, self.workers, self.timeout, self.clock = Path(directory), int(workers), float(timeout), clock
+        self.started = clock()
+        self._seen: dict[int, tuple[Any, Any, Any]] = {}  # worker -> (pid, beat, state) last read
+        self._changed: dict[int, float] = {}  # worker -> when that value was first read
+        self.moved: set[int] = set()  # workers whose status changed while watched: surely running now
+        self.last: dict[int, dict[str, Any]] = {}  # worker -> its status as last read
+
+    def status(self, worker: int) -> Optional[dict[str, Any]]:
+        """The peer's status file now (None when absent), noting when it last changed."""
+        status = read_status(self.directory, worker, self.workers)
+        if status is None:
+            self.last.pop(worker, None)
+        else:
+            self.last[worker] = status
+            value = (status.get("pid"), status.get("beat"), status.get("state"))
+            if self._seen.get(worker) != value:
+                if worker in self._seen:
+                    self.moved.add(worker)
+                self._seen[worker] = value
+                self._changed[worker] = self.clock()
+        return status
+
+    def alive(self, worker: int) -> bool:
+        """True while the peer may still do its share (module docstring)."""
+        status = self.status(worker)
+        now = self.clock()
+        if status is None:
+            return now - self.started < self.timeout
+        return status.get("state") == RUNNING and now - self._changed[worker] < self.timeout
+
+
 __all__ = [
-    "ParallelError", "WorkerSpec", "atomic_write", "locked", "merge_slices", "missing_workers", "owner", "part_path",
-    "read_parts", "worker_indices", "worker_slice", "write_part",
+    "DONE", "FAILED", "Heartbeat", "ParallelError", "PeerWatch", "RUNNING", "WorkerSpec", "atomic_write", "locked",
+    "merge_slices", "missing_workers", "owner", "part_path", "read_parts", "read_status", "worker_indices",
+    "worker_slice", "write_part",
 ]
