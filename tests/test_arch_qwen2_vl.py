@@ -234,3 +234,25 @@ def test_collect_derive_and_benchmark_from_the_command_line(tmp_path):
     table = pd.read_csv(results / "results.csv")
     row = table[table["method"] == "fastv"].iloc[0]
     assert row["status"] == "ok" and row["model"] == "qwen2-vl-tiny"
+
+
+def test_qwen2_5_vl_keep_all_and_pruned_prefill():
+    """Qwen2.5-VL (model_type qwen2_5_vl) through the same seam: keep-all equals unpruned; a stage drops tokens."""
+    cfg = _preset()
+    cfg["arch"]["model_type"] = "qwen2_5_vl"
+    vision = cfg["arch"]["vision_config"]
+    vision.update({"hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 64, "window_size": 56,
+                   "fullatt_block_indexes": [1]})
+    for key in ("embed_dim", "mlp_ratio"):
+        vision.pop(key)
+    loaded = load_from_config(cfg)
+    assert type(loaded.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    inputs = _inputs(loaded, QUESTIONS, seed=13)
+    with torch.no_grad():
+        plain = loaded.model(**inputs).logits
+        with PruningEngine(loaded.model, _schedule([(0, N_VISION)])):
+            same = loaded.model(**inputs).logits
+        with PruningEngine(loaded.model, _schedule([(0, 0.5), (2, 0.25)]), "adaptinfer") as engine:
+            loaded.model(**inputs)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    assert engine.record.vision_per_layer == [16, 8, 8, 2]
