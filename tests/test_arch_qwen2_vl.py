@@ -15,6 +15,7 @@ from analysis.collector import AttentionCollector
 from pruning.engine import EngineError, PruningEngine
 from pruning.schedule import MethodInfeasible, Schedule
 from pruning.scorers import register_scorer
+from tests.test_engine import _eager_layer_attention
 from vlm.arch import UnsupportedModelError, for_model
 from vlm.layout import TokenLayout
 from vlm.models import load_from_config
@@ -92,19 +93,10 @@ def test_renumber_is_refused_on_mrope(qwen):
         PruningEngine(qwen.model, _schedule([(1, 4)], positions="renumber"))
 
 
-def _eager_attention(model, inputs, layer):
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            return model(**inputs, output_attentions=True).attentions[layer]  # [B, H, N, N]
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
 def test_adaptinfer_keeps_the_top_k_of_the_paper_formula(qwen):
     inputs = _inputs(qwen, QUESTIONS, seed=3)
     layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], qwen.image_token_id)
-    A = _eager_attention(qwen.model, inputs, 1).double()
+    A = _eager_layer_attention(qwen.model, inputs, 1).double()
     expected = []
     for b in range(2):
         text = layout.text_index[b][layout.text_mask[b]]
