@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from pruning import scorers
+from vlm.arch import for_model
+from vlm.errors import UserError
 from vlm.layout import TokenLayout
 from vlm.models import LoadedModel, find_decoder_layers
 from vlm.probe import AttentionProbe, ProbeCall
@@ -156,11 +158,13 @@ class AttentionCollector:
     ) -> None:
         self.model: nn.Module = model.model if isinstance(model, LoadedModel) else model
         if image_token_id is None:
-            image_token_id = getattr(getattr(self.model, "config", None), "image_token_id", None)
-        if image_token_id is None:
-            raise CollectorError(
-                f"{type(self.model).__name__} has no config.image_token_id; pass image_token_id= explicitly"
-            )
+            try:
+                image_token_id = for_model(self.model).image_token_id
+            except (UserError, AttributeError, TypeError):
+                raise CollectorError(
+                    f"{type(self.model).__name__} has no image token id (not a supported model family); pass "
+                    "image_token_id= explicitly"
+                ) from None
         self.image_token_id = int(image_token_id)
         if reducer not in REDUCERS:
             raise CollectorError(f"unknown reducer {reducer!r}; choose one of {sorted(REDUCERS)}")
@@ -168,7 +172,7 @@ class AttentionCollector:
         decoder_layers = find_decoder_layers(self.model)
         if decoder_layers is None:
             raise CollectorError(
-                f"cannot find decoder layers in {type(self.model).__name__}; expected model.language_model.layers"
+                f"cannot find decoder layers in {type(self.model).__name__}; not a supported model family (vlm.arch)"
             )
         n_layers = len(decoder_layers)
         chosen = list(range(n_layers)) if layers is None else [int(l) for l in layers]

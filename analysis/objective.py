@@ -148,7 +148,7 @@ class Calibration:
             raise ObjectiveError(f"model {loaded.name!r} has no processor to encode calibration prompts")
         self.loaded = loaded
         self.model = loaded.model
-        self.layers = loaded.model.model.language_model.layers
+        self.layers = loaded.decoder_layers
         self.num_layers = len(self.layers)
         self.sample_ids = [s.sample_id for s in samples]
         self.mismatch_weight = float(mismatch_weight)

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from vlm.arch import for_model
 from vlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,10 @@ def check_mode(mode: Any) -> str | None:
 
 
 def _language_model(model: nn.Module) -> nn.Module:
-    for path in ("model.language_model", "language_model"):
-        obj: Any = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return obj
-    raise CompileError(f"cannot find the language model of {type(model).__name__} (expected model.language_model)")
+    try:
+        return for_model(model).language_model
+    except (UserError, AttributeError) as err:
+        raise CompileError(f"cannot find the language model of {type(model).__name__}: {err}") from None
 
 
 def _is_prefill(args: tuple, kwargs: dict) -> bool:
@@ -69,7 +65,7 @@ def _is_prefill(args: tuple, kwargs: dict) -> bool:
     x = embeds if embeds is not None else ids
     if x is None or x.shape[1] <= 1:
         return False
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))  # (transformers 5 text models: `cache`)
     return cache is None or cache.get_seq_length() == 0
 
 

@@ -31,9 +31,9 @@ from pruning.selectors import (
     SelectorContext, VisionCapture, available_selectors, check_budget, get_selector, is_selector, run_selector,
     square_grid,
 )
+from vlm.arch import for_model
 from vlm.errors import UserError
 from vlm.layout import TokenLayout
-from vlm.models import vision_tokens_per_image
 from vlm.probe import AttentionProbe, ProbeCall
 
 
@@ -112,12 +112,19 @@ class PruningEngine:
         self.scorer_options = dict(scorer_options or {})
         self.seed = seed
         self.config = model.config
-        self.image_token_id = int(model.config.image_token_id)
-        self.lm = model.model.language_model
-        self.layers = self.lm.layers
+        self.arch = for_model(model)
+        self.image_token_id = self.arch.image_token_id
+        self.lm = self.arch.language_model
+        self.layers = self.arch.decoder_layers
         self.num_layers = len(self.layers)
         refuse_compiled(model)
         schedule.validate(num_layers=self.num_layers)
+        if schedule.positions == "renumber" and not self.arch.renumber_positions:
+            raise EngineError(
+                f"positions: renumber is not possible on {self.config.model_type} (M-RoPE: a token's position is 3-D, "
+                "time/height/width); use positions: keep, which keeps each token's original position (as the "
+                "authors' Qwen code does)"
+            )
         self.stage_layers = [s.layer for s in schedule.stages]
         self.is_selector = is_selector(scorer)
         self._merge = None
@@ -162,7 +169,8 @@ class PruningEngine:
     def __enter__(self) -> "PruningEngine":
         refuse_compiled(self.model)
         try:
-            self._handles.append(self.model.model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
+            self._handles.append(self.arch.multimodal_model.register_forward_pre_hook(self._on_model_start,
+                                                                                      with_kwargs=True))
             for i, layer in enumerate(self.layers):
                 self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
             probe_layers = [l for l in self.stage_layers if l >= 0] if self.rows_kind != "none" else []
@@ -211,7 +219,7 @@ class PruningEngine:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise EngineError("the pruning engine needs input_ids (to find the image tokens), not inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
         if input_ids.shape[1] == 1 or (cache is not None and cache.get_seq_length() > 0):
             if input_ids.shape[1] != 1:
                 raise EngineError("a multi-token step after prefill (chunked prefill / speculative decoding) is not supported")
@@ -221,20 +229,15 @@ class PruningEngine:
         layout = TokenLayout.from_batch(input_ids, kwargs.get("attention_mask"), self.image_token_id,
                                         static=self._compiled is not None)
         batch, seq = input_ids.shape
-        pixels = kwargs.get("pixel_values")
-        if isinstance(pixels, Tensor) and pixels.dim() == 4 and layout.num_vision > 0:
-            per_image = vision_tokens_per_image(self.config)
-            if pixels.shape[0] * per_image != batch * layout.num_vision:
-                raise EngineError(
-                    f"input_ids holds {batch} rows with {layout.num_vision} image tokens each ({batch * layout.num_vision} "
-                    f"in all) but pixel_values holds {pixels.shape[0]} images ({pixels.shape[0] * per_image} vision "
-                    f"tokens at {per_image} per image): give pixel_values one image per image placeholder, in row order"
-                )
+        mismatch = self.arch.check_vision_inputs(kwargs, batch, layout.num_vision)
+        if mismatch is not None:
+            raise EngineError(mismatch)
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         self._state = _RowState(layout=layout, cur_idx=positions, is_vision=layout.vision_mask,
                                 vision_cur=layout.vision_index, text_cur=layout.text_index, valid_cur=layout.valid,
                                 n_vision=layout.num_vision)
-        self._generators = row_generators(input_ids, kwargs.get("attention_mask"), pixels, self.seed) \
+        self._generators = row_generators(input_ids, kwargs.get("attention_mask"), self.arch.row_images(kwargs, batch),
+                                          self.seed) \
             if self.seeded else None
         self._layer_cols = [None] * self.num_layers
         self._layer_vision = [0] * self.num_layers
@@ -329,7 +332,7 @@ class PruningEngine:
         pos = st.pos_full.gather(1, idx) if st.pos_full is not None else idx
         if self.schedule.positions == "renumber":
             pos = pos - (idx - torch.arange(n_cur, device=idx.device))  # contiguous: minus tokens dropped before
-            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=pos)
+            kwargs["position_embeddings"] = self.arch.rotary_embedding(hidden, position_ids=pos)
         elif st.cos_sin_full is not None:
             cos, sin = st.cos_sin_full
             kwargs["position_embeddings"] = (_gather_seq(cos, idx), _gather_seq(sin, idx))
@@ -374,7 +377,7 @@ class PruningEngine:
             if self._dropped[index] is None:  # tokens dropped before this layer: once per layer, not per step
                 self._dropped[index] = cols[:, -1:] - (cols.shape[1] - 1)  # [B, 1]
             pos = pos - self._dropped[index]
-            kwargs["position_embeddings"] = self.lm.rotary_emb(hidden, position_ids=pos)
+            kwargs["position_embeddings"] = self.arch.rotary_embedding(hidden, position_ids=pos)
             kwargs["position_ids"] = pos
         return args, kwargs
 
@@ -422,7 +425,7 @@ class PruningEngine:
             stage_input=kw.get("stage_input"),
             stage_layer=kw.get("stage_layer"),
             stage_position_embeddings=kw.get("stage_position_embeddings"),
-            final_norm=self.lm.norm,
+            final_norm=self.arch.final_norm,
             options=self.scorer_options,
         )
 
@@ -483,8 +486,7 @@ class PruningEngine:
     def _finish_record(self) -> None:
         self.record.tokens_per_layer = [cols.shape[1] for cols in self._layer_cols]
         self.record.vision_per_layer = list(self._layer_vision)
-        tc = self.config.text_config
-        self.record.widths = (tc.hidden_size, tc.intermediate_size)
+        self.record.widths = self.arch.text_widths(self.config)
 
     # -- before the language model: the registered selector -------------------------------------------
     def _before_lm_stage(self, hidden: Tensor) -> Tensor:
@@ -514,7 +516,8 @@ def row_generators(input_ids: Tensor, attention_mask: Tensor | None, pixel_value
     """One CPU generator per row, seeded from `seed` and the row's own content (its unpadded token ids, and its
     image when pixel_values holds one image per row): a sample draws the same numbers at any batch size or position.
 
-    input_ids, attention_mask: [B, N]; pixel_values: [B, C, H, W] (other shapes: the ids alone name the row).
+    input_ids, attention_mask: [B, N]; pixel_values: [B, ...] one entry per row (the family's `row_images`), or
+    None (the ids alone name the row).
     """
     ids = input_ids.detach().to("cpu", torch.int64)
     valid = attention_mask.detach().to("cpu").bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)

@@ -215,12 +215,12 @@ def _batches(items: Sequence[VQASample], size: int) -> Iterator[list[VQASample]]
 
 def _row_flops(loaded: LoadedModel, attention_mask: torch.Tensor, vision_per_layer: Sequence[int]) -> int:
     """Analytic prefill FLOPs summed over the rows of a batch, each from its real (unpadded) token count."""
-    tc = loaded.config.text_config
+    hidden, intermediate = loaded.text_widths
     n_vision = loaded.vision_tokens_per_image
     total = 0
     for real in attention_mask.sum(dim=1).tolist():
         per_layer = sequence_tokens_per_layer(vision_per_layer, int(real) - n_vision)
-        total += prefill_flops(per_layer, tc.hidden_size, tc.intermediate_size)
+        total += prefill_flops(per_layer, hidden, intermediate)
     return total
 
 

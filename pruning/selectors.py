@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from pruning.schedule import MethodInfeasible
 from pruning.scorers import available_scorers, select
-from vlm.models import vision_sites
+from vlm.arch import for_model
 from vlm.probe import AttentionProbe, ProbeCall
 
 NEEDS = ("features", "cls_attn", "keys")
@@ -188,7 +188,7 @@ class VisionCapture:
         self._probe: AttentionProbe | None = None
 
     def __enter__(self) -> "VisionCapture":
-        sites = vision_sites(self.model)
+        sites = for_model(self.model).vision_sites()
         self.project = sites.projector
         try:
             if "features" in self.needs:

@@ -1,4 +1,5 @@
-"""Load a LLaVA-family model and its processor (hub id, local directory, the embedded demo, or random weights)."""
+"""Load a supported VLM and its processor (hub id, local directory, the embedded demo, or random weights); the model
+family's facts come from its `vlm.arch` module."""
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +10,15 @@ from typing import Any, Iterator, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, PreTrainedConfig, PreTrainedModel
 
+from vlm.arch import (
+    SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES, ModelArch, UnsupportedModelError, VisionSites, arch_class,
+    for_config, for_model,
+)
 from vlm.errors import UserError
 
-SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("LlavaForConditionalGeneration",)
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llava",)
+DEFAULT_FAMILY = "llava"  # the family of a random-weight `arch` mapping that names no model_type
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "shapes_llava"
 SOURCE_ALIASES: dict[str, Path] = {"demo": DEMO_MODEL_DIR}
 _DTYPES: dict[str, torch.dtype] = {
@@ -27,10 +31,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class UnsupportedModelError(UserError, ValueError):
-    """The checkpoint is not an architecture this toolkit can prune."""
-
-
 class ModelConfigError(UserError, ValueError):
     """A model preset or loading option is wrong; the message names the field and the allowed values."""
 
@@ -39,26 +39,31 @@ class ModelConfigError(UserError, ValueError):
 class LoadedModel:
     """A model ready for inference, with its processor (None for random-weight presets without one)."""
 
-    model: LlavaForConditionalGeneration
+    model: PreTrainedModel
     processor: Any
     source: str
     name: str
 
     @property
-    def config(self) -> LlavaConfig:
+    def config(self) -> PreTrainedConfig:
         return self.model.config
 
     @property
+    def arch(self) -> ModelArch:
+        """The model family's seam (vlm/arch), bound to this model."""
+        return for_model(self.model)
+
+    @property
     def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+        return self.arch.image_token_id
 
     @property
     def language_model(self) -> nn.Module:
-        return self.model.model.language_model
+        return self.arch.language_model
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        return self.language_model.layers
+        return self.arch.decoder_layers
 
     @property
     def num_layers(self) -> int:
@@ -66,7 +71,20 @@ class LoadedModel:
 
     @property
     def vision_tokens_per_image(self) -> int:
-        return vision_tokens_per_image(self.model.config)
+        """Vision tokens one image gives; ModelConfigError when the family's count varies with the image."""
+        n = self.arch.vision_tokens_per_image(self.processor)
+        if n is None:
+            raise ModelConfigError(
+                f"model {self.name!r} ({self.config.model_type}) gives a vision-token count that varies with the "
+                "image; the benchmark and the collector need a fixed one: resize every image to one size (for Qwen, "
+                "a processor with min_pixels = max_pixels and square images)"
+            )
+        return n
+
+    @property
+    def text_widths(self) -> tuple[int, int]:
+        """(hidden size, intermediate size) of the decoder, for the FLOPs formula."""
+        return self.arch.text_widths(self.config)
 
     @property
     def device(self) -> torch.device:
@@ -78,74 +96,24 @@ class LoadedModel:
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """The language model's decoder layers of a LLaVA model (or of a bare causal LM); None if there are none."""
-    for path in ("model.language_model.layers", "language_model.layers", "model.layers", "layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    return None
-
-
-@dataclass
-class VisionSites:
-    """Where a LLaVA-style model keeps its vision side: the only place outside `vlm/arch/` (to come) that names it."""
-
-    tower: nn.Module  # the vision tower (CLIP/SigLIP vision model)
-    projector: nn.Module  # vision features F [.., Dv] -> LM input embeddings P [.., D]
-    encoder_layers: nn.ModuleList | None  # the tower's encoder layers, when it has them
-    feature_layer: Any  # config.vision_feature_layer: hidden_states index of the features fed to the projector
-    select_strategy: str  # "default" (patch tokens only, CLS dropped) or "full"
-    has_cls: bool  # the tower prepends a CLS token (CLIP: yes; SigLIP: no)
-
-    def feature_attention(self) -> nn.Module:
-        """The self-attention module of the encoder layer whose output is the projector's input.
-
-        hidden_states[f] is the output of encoder layer f-1 (hidden_states[0] = the embeddings). Raises
-        ValueError when there is no such layer (several feature layers, or the embeddings themselves).
-        """
-        if not isinstance(self.feature_layer, int):
-            raise ValueError(f"vision_feature_layer = {self.feature_layer!r}: need a single int layer")
-        if self.encoder_layers is None:
-            raise ValueError(f"{type(self.tower).__name__} has no encoder layers to read attention from")
-        n = len(self.encoder_layers)
-        index = self.feature_layer - 1 if self.feature_layer >= 0 else n + self.feature_layer
-        if not 0 <= index < n:
-            raise ValueError(f"vision_feature_layer = {self.feature_layer} has no attention layer (encoder has {n})")
-        return self.encoder_layers[index].self_attn
+    """The language model's decoder layers of a supported model; None if `model` is none of the supported families."""
+    try:
+        return for_model(model).decoder_layers
+    except (UnsupportedModelError, AttributeError):
+        return None
 
 
 def vision_sites(model: nn.Module) -> VisionSites:
-    """The vision tower, projector and their facts of a LlavaForConditionalGeneration."""
-    inner = getattr(model, "model", model)
-    tower = getattr(inner, "vision_tower", None)
-    projector = getattr(inner, "multi_modal_projector", None)
-    if tower is None or projector is None:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has no model.vision_tower / model.multi_modal_projector (a LLaVA model has both)"
-        )
-    vision_model = getattr(tower, "vision_model", tower)
-    encoder = getattr(vision_model, "encoder", None)
-    layers = getattr(encoder, "layers", None) if encoder is not None else None
-    embeddings = getattr(vision_model, "embeddings", None)
-    config = model.config
-    return VisionSites(
-        tower=tower, projector=projector, encoder_layers=layers if isinstance(layers, nn.ModuleList) else None,
-        feature_layer=config.vision_feature_layer, select_strategy=str(config.vision_feature_select_strategy),
-        has_cls=embeddings is not None and hasattr(embeddings, "class_embedding"),
-    )
+    """The vision tower, projector and their facts of a supported model."""
+    try:
+        return for_model(model).vision_sites()
+    except (ValueError, AttributeError) as err:
+        raise UnsupportedModelError(f"{type(model).__name__}: no vision sites: {err}") from None
 
 
-def vision_tokens_per_image(config: LlavaConfig) -> int:
-    """Vision tokens one image contributes: the tower's tokens ((image_size / patch_size)^2 patches, plus CLS on
-    towers that have one: CLIP yes, SigLIP no), less the first token under the 'default' strategy (which drops it)."""
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    tower = n + (0 if "siglip" in str(getattr(vc, "model_type", "")) else 1)
-    return tower - 1 if config.vision_feature_select_strategy == "default" else tower
+def vision_tokens_per_image(config: PreTrainedConfig, processor: Any = None) -> int | None:
+    """Vision tokens one image contributes under `config` (and its processor); None when it varies per image."""
+    return for_config(config).tokens_per_image(config, processor)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -188,16 +156,9 @@ def resolve_source(source: str | Path) -> str:
     return key
 
 
-def check_architecture(config: Any) -> None:
-    """Raise UnsupportedModelError unless the config is a LLaVA (LlavaForConditionalGeneration) checkpoint."""
-    archs = list(getattr(config, "architectures", None) or [])
-    model_type = getattr(config, "model_type", None)
-    if model_type in SUPPORTED_MODEL_TYPES or any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        return
-    raise UnsupportedModelError(
-        f"model_type={model_type!r} (architectures={archs}) is not supported; supported architectures: "
-        f"{list(SUPPORTED_ARCHITECTURES)} (model_type {list(SUPPORTED_MODEL_TYPES)}), e.g. llava-hf/llava-1.5-7b-hf"
-    )
+def check_architecture(config: Any) -> type[ModelArch]:
+    """The family of `config`; UnsupportedModelError (naming the supported architectures) if there is none."""
+    return for_config(config)
 
 
 def load_model(
@@ -209,8 +170,10 @@ def load_model(
     name: str | None = None,
     local_files_only: bool | None = None,
     revision: str | None = None,
+    processor: Any = None,
 ) -> LoadedModel:
-    """Load a LLaVA checkpoint (hub id, local directory, or 'demo') with its processor, in eval mode."""
+    """Load a supported checkpoint (hub id, local directory, or 'demo') with its processor, in eval mode.
+    `processor`, when given, is used instead of the processor files of `source`."""
     path = resolve_source(source)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -224,11 +187,11 @@ def load_model(
         config = AutoConfig.from_pretrained(path, **hub_kwargs)
     except (OSError, ValueError) as err:
         raise ModelConfigError(f"model.source={str(source)!r} cannot be loaded: {_first_line(err)}") from None
-    check_architecture(config)
+    family = check_architecture(config)
     if local is not None and not any(next(local.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
         _not_a_model(source, local)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model = family.model_class(config).from_pretrained(
             path, dtype=torch_dtype, attn_implementation=attn_implementation, **hub_kwargs
         )
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
@@ -240,6 +203,8 @@ def load_model(
             ) from None
         raise ModelConfigError(f"model.source={str(source)!r}: loading the weights failed: {_first_line(err)}") from None
     model.to(dev).eval()
+    if processor is not None:
+        return LoadedModel(model=model, processor=processor, source=str(source), name=name or str(source))
     try:
         processor = AutoProcessor.from_pretrained(path, **hub_kwargs)
     except (OSError, ValueError) as err:
@@ -301,14 +266,19 @@ def _unreadable_weights(local: Path) -> tuple[Path, str] | None:
     return None
 
 
-def llava_config_from_dict(arch: Mapping[str, Any]) -> LlavaConfig:
-    """Build a LlavaConfig from a plain mapping with text_config / vision_config sub-mappings."""
+def config_from_dict(arch: Mapping[str, Any]) -> PreTrainedConfig:
+    """A model config from a plain mapping with text_config / vision_config sub-mappings; `model_type` picks the
+    family (default llava)."""
     arch = dict(arch)
     for key in ("text_config", "vision_config"):
         if key not in arch:
             raise ModelConfigError(f"model arch is missing {key!r}; give a mapping with its sizes (see configs/model/)")
         arch[key] = dict(arch[key])
-    return LlavaConfig(**arch)
+    return _arch_family(arch).config_from_dict(arch)
+
+
+def _arch_family(arch: Mapping[str, Any]) -> type[ModelArch]:
+    return arch_class(arch.get("model_type", DEFAULT_FAMILY))
 
 
 @contextlib.contextmanager
@@ -322,7 +292,7 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def build_random_model(
-    arch: Mapping[str, Any] | LlavaConfig,
+    arch: Mapping[str, Any] | PreTrainedConfig,
     *,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
@@ -331,40 +301,38 @@ def build_random_model(
     name: str = "random",
     processor: Any = None,
 ) -> LoadedModel:
-    """A random-weight LLaVA built directly in the target dtype on the target device (no download, no second copy).
+    """A random-weight model of a supported family built directly in the target dtype on the target device (no download, no second copy).
 
     `device="meta"` builds it without allocating memory, e.g. to count parameters.
     """
-    config = arch if isinstance(arch, LlavaConfig) else llava_config_from_dict(arch)
+    config = arch if isinstance(arch, PreTrainedConfig) else config_from_dict(arch)
     config._attn_implementation = attn_implementation
     dev = torch.device("meta") if str(device) == "meta" else resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     torch.manual_seed(seed)
     with _default_dtype(torch_dtype), dev:
-        model = LlavaForConditionalGeneration(config)
+        model = for_config(config).model_class(config)(config)
     model.eval()
     return LoadedModel(model=model, processor=processor, source=f"random:{name}", name=name)
 
 
 def load_processor(source: str) -> Any:
-    """A processor by name: 'shapes' (the demo world's, built in code), or anything AutoProcessor loads."""
+    """A processor by name: 'shapes' / 'shapes_qwen2_vl' (the demo world's, built in code), or anything
+    AutoProcessor loads."""
     if source == "shapes":
         from vlm.shapes.processor import build_processor
 
         return build_processor()
+    if source == "shapes_qwen2_vl":
+        from vlm.shapes.processor import build_qwen2_vl_processor
+
+        return build_qwen2_vl_processor()
     return AutoProcessor.from_pretrained(resolve_source(source))
 
 
 def match_processor(arch: Mapping[str, Any], processor: Any) -> dict[str, Any]:
-    """Size a random model's vocabulary and image token to a processor's tokenizer, so its prompts fit."""
-    tokenizer = processor.tokenizer
-    image_token = getattr(processor, "image_token", "<image>")
-    arch = dict(arch)
-    arch["image_token_id"] = int(tokenizer.convert_tokens_to_ids(image_token))
-    arch["text_config"] = {**arch["text_config"], "vocab_size": len(tokenizer)}
-    if tokenizer.pad_token_id is not None:
-        arch["text_config"]["pad_token_id"] = int(tokenizer.pad_token_id)
-    return arch
+    """Size a random model's vocabulary and special tokens to a processor's tokenizer, so its prompts fit."""
+    return _arch_family(arch).match_processor(arch, processor)
 
 
 def load_from_config(cfg: Mapping[str, Any]) -> LoadedModel:
@@ -377,7 +345,8 @@ def load_from_config(cfg: Mapping[str, Any]) -> LoadedModel:
         "attn_implementation": cfg.get("attn_implementation", "sdpa"),
     }
     if cfg.get("source"):
-        return load_model(cfg["source"], name=name, revision=cfg.get("revision"), **common)
+        processor = load_processor(cfg["processor"]) if cfg.get("processor") else None
+        return load_model(cfg["source"], name=name, revision=cfg.get("revision"), processor=processor, **common)
     if cfg.get("arch"):
         arch = {k: dict(v) if isinstance(v, Mapping) else v for k, v in dict(cfg["arch"]).items()}
         processor = None

@@ -163,7 +163,7 @@ class AttentionProbe:
         self.model = model
         decoder_layers = find_decoder_layers(model)
         if decoder_layers is None:
-            raise ProbeError(f"cannot find decoder layers in {type(model).__name__}; expected model.language_model.layers")
+            raise ProbeError(f"cannot find decoder layers in {type(model).__name__}; not a supported model family (vlm.arch)")
         self.sites: dict[Any, nn.Module] = {}
         for layer in layers:
             if not 0 <= int(layer) < len(decoder_layers):

@@ -1,9 +1,13 @@
-"""Tokenizer and LlavaProcessor for the shapes world, built with the stock `tokenizers`/`transformers` classes.
+"""Tokenizer and processors for the shapes world, built with the stock `tokenizers`/`transformers` classes.
 
-They behave like LLaVA-1.5's: `USER: <image>\\n{question} ASSISTANT:`, the image placeholder expanded by
+`build_processor`: LLaVA-1.5's form, `USER: <image>\\n{question} ASSISTANT:`, the image placeholder expanded by
 LlavaProcessor to 576 image tokens (336 px, patch 14, CLS dropped), BOS prepended, answers end with `</s>`.
+`build_qwen2_vl_processor`: Qwen2-VL's form (`<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>...`),
+the same words plus Qwen's special tokens, images resized to a fixed small pixel count (16 vision tokens at 112 px).
 """
 from __future__ import annotations
+
+from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import LlavaProcessor, PreTrainedTokenizerFast
@@ -37,9 +41,11 @@ def vocabulary() -> dict[str, int]:
     return {w: i for i, w in enumerate(words)}
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level, lower-casing tokenizer; newline and punctuation are tokens, spaces are not."""
+def build_tokenizer(extra_special: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A word-level, lower-casing tokenizer; newline and punctuation are tokens, spaces are not.
+    `extra_special` tokens get the ids after the vocabulary, in order."""
     vocab = vocabulary()
+    vocab.update({t: len(vocab) + i for i, t in enumerate(t for t in extra_special if t not in vocab)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -52,7 +58,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         extra_special_tokens={"image_token": IMAGE_TOKEN}, model_max_length=2048, padding_side="left")
-    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *extra_special]})
     if fast.convert_tokens_to_ids(IMAGE_TOKEN) != vocab[IMAGE_TOKEN]:
         raise RuntimeError("the image token did not keep its fixed id; the vocabulary order is wrong")
     return fast
@@ -77,3 +83,38 @@ def build_processor() -> LlavaProcessor:
 def prompt_for(question: str) -> str:
     """The full single-question prompt in LLaVA-1.5 form."""
     return PROMPT_TEMPLATE.format(question=question)
+
+
+# Qwen2-VL's special tokens (the model config's image / video / vision-start / vision-end ids come from these).
+QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
+QWEN_IMAGE_PIXELS = 112 * 112  # min = max pixels: 112 x 112 -> 8 x 8 patches of 14 -> 4 x 4 = 16 merged tokens
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_vl_processor(pixels: int = QWEN_IMAGE_PIXELS) -> Any:
+    """A Qwen2-VL processor over the shapes world's words (image-only: no video processor, which needs torchvision)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+    return _image_only_qwen2_vl()(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def _image_only_qwen2_vl() -> type:
+    """Qwen2VLProcessor without its video processor (whose base class needs torchvision), built on first use."""
+    from transformers import ProcessorMixin, Qwen2VLProcessor
+
+    class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None, **kwargs: Any):
+            self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyQwen2VLProcessor

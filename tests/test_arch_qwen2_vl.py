@@ -1,0 +1,250 @@
+"""Qwen2-VL on the seam (vlm/arch): a tiny random-weight Qwen2-VL saved with save_pretrained and loaded back through
+vlm.models with the shapes world's Qwen processor (built in code), pruned by the engine (M-RoPE positions kept)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from analysis.collector import AttentionCollector
+from pruning.engine import EngineError, PruningEngine
+from pruning.schedule import MethodInfeasible, Schedule
+from pruning.scorers import register_scorer
+from tests.test_engine import _eager_layer_attention
+from vlm.arch import UnsupportedModelError, for_model
+from vlm.layout import TokenLayout
+from vlm.models import load_from_config
+from vlm.prompts import encode_batch
+from vlm.shapes.world import make_scene, render_scene
+from vlm.tasks.base import VQASample
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = REPO / "configs" / "model" / "qwen2-vl-tiny.yaml"
+N_VISION = 16  # 112 px images: 8 x 8 patches of 14, merged 2 x 2
+
+
+def _preset(**text: object) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(PRESET), resolve=True)
+    cfg["device"] = "cpu"
+    cfg["arch"]["text_config"].update({"initializer_range": 0.2, **text})  # peaked attention: no near-ties in top-k
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """The tiny preset, saved and loaded back through the real loading path (source = a local directory)."""
+    built = load_from_config(_preset())
+    directory = tmp_path_factory.mktemp("qwen2_vl_tiny")
+    built.model.save_pretrained(directory)
+    loaded = load_from_config({"name": "qwen2-vl-tiny", "source": str(directory), "processor": "shapes_qwen2_vl",
+                               "dtype": "float32", "device": "cpu"})
+    assert type(loaded.model).__name__ == "Qwen2VLForConditionalGeneration"
+    return loaded
+
+
+def _samples(questions, seed=0):
+    out = []
+    for i, q in enumerate(questions):
+        image = render_scene(make_scene(seed + i))
+        out.append(VQASample(sample_id=str(i), image=image, question=q, prompt=q, answers=["x"]))
+    return out
+
+
+def _inputs(loaded, questions, seed=0):
+    return encode_batch(loaded.processor, _samples(questions, seed))
+
+
+def _schedule(stages, positions="keep"):
+    return Schedule.from_dict({"stages": [{"layer": l, "keep": k} for l, k in stages], "positions": positions})
+
+
+QUESTIONS = ["what color is the circle ?", "is there a big red square left of the small blue triangle in the image ?"]
+
+
+def test_seam_facts(qwen):
+    arch = qwen.arch
+    assert arch.renumber_positions is False and qwen.vision_tokens_per_image == N_VISION
+    assert len(arch.decoder_layers) == qwen.num_layers == 4
+    sites = arch.vision_sites()
+    assert sites.has_cls is False and sites.projector is qwen.model.model.visual.merger
+    inputs = _inputs(qwen, QUESTIONS[:1])
+    assert int((inputs["input_ids"] == qwen.image_token_id).sum()) == N_VISION
+    with pytest.raises(UnsupportedModelError, match="qwen2_vl"):
+        for_model(torch.nn.Linear(2, 2))
+
+
+def test_keep_all_schedule_gives_the_unpruned_logits(qwen):
+    inputs = _inputs(qwen, QUESTIONS)
+    with torch.no_grad():
+        plain = qwen.model(**inputs).logits
+        with PruningEngine(qwen.model, _schedule([(0, N_VISION), (2, 1.0)])) as engine:
+            pruned = qwen.model(**inputs).logits
+    torch.testing.assert_close(pruned, plain, atol=1e-5, rtol=0)
+    assert engine.record.vision_per_layer == [N_VISION] * 4
+
+
+def test_renumber_is_refused_on_mrope(qwen):
+    with pytest.raises(EngineError, match="positions: keep"):
+        PruningEngine(qwen.model, _schedule([(1, 4)], positions="renumber"))
+
+
+def test_adaptinfer_keeps_the_top_k_of_the_paper_formula(qwen):
+    inputs = _inputs(qwen, QUESTIONS, seed=3)
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], qwen.image_token_id)
+    A = _eager_layer_attention(qwen.model, inputs, 1).double()
+    expected = []
+    for b in range(2):
+        text = layout.text_index[b][layout.text_mask[b]]
+        T = A[b][:, text][:, :, text]  # [H, t, t]
+        S = T + T.transpose(-1, -2) - torch.diag_embed(torch.diagonal(T, dim1=-2, dim2=-1))
+        s = torch.einsum("hj,hjv->v", S.sum(1), A[b][:, text][:, :, layout.vision_index[b]])
+        expected.append(layout.vision_index[b][s.topk(6).indices.sort().values])
+    with PruningEngine(qwen.model, _schedule([(1, 6)]), "adaptinfer") as engine, torch.no_grad():
+        qwen.model(**inputs)
+    assert torch.equal(engine.record.kept_positions[0], torch.stack(expected))
+
+
+@pytest.mark.parametrize("scorer", ["adaptinfer", "fastv"])
+def test_padded_batch_equals_each_row_alone(qwen, scorer):
+    stages = [(0, 8), (2, 3)]
+    both = _inputs(qwen, QUESTIONS, seed=5)
+    with PruningEngine(qwen.model, _schedule(stages), scorer) as engine, torch.no_grad():
+        logits = qwen.model(**both).logits[:, -1]
+        kept_both = [p.clone() for p in engine.record.kept_positions]
+        pad = (both["attention_mask"] == 0).sum(1)  # left padding per row
+        for row, question in enumerate(QUESTIONS):
+            alone = _inputs(qwen, [question], seed=5 + row)
+            single = qwen.model(**alone).logits[:, -1]
+            torch.testing.assert_close(single[0], logits[row], atol=1e-4, rtol=1e-4)
+            for stage, kept in enumerate(engine.record.kept_positions):
+                assert torch.equal(kept[0] + pad[row], kept_both[stage][row])
+
+
+@register_scorer("test_first_vision", rows="text", replace=True)
+def _first_vision(ctx):
+    """Prefers the earliest vision tokens, whatever the text: the same picks with or without generated tokens."""
+    v = ctx.vision_index.shape[1]
+    return -torch.arange(v, dtype=torch.float32).expand(ctx.vision_index.shape[0], v)
+
+
+def test_generate_keep_all_equals_unpruned_and_pruned_uses_the_pruned_cache(qwen):
+    inputs = _inputs(qwen, QUESTIONS, seed=7)
+    gen = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        plain = qwen.model.generate(**inputs, **gen)
+        with PruningEngine(qwen.model, _schedule([(0, N_VISION), (2, 1.0)])):
+            keep_all = qwen.model.generate(**inputs, **gen)
+        assert torch.equal(keep_all, plain)
+        # text-independent picks: every full forward over the tokens so far prunes the same vision tokens, so the
+        # cached, pruned generate must equal greedy decoding by repeated pruned prefills (no cache)
+        with PruningEngine(qwen.model, _schedule([(0, 8), (2, 3)]), "test_first_vision") as engine:
+            pruned = qwen.model.generate(**inputs, **gen)
+            assert engine.record.vision_per_layer == [16, 8, 8, 3]
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            for _ in range(gen["max_new_tokens"]):
+                types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(2, ids.shape[1] - inputs["input_ids"].shape[1],
+                                                                             dtype=torch.long)], 1)
+                step = qwen.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False, **extra)
+                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+                ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(pruned, ids)
+
+
+def test_two_images_in_one_row(qwen):
+    images = [render_scene(make_scene(11)), render_scene(make_scene(12))]
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                 {"type": "text", "text": "what color is the circle ?"}]}]
+    text = qwen.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    inputs = dict(qwen.processor(images=images, text=[text], return_tensors="pt"))
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], qwen.image_token_id)
+    assert layout.num_vision == 2 * N_VISION and len(layout.vision_spans[0]) == 2
+    with torch.no_grad():
+        plain = qwen.model(**inputs).logits
+        with PruningEngine(qwen.model, _schedule([(1, 2 * N_VISION)])):
+            same = qwen.model(**inputs).logits
+        with PruningEngine(qwen.model, _schedule([(1, 5)]), "adaptinfer") as engine:
+            qwen.model(**inputs)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    kept = engine.record.kept_positions[0][0]
+    assert kept.shape == (5,) and set(kept.tolist()) <= set(layout.vision_index[0].tolist())
+
+
+def test_selectors_on_qwen_work_on_merged_tokens_or_are_infeasible(qwen):
+    inputs = _inputs(qwen, QUESTIONS[:1])
+    with pytest.raises(MethodInfeasible, match="no CLS"):
+        with PruningEngine(qwen.model, _schedule([(-1, 4)]), "visionzip"), torch.no_grad():
+            qwen.model(**inputs)
+    with PruningEngine(qwen.model, _schedule([(-1, 4)]), "divprune") as engine, torch.no_grad():
+        qwen.model(**inputs)
+    assert engine.record.vision_per_layer == [4] * 4
+
+
+def test_collector_records_are_the_adaptinfer_scores(qwen):
+    inputs = _inputs(qwen, QUESTIONS, seed=9)
+    with AttentionCollector(qwen, reducer="adaptinfer") as collector, torch.no_grad():
+        qwen.model(**inputs)
+        records = collector.consume()
+    t2v = records.t2v  # [B, L, V]
+    assert tuple(t2v.shape) == (2, 4, N_VISION) and torch.isfinite(t2v).all()
+    with PruningEngine(qwen.model, _schedule([(1, 6)]), "adaptinfer") as engine, torch.no_grad():
+        qwen.model(**inputs)
+    picks = t2v[:, 1].topk(6, dim=-1).indices.sort(-1).values
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], qwen.image_token_id)
+    assert torch.equal(layout.vision_index.gather(1, picks), engine.record.kept_positions[0])
+
+
+def _run_module(module, args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_collect_derive_and_benchmark_from_the_command_line(tmp_path):
+    """`python -m analysis.collect model=qwen2-vl-tiny`, `analysis.derive rule=paper` on its records, and a
+    benchmark row of fastv on the shapes task, each in a subprocess."""
+    records = tmp_path / "records"
+    _run_module("analysis.collect", ["model=qwen2-vl-tiny", "data=shapes_calibration", "model.device=cpu",
+                                     "model.arch.text_config.num_hidden_layers=12", "n_samples=6", "batch_size=2",
+                                     f"hydra.run.dir={records}"], tmp_path)
+    _run_module("analysis.derive", [f"input={records}", "rule=paper", "budget=6", "n_stages=2", "min_layer=0",
+                                    f"output={tmp_path / 'derived'}"], tmp_path)
+    schedule = Schedule.from_yaml(str(tmp_path / "derived" / "schedule.yaml"))
+    assert len(schedule.stages) == 2 and schedule.positions == "keep"
+    results = tmp_path / "bench"
+    _run_module("pruning.benchmark", ["model=qwen2-vl-tiny", "method=fastv", "budgets=[8]", "data=shapes_test",
+                                      "data.limit=2", "model.device=cpu", f"results_dir={results}"], tmp_path)
+    import pandas as pd
+
+    table = pd.read_csv(results / "results.csv")
+    row = table[table["method"] == "fastv"].iloc[0]
+    assert row["status"] == "ok" and row["model"] == "qwen2-vl-tiny"
+
+
+def test_qwen2_5_vl_keep_all_and_pruned_prefill():
+    """Qwen2.5-VL (model_type qwen2_5_vl) through the same seam: keep-all equals unpruned; a stage drops tokens."""
+    cfg = _preset()
+    cfg["arch"]["model_type"] = "qwen2_5_vl"
+    vision = cfg["arch"]["vision_config"]
+    vision.update({"hidden_size": 32, "out_hidden_size": 64, "intermediate_size": 64, "window_size": 56,
+                   "fullatt_block_indexes": [1]})
+    for key in ("embed_dim", "mlp_ratio"):
+        vision.pop(key)
+    loaded = load_from_config(cfg)
+    assert type(loaded.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    inputs = _inputs(loaded, QUESTIONS, seed=13)
+    with torch.no_grad():
+        plain = loaded.model(**inputs).logits
+        with PruningEngine(loaded.model, _schedule([(0, N_VISION)])):
+            same = loaded.model(**inputs).logits
+        with PruningEngine(loaded.model, _schedule([(0, 0.5), (2, 0.25)]), "adaptinfer") as engine:
+            loaded.model(**inputs)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    assert engine.record.vision_per_layer == [16, 8, 8, 2]
