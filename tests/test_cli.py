@@ -45,8 +45,11 @@ def test_hydra_full_error_keeps_the_traceback(tmp_path):
 
 def test_ctrl_c_prints_one_line_and_a_rerun_resumes(tmp_path):
     args = ["analysis.collect", "n_samples=48", "batch_size=4", "shard_size=4", "output=calib"]
+    # SIGINT restored to its default in the child: a test run started in the background (`cmd &` in a script) has it
+    # ignored, and Python then never installs its Ctrl-C handler
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest = tmp_path / "calib" / "manifest.json"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:  # interrupt once a shard is stored
