@@ -166,8 +166,13 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
     tokens: dict[str, list[int]] = {"unpruned": [seq] * n_layers}
     rows = []
 
-    def forward() -> None:
-        loaded.model(**inputs, use_cache=True, logits_to_keep=1)
+    last: dict[str, torch.Tensor] = {}  # the last forward's next-token logits per variant
+    eager_logits: dict[str, torch.Tensor] = {}
+
+    def forward(name: str):
+        def run() -> None:
+            last[name] = loaded.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return run
 
     for mode in modes:
         compiled = mode == "compiled"
@@ -180,12 +185,13 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
                     for name, schedule in schedules.items():
                         with _variant_context(loaded, schedule, scorer, False) as engine, timers[name]:
                             if step < warmup:
-                                forward()
+                                forward(name)()
                             else:
-                                timers[name].run(forward)
+                                timers[name].run(forward(name))
                         if engine is not None:
                             tokens[name] = list(engine.record.tokens_per_layer)
                 times = {name: t.times_ms for name, t in timers.items()}
+                eager_logits = {name: logits.float().clone() for name, logits in last.items()}
                 status = {name: "eager" for name in schedules}
             else:
                 for name, schedule in schedules.items():
@@ -194,19 +200,24 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
                     timer = StageTimer(loaded)
                     with _variant_context(loaded, schedule, scorer, True) as ctx, timer:
                         for _ in range(max(warmup, 3)):
-                            forward()
+                            forward(name)()
                         for _ in range(repeats):
-                            timer.run(forward)
+                            timer.run(forward(name))
                         status[name] = "compiled" if ctx.compiled else f"eager (fallback: {ctx.compile_fallback if schedule is not None else ctx.fallback_reason})"
                     times[name] = timer.times_ms
-        base = {k: statistics.median(v) for k, v in times["unpruned"].items()}
-        base_flops = prefill_flops(tokens["unpruned"], tc.hidden_size, tc.intermediate_size)
         if "unpruned" not in times:
             raise SystemExit("--compile-variants must include unpruned (the ratios' base)")
+        base = {k: statistics.median(v) for k, v in times["unpruned"].items()}
+        base_flops = prefill_flops(tokens["unpruned"], tc.hidden_size, tc.intermediate_size)
         for name, ts in times.items():
             med = {k: statistics.median(v) for k, v in ts.items()}
             flops = prefill_flops(tokens[name], tc.hidden_size, tc.intermediate_size)
-            rows.append({"mode": status[name], "variant": name, "vision_ms": med["vision"], "ms": med["decoder"],
+            check = {}
+            if compiled and name in eager_logits:  # the compiled forward against the eager one, same inputs
+                got, want = last[name].float(), eager_logits[name]
+                check = {"max_logit_diff": float((got - want).abs().max()),
+                         "same_argmax": float((got.argmax(-1) == want.argmax(-1)).float().mean())}
+            rows.append({**check, "mode": status[name], "variant": name, "vision_ms": med["vision"], "ms": med["decoder"],
                          "ttft_ms": med["ttft"], "spread_ms": max(ts["decoder"]) - min(ts["decoder"]),
                          "latency_ratio": med["decoder"] / base["decoder"], "ttft_ratio": med["ttft"] / base["ttft"],
                          "tflops_per_sample": flops / 1e12, "flops_ratio": flops / base_flops,
@@ -245,11 +256,13 @@ def main() -> None:
         "the latency ratio is of this column) and the whole forward (TTFT ms: time to the first token's logits). "
         "Medians of repeats after warm-up; eager variants interleaved, compiled ones in blocks (one graph each, "
         "compiled against compiled). Budgets in the processed convention (mean vision tokens per decoder layer). "
-        "keep-all = the same stage layers keeping every token: its extra time is the scorer's cost.",
+        "keep-all = the same stage layers keeping every token: its extra time is the scorer's cost. Compiled rows "
+        "also compare their next-token logits with the eager forward of the same variant (max abs difference, "
+        "share of rows with the same next token).",
         "",
         "| model | attention | batch | execution | variant | budget | vision ms | decoder ms | spread ms | TTFT ms | "
-        "latency ratio | TTFT ratio | TFLOPs/sample | FLOPs ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "latency ratio | TTFT ratio | TFLOPs/sample | FLOPs ratio | vs eager: max abs logit diff, same next token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in args.models:
         for attn in args.attn:
@@ -260,7 +273,9 @@ def main() -> None:
                     line = (f"| {name} | {attn} | {batch} | {row['mode']} | {row['variant']} | "
                             f"{row['budget_processed']:.1f} | {row['vision_ms']:.1f} | {row['ms']:.1f} | "
                             f"{row['spread_ms']:.1f} | {row['ttft_ms']:.1f} | {row['latency_ratio']:.3f} | "
-                            f"{row['ttft_ratio']:.3f} | {row['tflops_per_sample']:.4f} | {row['flops_ratio']:.3f} |")
+                            f"{row['ttft_ratio']:.3f} | {row['tflops_per_sample']:.4f} | {row['flops_ratio']:.3f} | "
+                            + (f"{row['max_logit_diff']:.2e}, {row['same_argmax']:.0%} |" if "max_logit_diff" in row
+                               else "- |"))
                     print(line, flush=True)
                     lines.append(line)
             del loaded

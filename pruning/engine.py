@@ -459,7 +459,8 @@ class PruningEngine:
         self.record.stage_picks.append((st.cur_idx, kept_pos))
         drop_mask = st.is_vision.scatter(1, kept_pos, False)
         st.pending = _false_positions(drop_mask, st.cur_idx.shape[1] - st.n_vision + k)
-        st.vision_cur = torch.searchsorted(st.pending, kept_pos)  # where the kept ones sit once the drop is applied
+        # where the kept ones sit once the drop is applied (a slice of sort indices: contiguous at batch 1 only)
+        st.vision_cur = torch.searchsorted(st.pending.contiguous(), kept_pos)
         st.pending_vision = k
 
     def _merge_dropped(self, hidden: Tensor) -> Tensor:

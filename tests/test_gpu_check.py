@@ -33,5 +33,7 @@ def test_gpu_check_dry_run_with_compiled_rows(tmp_path):
     for variant in ("unpruned", "adaptinfer_7b_64", "adaptinfer_7b_128", "keep-all"):
         assert f"| eager | {variant}" in table
         assert f"| compiled | {variant}" in table  # batch 1: every variant compiled, none fell back
+    compiled_rows = [line for line in table.splitlines() if "| compiled |" in line]
+    assert compiled_rows and all(line.endswith(", 100% |") for line in compiled_rows)  # same next token as eager
     assert "| tiny | sdpa | 2 | compiled | adaptinfer_7b_64" in table  # the large batch: unpruned and "64"
     assert "| tiny | sdpa | 2 | eager |" in table
