@@ -6,7 +6,8 @@
 # time to first token, unpruned, keep-all and the AdaptInfer "64" / "128" presets,
 #   1. eager at batch 1 and 8, SDPA and (when installed) FlashAttention-2;
 #   2. compiled (pruning inside one graph, CUDA graphs: `PruningEngine(compile=True)`), SDPA: all four variants at
-#      batch 1, unpruned and "64" at batch 8 (each compiled variant builds its own graph: about a minute each).
+#      batch 1, unpruned and "64" at batch 8 (each compiled variant builds its own graph: about a minute each);
+#      every compiled row also compares its next-token logits with the eager forward's (last column).
 # Goals (issue 17): batch-1 decoder "64" <= 0.35x unpruned compiled against compiled; batch 8 <= 0.30x.
 # Budget: about 8 minutes on an H100/H200 (the compiles dominate); set COMPILE=0 to skip part 2.
 set -euo pipefail
