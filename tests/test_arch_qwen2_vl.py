@@ -248,3 +248,24 @@ def test_qwen2_5_vl_keep_all_and_pruned_prefill():
             loaded.model(**inputs)
     torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
     assert engine.record.vision_per_layer == [16, 8, 8, 2]
+
+
+def test_compiled_pruned_prefill_on_qwen_equals_eager(qwen):
+    """The compiled prefill (pruning inside one graph) on the M-RoPE family: the same logits and kept tokens."""
+    import torch._dynamo
+
+    inputs = _inputs(qwen, QUESTIONS)
+    schedule = _schedule([(0, 8), (2, 3)])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            with PruningEngine(qwen.model, schedule) as engine:
+                eager = qwen.model(**inputs).logits
+                kept = [k.tolist() for k in engine.record.kept_positions]
+            with PruningEngine(qwen.model, schedule, compile=True) as engine:
+                compiled = qwen.model(**inputs).logits
+                assert engine.compiled and engine.compile_fallback is None
+                assert [k.tolist() for k in engine.record.kept_positions] == kept
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
