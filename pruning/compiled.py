@@ -73,7 +73,6 @@ class CompiledPrefill:
     """Context manager: the language model's prefill runs through `torch.compile` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, mode: str | None = None) -> None:
-        self.model = model
         self.lm = _language_model(model)
         device = next(model.parameters()).device
         self.mode = check_mode(mode) or default_mode(device)

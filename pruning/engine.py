@@ -606,7 +606,3 @@ def _false_positions(mask: Tensor, count: int) -> Tensor:
     """Ascending positions [B, count] of the False entries of mask [B, N] (`_true_positions` of ~mask, one op less)."""
     return torch.sort(mask, dim=1, stable=True).indices[:, :count]  # False sorts first; stable keeps the order
 
-
-def _current_positions(cur_idx: Tensor, orig: Tensor) -> Tensor:
-    """Where original positions `orig` [B, R] sit in the current sequence (cur_idx [B, N'] ascending)."""
-    return torch.searchsorted(cur_idx.contiguous(), orig.contiguous())
