@@ -52,12 +52,49 @@ def test_prompt_without_image_tokens_is_a_clear_error():
 
 
 def test_image_token_count_not_matching_features_is_a_clear_error():
-    with pytest.raises(LayoutError, match="not a multiple of the 576"):
+    with pytest.raises(LayoutError, match="575 image tokens, not a multiple of the 576"):
         TokenLayout.from_batch(torch.tensor([[1] + [I] * 575 + [3]]), None, I, tokens_per_image=576)
 
 
-def test_rows_with_different_image_counts_and_no_text():
-    with pytest.raises(LayoutError, match="different numbers of image tokens"):
-        TokenLayout.from_batch(torch.tensor([[1, I, I, 3], [1, I, 3, 3]]), None, I)
+def test_rows_with_no_text_is_a_clear_error():
     with pytest.raises(LayoutError, match="no text token after"):
         TokenLayout.from_batch(torch.tensor([[1, 2, I, I]]), None, I)
+
+
+def test_rows_with_different_vision_counts_are_padded_and_masked():
+    """Images of different sizes: each row's vision positions first, its last one as filler, a mask and the counts;
+    the text, system and last-token fields are each row's own, as if the row were laid out alone."""
+    input_ids = torch.tensor([
+        [P, P, 1, I, I, 4, 5, 6],
+        [1, I, I, I, I, 9, 5, 6],
+        [P, 1, I, I, I, 4, 5, 6],
+    ])
+    mask = (input_ids != P).long()
+    lay = TokenLayout.from_batch(input_ids, mask, I, tokens_per_image=1)
+    assert lay.ragged and lay.vision_counts == (2, 4, 3) and lay.max_vision == 4
+    assert lay.vision_index.tolist() == [[3, 4, 4, 4], [1, 2, 3, 4], [2, 3, 4, 4]]
+    assert lay.vision_valid.tolist() == [[True, True, False, False], [True] * 4, [True, True, True, False]]
+    assert lay.vision_valid_mask() is lay.vision_valid
+    assert lay.vision_spans == [[(3, 5)], [(1, 5)], [(2, 5)]]
+    assert lay.text_index.tolist() == [[5, 6, 7], [5, 6, 7], [5, 6, 7]] and bool(lay.text_mask.all())
+    assert lay.system_index.tolist() == [[2], [0], [1]]
+    for row in range(3):  # each row alone gives the same positions, shifted by its padding
+        real = mask[row].bool()
+        alone = TokenLayout.from_batch(input_ids[row][real][None], None, I)
+        shift = int((~real).sum())
+        assert not alone.ragged and alone.num_vision == lay.vision_counts[row]
+        assert (alone.vision_index[0] + shift).tolist() == lay.vision_index[row][lay.vision_valid[row]].tolist()
+        assert (alone.text_index[0] + shift).tolist() == lay.text_index[row].tolist()
+    with pytest.raises(LayoutError, match=r"different numbers of vision tokens \[2, 4, 3\].*vision_counts"):
+        lay.num_vision
+    static = TokenLayout.from_batch(input_ids, mask, I, static=True)
+    assert static.text_index.shape == (3, 8 - 2)
+
+
+def test_equal_counts_keep_the_unpadded_tensors():
+    input_ids = torch.tensor([[1, I, I, 4], [I, I, 5, 6]])
+    lay = TokenLayout.from_batch(input_ids, None, I)
+    assert not lay.ragged and lay.vision_valid is None and lay.vision_counts == (2, 2)
+    assert lay.num_vision == lay.max_vision == 2 and lay.vision_valid_mask().all()
+    with pytest.raises(LayoutError, match="row 1 has 3 image tokens, not a multiple of the 2"):
+        TokenLayout.from_batch(torch.tensor([[1, I, I, 4, 4], [I, I, I, 5, 6]]), None, I, tokens_per_image=2)

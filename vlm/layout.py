@@ -23,18 +23,26 @@ class TokenLayout:
     """
 
     valid: Tensor  # [B, N] bool: real (non-padding) tokens
-    vision_index: Tensor  # [B, V] long: positions of the vision tokens, ascending
+    vision_index: Tensor  # [B, Vmax] long: positions of the vision tokens, ascending; filler = the row's last one
     text_index: Tensor  # [B, T] long: positions of the text tokens, ascending; filler = last real token
     text_mask: Tensor  # [B, T] bool: True where text_index is a real text token
     last_index: Tensor  # [B] long: position of the last real token (the one that predicts the next)
     vision_mask: Tensor | None = None  # [B, N] bool: True at the vision tokens
     text_full: bool = False  # every entry of text_mask is True (no filler), known on the host
+    vision_valid: Tensor | None = None  # [B, Vmax] bool: True where vision_index is a real vision token; None when
+    # every row holds the same count (then every entry is real: nothing to mask, nothing built)
+    vision_counts: tuple[int, ...] = ()  # vision tokens per row, on the host
     _host: dict | None = field(default=None, repr=False)  # host arrays behind the lazily built fields below
 
     @property
     def vision_spans(self) -> list[list[tuple[int, int]]]:
         """Per row, [start, end) of each contiguous run of image tokens."""
-        return [_runs(row.tolist()) for row in self._host["vision_index"]]
+        return [_runs(row[:count].tolist()) for row, count in zip(self._host["vision_index"], self.vision_counts)]
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the rows hold different numbers of vision tokens (vision_index is then padded, see vision_valid)."""
+        return self.vision_valid is not None
 
     @property
     def _system(self) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +73,25 @@ class TokenLayout:
 
     @property
     def num_vision(self) -> int:
+        """The vision-token count of every row; LayoutError when the rows' counts differ (see `vision_counts`)."""
+        if self.vision_valid is not None:
+            raise LayoutError(
+                f"rows hold different numbers of vision tokens {list(self.vision_counts)} (images of different "
+                "sizes), so there is no one count per row: read vision_counts / max_vision and mask with "
+                "vision_valid, or batch images that give the same number of tokens"
+            )
         return self.vision_index.shape[1]
+
+    @property
+    def max_vision(self) -> int:
+        """Width Vmax of vision_index: the largest vision-token count of a row."""
+        return self.vision_index.shape[1]
+
+    def vision_valid_mask(self) -> Tensor:
+        """[B, Vmax] bool: True where vision_index is a real vision token (all True, built now, when not ragged)."""
+        if self.vision_valid is not None:
+            return self.vision_valid
+        return torch.ones(self.vision_index.shape, dtype=torch.bool, device=self.vision_index.device)
 
     @property
     def text_lengths(self) -> Tensor:  # [B]
@@ -84,12 +110,15 @@ class TokenLayout:
         tokens_per_image: int | None = None,
         static: bool = False,
     ) -> "TokenLayout":
-        """Lay out a batch. Every row must hold the same number of image tokens (same images per row).
+        """Lay out a batch. Rows may hold different numbers of image tokens (images of different sizes).
 
         input_ids: [B, N]; attention_mask: [B, N] (1 = real token) or None (no padding).
         `tokens_per_image`, when given, must divide each row's image-token count (LLaVA: 576 per image).
-        `static`: text_index / text_mask get the width N - V (every non-vision token could be text) instead of the
-        batch's longest text, so that a compiled forward has one shape for all prompts of one length.
+        `static`: text_index / text_mask get the width N - min(V) (every non-vision token could be text) instead of
+        the batch's longest text, so that a compiled forward has one shape for all prompts of one length.
+        When the counts differ, vision_index is [B, Vmax] with each row's positions first and its last vision
+        position as filler, vision_valid [B, Vmax] marks the real ones and vision_counts holds each row's count;
+        when they are equal, vision_valid is None and the tensors are exactly those of an unpadded [B, V] layout.
 
         The layout is computed on the host from one copy of the ids and the mask, before the vision tower queues any
         work: on a GPU that is the forward's one read of device values, and nothing else waits for the device.
@@ -113,29 +142,32 @@ class TokenLayout:
                     f"row {row} has no image token (id {image_token_id}); a LLaVA prompt must contain the image "
                     "placeholder (e.g. 'USER: <image>\\n...') and the processor must expand it"
                 )
-        if not (counts == counts[0]).all():
-            raise LayoutError(
-                f"rows hold different numbers of image tokens {counts.tolist()}; batch rows with the same number "
-                "of images (or run them one at a time)"
-            )
-        n_vision = int(counts[0])
-        if tokens_per_image is not None and n_vision % tokens_per_image != 0:
-            raise LayoutError(
-                f"each row has {n_vision} image tokens, not a multiple of the {tokens_per_image} features one image "
-                "gives; the prompt's placeholder was not expanded to the vision tower's token count"
-            )
+            if tokens_per_image is not None and counts[row] % tokens_per_image != 0:
+                raise LayoutError(
+                    f"row {row} has {int(counts[row])} image tokens, not a multiple of the {tokens_per_image} features "
+                    "one image gives; the prompt's placeholder was not expanded to the vision tower's token count"
+                )
+        equal = bool((counts == counts[0]).all())
         positions = np.arange(seq)
-        vision_index = np.nonzero(is_image)[1].reshape(batch, n_vision)  # row-major, so ascending per row
+        if equal:
+            n_vision = int(counts[0])
+            vision_index = np.nonzero(is_image)[1].reshape(batch, n_vision)  # row-major, so ascending per row
+            vision_valid, last_vision = None, vision_index[:, -1:]
+        else:
+            last_vision = np.where(is_image, positions, -1).max(-1, keepdims=True)  # [B, 1]
+            vision_index, vision_valid = _packed_index(is_image, filler=last_vision[:, 0])
+        first_vision = vision_index[:, :1]
         last_index = np.where(valid, positions, -1).max(-1)  # [B]
-        is_text = valid & (positions > vision_index[:, -1:])
-        is_system = valid & (positions < vision_index[:, :1])
+        is_text = valid & (positions > last_vision)
+        is_system = valid & (positions < first_vision)
         for row in range(batch):
             if not is_text[row].any():
                 raise LayoutError(
                     f"row {row} has no text token after its image tokens; put the question after the image "
                     "placeholder ('<image>\\n{question}')"
                 )
-        text_index, text_mask = _packed_index(is_text, filler=last_index, width=seq - n_vision if static else None)
+        width = seq - int(counts.min()) if static else None
+        text_index, text_mask = _packed_index(is_text, filler=last_index, width=width)
 
         def dev(a: np.ndarray) -> Tensor:
             t = torch.from_numpy(np.ascontiguousarray(a))
@@ -149,6 +181,8 @@ class TokenLayout:
             last_index=dev(last_index.astype(np.int64)),
             vision_mask=dev(is_image),
             text_full=bool(text_mask.all()),
+            vision_valid=None if vision_valid is None else dev(vision_valid),
+            vision_counts=tuple(int(c) for c in counts),
             _host={"vision_index": vision_index, "valid": valid, "is_system": is_system},
         )
 
