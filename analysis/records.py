@@ -6,6 +6,11 @@ Layout of a run directory::
       manifest.json            identity (model, data, reducer, num_layers, num_vision), versions, shards
       shards/shard-00000.pt    {"ids": [str], "t2v": [N, L, V] float32, "scalars": {name: [N, L] float32}}
 
+`num_vision` is the vision-token count V of every sample, or null when it varies per sample (Qwen2-VL's dynamic
+resolution: V follows each image's size). A shard of such a store also holds `"vision_counts": [N] int64`, and its
+t2v is [N, L, Vmax] with Vmax = the shard's largest count and zeros after each sample's own V. Fixed-V stores are
+written exactly as before (no vision_counts), so stores written before variable V existed read unchanged.
+
 Each shard is written to a temporary name in `shards/`; then, holding the store's lock
 (`manifest.json.lock`, `vlm.parallel.locked`), the writer re-reads the manifest, takes the next shard
 index, moves the shard into place with `os.replace` and saves the manifest (itself written to a
@@ -62,14 +67,22 @@ class Records:
     """All samples of a record store, concatenated in the order the shards were written."""
 
     ids: list[str]
-    t2v: Tensor  # [N, L, V] float32 text-to-vision attention per layer
+    t2v: Tensor  # [N, L, V] float32 text-to-vision attention per layer ([N, L, Vmax], zero-padded, when ragged)
     scalars: dict[str, Tensor]  # name -> [N, L] float32 per-layer scalar
     manifest: dict[str, Any] = field(default_factory=dict)
+    vision_counts: Tensor | None = None  # [N] int64 vision tokens of each sample; None: every sample has V
 
     def __post_init__(self) -> None:
         n = len(self.ids)
         if self.t2v.ndim != 3 or self.t2v.shape[0] != n:
             raise RecordsError(f"Records.t2v has shape {tuple(self.t2v.shape)}; expected [N={n}, L, V]")
+        if self.vision_counts is not None:
+            counts = self.vision_counts
+            if counts.shape != (n,) or counts.is_floating_point() or (n and not (
+                    int(counts.min()) >= 1 and int(counts.max()) <= self.t2v.shape[2])):
+                raise RecordsError(
+                    f"Records.vision_counts must be [N={n}] ints in 1..{self.t2v.shape[2]} (the width of t2v), got "
+                    f"{counts.tolist() if counts.numel() <= 8 else tuple(counts.shape)}")
         for name, values in self.scalars.items():
             if tuple(values.shape) != (n, self.t2v.shape[1]):
                 raise RecordsError(
@@ -85,13 +98,53 @@ class Records:
         return int(self.t2v.shape[1])
 
     @property
+    def ragged(self) -> bool:
+        """Whether the samples hold different numbers of vision tokens (t2v is then padded; see vision_mask)."""
+        counts = self.vision_counts
+        return counts is not None and bool((counts != self.t2v.shape[2]).any())
+
+    @property
     def num_vision(self) -> int:
-        """Number of vision tokens V."""
+        """Number of vision tokens V of every sample; RecordsError when it differs between samples."""
+        if self.ragged:
+            raise RecordsError(
+                f"these records hold a different number of vision tokens per sample ({self.vision_range()}); there "
+                "is no one V: use vision_counts / vision_mask() / sample_t2v(i)"
+            )
         return int(self.t2v.shape[2])
 
+    @property
+    def max_vision(self) -> int:
+        """Width Vmax of t2v: the largest vision-token count of a sample."""
+        return int(self.t2v.shape[2])
+
+    def counts(self) -> Tensor:
+        """[N] int64 vision tokens of each sample."""
+        if self.vision_counts is not None:
+            return self.vision_counts
+        return torch.full((len(self.ids),), self.t2v.shape[2], dtype=torch.long)
+
+    def vision_range(self) -> str:
+        """The samples' vision-token counts as 'V' or 'Vmin..Vmax'."""
+        counts = self.counts()
+        lo, hi = (int(counts.min()), int(counts.max())) if len(counts) else (0, 0)
+        return str(lo) if lo == hi else f"{lo}..{hi}"
+
+    def vision_mask(self) -> Tensor:
+        """[N, Vmax] bool: True where t2v[i, :, v] is a real vision token of sample i."""
+        return torch.arange(self.t2v.shape[2])[None, :] < self.counts()[:, None]
+
+    def sample_t2v(self, i: int) -> Tensor:
+        """Sample i's own attention: [L, V_i]."""
+        return self.t2v[i, :, : int(self.counts()[i])]
+
     def mean_t2v(self) -> Tensor:
-        """Mean text-to-vision attention over samples. -> [L, V]"""
-        return self.t2v.mean(dim=0)
+        """Mean text-to-vision attention over samples -> [L, V]; when ragged [L, Vmax], each token index averaged
+        over the samples that have it."""
+        if not self.ragged:
+            return self.t2v.mean(dim=0)
+        mask = self.vision_mask()  # [N, Vmax]
+        return self.t2v.sum(dim=0) / mask.sum(0).clamp_min(1)[None, :]
 
     def mean_scalar(self, name: str) -> Tensor:
         """Mean of one per-layer scalar over samples. -> [L]"""
@@ -107,6 +160,7 @@ class Records:
             t2v=self.t2v[idx],
             scalars={k: v[idx] for k, v in self.scalars.items()},
             manifest=self.manifest,
+            vision_counts=None if self.vision_counts is None else self.vision_counts[idx],
         )
 
 
@@ -154,8 +208,11 @@ def _check_new_manifest(manifest: Mapping[str, Any]) -> None:
         )
     for key in ("num_layers", "num_vision"):
         value = manifest[key]
+        if key == "num_vision" and value is None:  # varies per sample
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise RecordsError(f"manifest[{key!r}] must be a positive int, got {value!r}")
+            raise RecordsError(f"manifest[{key!r}] must be a positive int" + (
+                " (or null: a different number per sample)" if key == "num_vision" else "") + f", got {value!r}")
     if "shards" in manifest:
         raise RecordsError("manifest['shards'] is managed by RecordStore; leave it out of the caller's manifest")
     try:
@@ -241,9 +298,15 @@ class RecordStore:
         return int(self.manifest["num_layers"])
 
     @property
-    def num_vision(self) -> int:
-        """Vision tokens V of every record."""
-        return int(self.manifest["num_vision"])
+    def num_vision(self) -> int | None:
+        """Vision tokens V of every record; None when the store holds a different number per sample."""
+        value = self.manifest["num_vision"]
+        return None if value is None else int(value)
+
+    @property
+    def variable_vision(self) -> bool:
+        """Whether the store holds a different number of vision tokens per sample (manifest num_vision null)."""
+        return self.manifest["num_vision"] is None
 
     def done_ids(self) -> set[str]:
         """Ids of the samples in the shards the manifest lists."""
@@ -259,10 +322,13 @@ class RecordStore:
 
     # ---- writing --------------------------------------------------------------------------------
     def write_shard(self, ids: Sequence[str], t2v: ArrayLike, scalars: Mapping[str, ArrayLike],
-                    positions: Sequence[int] | None = None) -> Path:
+                    positions: Sequence[int] | None = None, vision_counts: Sequence[int] | Tensor | None = None) -> Path:
         """Write one shard of N samples: t2v [N, L, V], scalars name -> [N, L]; returns its path.
 
         `positions` (optional, N ints): each sample's index in the split's order, by which `load()` orders samples.
+        `vision_counts` (N ints): each sample's vision tokens V_i, needed by a store with a different V per sample
+        (manifest num_vision null); t2v is then [N, L, W >= max V_i], read up to each V_i. A fixed-V store takes
+        none (or counts all equal to its V).
         """
         if not self.writable:
             raise RecordsError(f"{self.run_dir} was opened read-only; use RecordStore.create_or_resume to write")
@@ -286,8 +352,13 @@ class RecordStore:
                 raise RecordsError(f"write_shard got {len(positions)} positions for {n} ids; give one per sample")
         L, V = self.num_layers, self.num_vision
         t2v_t = _as_float32("t2v", t2v)
-        if tuple(t2v_t.shape) != (n, L, V):
+        counts_t = self._check_counts(vision_counts, n, t2v_t)
+        if counts_t is not None:
+            t2v_t = _zero_padding(t2v_t[:, :, : int(counts_t.max())].contiguous(), counts_t)
+        elif tuple(t2v_t.shape) != (n, L, V):
             raise RecordsError(f"t2v has shape {tuple(t2v_t.shape)}; expected [N={n}, L={L}, V={V}]")
+        if t2v_t.shape[1] != L:
+            raise RecordsError(f"t2v has shape {tuple(t2v_t.shape)}; expected [N={n}, L={L}, V]")
         names = sorted(scalars)
         expected = self.manifest.get("scalar_names")
         if expected is not None and names != expected:
@@ -300,7 +371,9 @@ class RecordStore:
             scalars_t[name] = s
 
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        payload = {"ids": ids, "t2v": t2v_t, "scalars": scalars_t}
+        payload: dict[str, Any] = {"ids": ids, "t2v": t2v_t, "scalars": scalars_t}
+        if counts_t is not None:
+            payload["vision_counts"] = counts_t
         pending = self.shard_dir / f".shard{TMP_MARKER}-{self.writer}-{os.getpid()}"
         try:
             torch.save(payload, pending)
@@ -330,6 +403,33 @@ class RecordStore:
                 pending.unlink()
         return path
 
+    def _check_counts(self, vision_counts: Sequence[int] | Tensor | None, n: int, t2v: Tensor) -> Tensor | None:
+        """The shard's per-sample vision counts [N] int64 for a variable-V store (None for a fixed one); RecordsError
+        naming what is wrong otherwise."""
+        V = self.num_vision
+        if vision_counts is None:
+            if V is None:
+                raise RecordsError(
+                    "this store records a different number of vision tokens per sample (manifest num_vision null): "
+                    "give write_shard vision_counts=[V_1, ..., V_N]"
+                )
+            return None
+        counts = torch.as_tensor(vision_counts).detach().cpu()
+        if counts.is_floating_point() or counts.shape != (n,) or (n and int(counts.min()) < 1):
+            raise RecordsError(f"vision_counts must be {n} ints >= 1 (one per sample), got {counts.tolist()}")
+        counts = counts.to(torch.int64)
+        if V is not None:
+            if bool((counts != V).any()):
+                raise RecordsError(
+                    f"vision_counts {counts.tolist()} differ from this store's num_vision={V}; a store with a "
+                    "different V per sample needs num_vision: null in its manifest (use a new run directory)"
+                )
+            return None
+        if t2v.ndim != 3 or t2v.shape[2] < int(counts.max()):
+            raise RecordsError(f"t2v has shape {tuple(t2v.shape)}; expected [N={n}, L={self.num_layers}, "
+                               f"W >= {int(counts.max())}] (the largest of vision_counts)")
+        return counts
+
     # ---- reading --------------------------------------------------------------------------------
     def load(self) -> Records:
         """All samples, each shard checked against the manifest: in split order when every shard lists its samples'
@@ -341,18 +441,23 @@ class RecordStore:
             )
         ids: list[str] = []
         t2v: list[Tensor] = []
+        counts: list[Tensor] = []
         scalars: dict[str, list[Tensor]] = {name: [] for name in self.manifest.get("scalar_names") or []}
         for entry in shards:
             data = self._read_shard(entry)
             ids.extend(data["ids"])
             t2v.append(data["t2v"])
+            if self.variable_vision:
+                counts.append(data["vision_counts"])
             for name in scalars:
                 scalars[name].append(data["scalars"][name])
+        width = max(part.shape[2] for part in t2v)
         records = Records(
             ids=ids,
-            t2v=torch.cat(t2v, dim=0),
+            t2v=torch.cat([_pad_vision(part, width) for part in t2v], dim=0),
             scalars={k: torch.cat(v, dim=0) for k, v in scalars.items()},
             manifest=dict(self.manifest),
+            vision_counts=torch.cat(counts) if self.variable_vision else None,
         )
         if all("positions" in entry for entry in shards):
             positions = [p for entry in shards for p in entry["positions"]]
@@ -366,7 +471,7 @@ class RecordStore:
         for entry in self.manifest["shards"]:
             data = self._read_shard(entry)
             yield Records(ids=list(data["ids"]), t2v=data["t2v"], scalars=dict(data["scalars"]),
-                          manifest=dict(self.manifest))
+                          manifest=dict(self.manifest), vision_counts=data.get("vision_counts"))
 
     def _read_shard(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """Load and validate one listed shard; RecordsError names the file and the remedy."""
@@ -387,7 +492,10 @@ class RecordStore:
             problem = "it is not a record shard (needs ids, t2v, scalars)"
         elif list(data["ids"]) != list(entry["ids"]):
             problem = "its ids differ from the ones the manifest lists for it"
-        elif not isinstance(data["t2v"], Tensor) or tuple(data["t2v"].shape) != (n, L, V):
+        elif V is None and not _counts_fit(data.get("vision_counts"), data["t2v"], n, L):
+            problem = (f"it needs vision_counts [N={n}] ints >= 1 and t2v [N={n}, L={L}, max(vision_counts)] (this "
+                       "store has a different V per sample)")
+        elif V is not None and (not isinstance(data["t2v"], Tensor) or tuple(data["t2v"].shape) != (n, L, V)):
             shape = tuple(getattr(data["t2v"], "shape", ()))
             problem = f"t2v has shape {shape}, expected [N={n}, L={L}, V={V}]"
         else:
@@ -452,6 +560,30 @@ class RecordStore:
                 self.manifest["scalar_names"] = None
             self._save_manifest()
         self._clean_leftovers()
+
+
+def _counts_fit(counts: Any, t2v: Any, n: int, num_layers: int) -> bool:
+    """Whether a variable-V shard's vision_counts [N] and t2v [N, L, max(counts)] agree."""
+    if not isinstance(counts, Tensor) or not isinstance(t2v, Tensor) or counts.is_floating_point():
+        return False
+    if tuple(counts.shape) != (n,) or (n and int(counts.min()) < 1):
+        return False
+    return tuple(t2v.shape) == (n, num_layers, int(counts.max()) if n else 0)
+
+
+def _zero_padding(t2v: Tensor, counts: Tensor) -> Tensor:
+    """t2v [N, L, W] with the entries past each sample's count set to 0 (a copy only when something changes)."""
+    pad = torch.arange(t2v.shape[2])[None, :] >= counts[:, None]  # [N, W]
+    if not bool(pad.any()):
+        return t2v
+    return t2v.masked_fill(pad[:, None, :], 0.0)
+
+
+def _pad_vision(t2v: Tensor, width: int) -> Tensor:
+    """t2v [N, L, W] zero-padded on the vision axis to [N, L, width]."""
+    if t2v.shape[2] == width:
+        return t2v
+    return torch.nn.functional.pad(t2v, (0, width - t2v.shape[2]))
 
 
 __all__ = [

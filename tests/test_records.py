@@ -209,3 +209,99 @@ def test_write_validation(tmp_path: Path) -> None:
         RecordStore.open(tmp_path).write_shard(["s8"], t2v[:1], {k: v[:1] for k, v in sc.items()})
     with pytest.raises(RecordsError, match=r"manifest\['num_vision'\] must be a positive int"):
         RecordStore.create_or_resume(tmp_path / "x", manifest(num_vision=0))
+
+
+# -- a different number of vision tokens per sample (manifest num_vision null) --------------------------------------
+def ragged_batch(start: int, counts: list[int], seed: int = 0) -> tuple[list[str], list[torch.Tensor], dict]:
+    """Per-sample t2v [L, V_i] (the V_i in `counts`) and scalars, as a collector of images of different sizes gives."""
+    g = torch.Generator().manual_seed(seed + start)
+    ids = [f"s{i:04d}" for i in range(start, start + len(counts))]
+    per_sample = [torch.rand(L, v, generator=g) for v in counts]
+    n = len(counts)
+    scalars = {"vision_share": torch.rand(n, L, generator=g), "prior_entropy": torch.rand(n, L, generator=g)}
+    return ids, per_sample, scalars
+
+
+def padded(per_sample: list[torch.Tensor], width: int | None = None, fill: float = 0.0) -> torch.Tensor:
+    width = width or max(t.shape[1] for t in per_sample)
+    out = torch.full((len(per_sample), L, width), fill)
+    for i, t in enumerate(per_sample):
+        out[i, :, : t.shape[1]] = t
+    return out
+
+
+def test_variable_vision_store_round_trip(tmp_path: Path) -> None:
+    store = RecordStore.create_or_resume(tmp_path, manifest(num_vision=None))
+    assert store.num_vision is None and store.variable_vision
+    first = ragged_batch(0, [3, 7, 5])
+    second = ragged_batch(3, [4, 2])
+    # a collector batch is padded to its own widest sample, with anything after each V_i: the store keeps V_i only
+    store.write_shard(first[0], padded(first[1], width=9, fill=0.5), first[2], vision_counts=[3, 7, 5])
+    store.write_shard(second[0], padded(second[1]), second[2], vision_counts=torch.tensor([4, 2]))
+    raw = torch.load(tmp_path / "shards" / "shard-00000.pt", weights_only=True)
+    assert raw["t2v"].shape == (3, L, 7) and raw["vision_counts"].tolist() == [3, 7, 5]
+    rec = RecordStore.open(tmp_path).load()
+    assert rec.ragged and rec.max_vision == 7 and rec.counts().tolist() == [3, 7, 5, 4, 2]
+    assert rec.vision_range() == "2..7" and rec.t2v.shape == (5, L, 7)
+    for i, t in enumerate(first[1] + second[1]):
+        assert torch.equal(rec.sample_t2v(i), t)
+    assert torch.equal(rec.t2v[~rec.vision_mask()[:, None, :].expand(-1, L, -1)], torch.zeros(5 * L * 7 - L * 21))
+    # the mean over samples of each token index counts only the samples that have it
+    assert torch.allclose(rec.mean_t2v()[:, 6], first[1][1][:, 6])
+    assert torch.allclose(rec.mean_t2v()[:, 0], torch.stack([t[:, 0] for t in first[1] + second[1]]).mean(0))
+    with pytest.raises(RecordsError, match=r"different number of vision tokens per sample \(2\.\.7\)"):
+        rec.num_vision
+    sub = rec.subset([4, 1])
+    assert sub.counts().tolist() == [2, 7] and torch.equal(sub.sample_t2v(0), second[1][1])
+    parts = list(RecordStore.open(tmp_path).iter_shards())
+    assert [p.counts().tolist() for p in parts] == [[3, 7, 5], [4, 2]]
+
+
+def test_variable_vision_resume_equals_single_run(tmp_path: Path) -> None:
+    counts = [5, 3, 8, 2, 6, 4]
+    one = RecordStore.create_or_resume(tmp_path / "one", manifest(num_vision=None))
+    ids, per_sample, sc = ragged_batch(0, counts)
+    one.write_shard(ids, padded(per_sample), sc, vision_counts=counts)
+    two = RecordStore.create_or_resume(tmp_path / "two", manifest(num_vision=None))
+    two.write_shard(ids[:2], padded(per_sample[:2]), {k: v[:2] for k, v in sc.items()}, vision_counts=counts[:2])
+    del two  # "interrupt"
+    resumed = RecordStore.create_or_resume(tmp_path / "two", manifest(num_vision=None))
+    assert resumed.done_ids() == set(ids[:2])
+    resumed.write_shard(ids[2:], padded(per_sample[2:]), {k: v[2:] for k, v in sc.items()}, vision_counts=counts[2:])
+    a, b = RecordStore.open(tmp_path / "one").load(), RecordStore.open(tmp_path / "two").load()
+    assert a.ids == b.ids and torch.equal(a.t2v, b.t2v) and torch.equal(a.vision_counts, b.vision_counts)
+    assert all(torch.equal(a.scalars[k], b.scalars[k]) for k in a.scalars)
+
+
+def test_fixed_vision_shards_are_written_as_before(tmp_path: Path) -> None:
+    """A fixed-V store's shard holds exactly ids, t2v, scalars (readable by earlier versions); counts equal to its V
+    are accepted and not stored."""
+    store = RecordStore.create_or_resume(tmp_path, manifest())
+    ids, t2v, sc = batch(0, 2)
+    store.write_shard(ids, t2v, sc, vision_counts=[V, V])
+    raw = torch.load(tmp_path / "shards" / "shard-00000.pt", weights_only=True)
+    assert set(raw) == {"ids", "t2v", "scalars"} and torch.equal(raw["t2v"], t2v)
+    rec = store.load()
+    assert not rec.ragged and rec.vision_counts is None and rec.num_vision == V and rec.counts().tolist() == [V, V]
+
+
+def test_variable_vision_errors(tmp_path: Path) -> None:
+    fixed = RecordStore.create_or_resume(tmp_path / "fixed", manifest())
+    ids, t2v, sc = batch(0, 2)
+    with pytest.raises(RecordsError, match=r"differ from this store's num_vision=9.*num_vision: null"):
+        fixed.write_shard(ids, t2v, sc, vision_counts=[9, 4])
+    store = RecordStore.create_or_resume(tmp_path / "var", manifest(num_vision=None))
+    with pytest.raises(RecordsError, match="give write_shard vision_counts"):
+        store.write_shard(ids, t2v, sc)
+    with pytest.raises(RecordsError, match=r"W >= 12\] \(the largest of vision_counts\)"):
+        store.write_shard(ids, t2v, sc, vision_counts=[12, 3])
+    with pytest.raises(RecordsError, match="vision_counts must be 2 ints >= 1"):
+        store.write_shard(ids, t2v, sc, vision_counts=[0, 3])
+    assert not list((tmp_path / "var" / "shards").glob("shard-*.pt"))  # nothing written
+    store.write_shard(ids, t2v, sc, vision_counts=[9, 3])
+    path = tmp_path / "var" / "shards" / "shard-00000.pt"
+    torch.save({"ids": ids, "t2v": t2v, "scalars": sc}, path)  # counts lost
+    with pytest.raises(RecordsError, match=r"shard-00000\.pt is corrupt: it needs vision_counts"):
+        RecordStore.open(tmp_path / "var").load()
+    with pytest.raises(RecordsError, match="num_vision.*must be a positive int \\(or null"):
+        RecordStore.create_or_resume(tmp_path / "x", manifest(num_vision="16"))
