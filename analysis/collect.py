@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from analysis.collector import REDUCERS, AttentionCollector, BatchRecords
-from analysis.records import RecordsError, RecordStore
+from analysis.records import RecordsError, RecordStore, pad_vision
 from vlm.cli import hydra_run_dir, run_main
 from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
@@ -129,13 +129,15 @@ def model_identity(model_cfg: Mapping[str, Any], loaded: LoadedModel) -> dict[st
 
 
 def build_manifest(cfg: Mapping[str, Any], loaded: LoadedModel, data: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's manifest: identity fields (model, data, reducer, num_layers, num_vision), versions, settings."""
+    """The run's manifest: identity fields (model, data, reducer, num_layers, num_vision), versions, settings.
+    num_vision is null for a model whose vision-token count follows the image (Qwen2-VL with dynamic resolution):
+    the store then keeps each sample's own count."""
     manifest = {
         "model": model_identity(cfg["model"], loaded),
         "data": {"name": data["name"], "task": data["task"], "split": data["split"], "options": data["options"]},
         "reducer": str(cfg["reducer"]),
         "num_layers": loaded.num_layers,
-        "num_vision": loaded.vision_tokens_per_image,
+        "num_vision": loaded.arch.vision_tokens_per_image(loaded.processor),  # None: it follows each image's size
         "layers": list(range(loaded.num_layers)),
         "scalars_doc": {
             "vision_share": "mean over heads and text rows of the attention mass on vision tokens",
@@ -180,7 +182,8 @@ class _ShardBuffer:
         self.shard_size = shard_size
         self.ids: list[str] = []
         self.positions: list[int] = []  # each sample's index in the split
-        self.t2v: list[torch.Tensor] = []  # each [b, L, V]
+        self.t2v: list[torch.Tensor] = []  # each [b, L, V] ([b, L, Vmax of its batch] when V varies per sample)
+        self.counts: list[int] = []  # each sample's vision tokens
         self.scalars: dict[str, list[torch.Tensor]] = {}  # name -> each [b, L]
         self.shards_written = 0
 
@@ -189,6 +192,7 @@ class _ShardBuffer:
         self.ids.extend(ids)
         self.positions.extend(positions)
         self.t2v.append(records.t2v)
+        self.counts.extend(records.vision_counts or [records.t2v.shape[-1]] * len(ids))
         for name, value in records.scalars.items():
             self.scalars.setdefault(name, []).append(value)
         while len(self.ids) >= self.shard_size:
@@ -200,13 +204,16 @@ class _ShardBuffer:
             self._write(len(self.ids))
 
     def _write(self, n: int) -> None:
-        t2v = torch.cat(self.t2v)  # [pending, L, V]
+        width = max(part.shape[-1] for part in self.t2v)
+        t2v = torch.cat([pad_vision(part, width) for part in self.t2v])  # [pending, L, Vmax]
         scalars = {name: torch.cat(parts) for name, parts in self.scalars.items()}  # each [pending, L]
+        counts = self.counts[:n] if self.store.variable_vision else None
         self.store.write_shard(self.ids[:n], t2v[:n], {name: value[:n] for name, value in scalars.items()},
-                               positions=self.positions[:n])
+                               positions=self.positions[:n], vision_counts=counts)
         self.shards_written += 1
         self.ids = self.ids[n:]
         self.positions = self.positions[n:]
+        self.counts = self.counts[n:]
         self.t2v = [t2v[n:]] if self.ids else []
         self.scalars = {name: [value[n:]] for name, value in scalars.items()} if self.ids else {}
 
@@ -285,9 +292,9 @@ def run_collect(cfg: Mapping[str, Any] | DictConfig) -> Path:
                 collector.discard()
                 raise
             records = collector.consume()
-            if records.t2v.shape[-1] != store.num_vision:
+            if store.num_vision is not None and set(records.vision_counts) != {store.num_vision}:
                 raise CollectError(
-                    f"a batch has {records.t2v.shape[-1]} vision tokens per sample but the run records "
+                    f"a batch has {list(records.vision_counts)} vision tokens per sample but the run records "
                     f"{store.num_vision} (one image per sample); use a one-image task"
                 )
             buffer.add([str(s.sample_id) for s in batch], [index for index, _ in indexed], records)

@@ -5,7 +5,8 @@ The probe computes the text rows `A[b, h, t, :]` (float32, post-softmax, from th
 q/k) while SDPA keeps computing the layer outputs; the collector reduces them at once to
 
 - `t2v [B, L, V]`: attention from the text tokens to each vision token, reduced over heads and text
-  rows by the named reducer (see `REDUCERS`);
+  rows by the named reducer (see `REDUCERS`); in a padded batch of images of different sizes (rows with
+  different vision counts V_b) it is [B, L, Vmax], zero after each row's own V_b, and `vision_counts` says V_b;
 - `vision_share [B, L]`: mean over heads and real text rows of the attention mass on vision tokens;
 - `prior_entropy [B, L]`: entropy (nats) over text tokens of the normalised AdaptInfer text prior
   `w[h, :] / sum_j w[h, j]`, mean over heads.
@@ -42,9 +43,10 @@ class CollectorError(RuntimeError):
 class BatchRecords:
     """What the collector recorded for one batch, on the CPU, in float32."""
 
-    t2v: Tensor  # [B, L, V] text-to-vision attention per collected layer
+    t2v: Tensor  # [B, L, V] text-to-vision attention per collected layer ([B, L, Vmax], zero-padded, when ragged)
     scalars: dict[str, Tensor]  # name -> [B, L]
     layers: list[int]  # the decoder layer each index of the L axis stands for
+    vision_counts: tuple[int, ...] = ()  # vision tokens of each row (t2v[b, :, :V_b] is row b's own)
 
     def __len__(self) -> int:
         return int(self.t2v.shape[0])
@@ -52,10 +54,14 @@ class BatchRecords:
 
 # -- pieces of the text rows ------------------------------------------------------------------------------
 def vision_columns(rows: Tensor, layout: TokenLayout) -> Tensor:
-    """Attention of the text rows on the vision tokens: rows [B, H, T, K] -> [B, H, T, V]."""
+    """Attention of the text rows on the vision tokens: rows [B, H, T, K] -> [B, H, T, V] (zero at a ragged
+    layout's filler columns)."""
     b, h, t, _ = rows.shape
-    index = layout.vision_index.to(rows.device)[:, None, None, :].expand(b, h, t, layout.num_vision)
-    return rows.gather(-1, index)
+    index = layout.vision_index.to(rows.device)[:, None, None, :].expand(b, h, t, layout.max_vision)
+    columns = rows.gather(-1, index)
+    if layout.vision_valid is not None:
+        columns = columns * layout.vision_valid.to(rows.device)[:, None, None, :]
+    return columns
 
 
 def text_prior(rows: Tensor, layout: TokenLayout) -> Tensor:
@@ -129,6 +135,8 @@ def reduce_rows(rows: Tensor, layout: TokenLayout, reducer: str) -> tuple[Tensor
     rows = rows.float()
     prior = text_prior(rows, layout)  # [B, H, T]
     t2v = reduce_adaptinfer(rows, layout, prior) if reducer == "adaptinfer" else REDUCERS[reducer](rows, layout)
+    if layout.vision_valid is not None:  # each row's own vision tokens, zeros after them
+        t2v = t2v * layout.vision_valid.to(t2v.device)
     scalars = {"vision_share": vision_share(rows, layout), "prior_entropy": prior_entropy(rows, layout, prior)}
     return t2v, scalars
 
@@ -246,6 +254,7 @@ class AttentionCollector:
             t2v=self._t2v.to("cpu", torch.float32, copy=True),  # a copy: never the collector's own buffer
             scalars={name: value.to("cpu", torch.float32, copy=True) for name, value in self._scalars.items()},
             layers=list(self.layers),
+            vision_counts=tuple(self._layout.vision_counts),
         )
         self._clear()
         return records
@@ -261,7 +270,7 @@ class AttentionCollector:
                 "the previous batch was not consumed; call collector.consume() after each forward pass"
             )
         device = _model_device(self.model)
-        b, v, n_layers = layout.batch_size, layout.num_vision, len(self.layers)
+        b, v, n_layers = layout.batch_size, layout.max_vision, len(self.layers)
         self._layout = layout
         self._t2v = torch.zeros(b, n_layers, v, dtype=torch.float32, device=device)
         self._scalars = {name: torch.zeros(b, n_layers, dtype=torch.float32, device=device) for name in SCALAR_NAMES}

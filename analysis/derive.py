@@ -68,7 +68,8 @@ from analysis.search import (
     candidate_layers_from_regions,
 )
 from analysis.shift import ShiftDetector, ShiftResult
-from pruning.schedule import CONVENTIONS, FRONT_FILE, Schedule, ScheduleError, allocate_keep, read_front  # noqa: F401
+from pruning.schedule import (CONVENTIONS, FRONT_FILE, Schedule, ScheduleError, allocate_fractions,  # noqa: F401
+                              allocate_keep, read_front)
 from vlm.cli import hydra_run_dir, run_main
 from vlm.errors import UserError
 from vlm.parallel import WorkerSpec
@@ -218,10 +219,19 @@ def place_stages(
     return sorted(chosen)
 
 
-def check_budget(budget: Any, num_vision: int) -> float:
-    """`budget` as a float in [0, num_vision]; DeriveError with the right range otherwise."""
+def check_budget(budget: Any, num_vision: Optional[int]) -> float:
+    """`budget` as a float in [0, num_vision], or in (0, 1] (a fraction of each sample's vision tokens) when
+    num_vision is None (records whose V differs per sample); DeriveError with the right range otherwise."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not np.isfinite(budget):
         raise DeriveError(f"budget={budget!r} is not a number; give the mean vision tokens per decoder layer, e.g. budget=128")
+    if num_vision is None:
+        if not 0 < budget <= 1:
+            raise DeriveError(
+                f"budget={budget:g} is out of range: these records hold a different number of vision tokens per "
+                "sample (the count follows the image size), so the budget is a fraction of each sample's vision "
+                "tokens (mean over decoder layers) in (0, 1], where 1 means no pruning; e.g. budget=0.25"
+            )
+        return float(budget)
     if not 0 <= budget <= num_vision:
         raise DeriveError(
             f"budget={budget:g} is out of range: the model has {num_vision} vision tokens per image, so a budget "
@@ -247,14 +257,21 @@ def derive_schedule(
     name: Optional[str] = None,
     provenance: Optional[Mapping[str, Any]] = None,
 ) -> Schedule:
-    """A Schedule with stages placed around the dense regions of `result` and keep counts meeting `budget`."""
+    """A Schedule with stages placed around the dense regions of `result` and keep counts meeting `budget`.
+
+    When the records' vision-token count differs per sample (`result.num_vision` None), `budget` is a fraction of
+    each sample's vision tokens in (0, 1] and the stages keep fractions (`pruning.schedule.allocate_fractions`)."""
     num_layers, num_vision = _check_analysis(result, num_layers, num_vision, convention)
     budget = check_budget(budget, num_vision)
     regions = find_dense_regions(result.density, prominence=prominence, rel_height=rel_height, distance=distance)
     layers = place_stages(regions, n_stages, num_layers, placement=placement, min_layer=min_layer)
     try:
-        schedule = allocate_keep(layers, num_layers, num_vision, float(budget), convention=convention,
-                                 positions=positions, name=name)
+        if num_vision is None:  # V follows the image: every stage keeps a fraction of each image's own tokens
+            schedule = allocate_fractions(layers, num_layers, float(budget), convention=convention,
+                                          positions=positions, name=name)
+        else:
+            schedule = allocate_keep(layers, num_layers, num_vision, float(budget), convention=convention,
+                                     positions=positions, name=name)
     except ScheduleError as exc:
         raise DeriveError(
             f"{exc}. The stage layers {layers} come from the dense regions "
@@ -266,7 +283,8 @@ def derive_schedule(
     schedule.provenance = _analysis_provenance(
         result, regions, provenance, stage_layers=layers,
         derivation={"placement": placement, "prominence": prominence, "rel_height": rel_height, "distance": distance,
-                    "min_layer": min_layer, "budget": float(budget), "convention": convention},
+                    "min_layer": min_layer, "budget": float(budget), "convention": convention,
+                    **({"budget_unit": "fraction of each sample's vision tokens"} if num_vision is None else {})},
         allocation=dict(schedule.provenance), rule=rule,
     )
     return schedule.validate(num_layers=num_layers, initial=num_vision)
@@ -288,16 +306,21 @@ def _analysis_provenance(result: ShiftResult, regions: Sequence[Region], provena
 
 
 def _check_analysis(result: ShiftResult, num_layers: Optional[int], num_vision: Optional[int],
-                    convention: str) -> tuple[int, int]:
-    """(num_layers, num_vision) checked against the shift result; DeriveError naming the disagreement."""
+                    convention: str) -> tuple[int, Optional[int]]:
+    """(num_layers, num_vision) checked against the shift result (num_vision None: it differs per sample);
+    DeriveError naming the disagreement."""
     if num_layers is None:
         num_layers = result.num_layers
     if num_layers != result.num_layers:
         raise DeriveError(f"num_layers={num_layers} but the shift result covers {result.num_layers} layers")
     if num_vision is None:
         num_vision = result.num_vision
-    num_vision = _check_int("num_vision", num_vision, 1)
-    if num_vision != result.num_vision:
+    if result.num_vision is None:
+        if num_vision is not None:
+            raise DeriveError(f"num_vision={num_vision} but the shift result was fitted on records whose vision-token "
+                              f"count differs per sample ({result.summary()['vision_counts']}); leave num_vision unset")
+        num_vision = None
+    elif _check_int("num_vision", num_vision, 1) != result.num_vision:
         raise DeriveError(f"num_vision={num_vision} but the shift result was fitted on {result.num_vision} vision tokens")
     if convention not in CONVENTIONS:
         raise DeriveError(f"convention={convention!r} is not one of {list(CONVENTIONS)}")
@@ -536,6 +559,10 @@ def write_plots(
             + (" (normalised)" if result.params.get("normalize") else ""),
         ),
     }
+    if records.ragged:
+        log.info("the samples hold %s vision tokens (grids of different sizes); skipping t2v_grids.png",
+                 records.vision_range())
+        return paths
     try:
         plots.grid_side(records.num_vision)
     except plots.PlotError:
@@ -565,6 +592,12 @@ def run_derive(cfg: Any) -> Path:
     out_dir = _output_dir(cfg)  # before the long fit, so a missing output fails fast
     store = RecordStore.open(cfg["input"])
     records = store.load()
+    if records.ragged and rule != "paper":
+        raise DeriveError(
+            f"{cfg['input']} holds a different number of vision tokens per sample ({records.vision_range()}); the "
+            "schedule search does not run on such records yet: use rule=paper with budget= a fraction of each "
+            "sample's vision tokens in (0, 1], e.g. budget=0.25"
+        )
     detector = ShiftDetector(**(cfg.get("detector") or {}))
     result = detector.fit(records).result_
     manifest = records.manifest
@@ -585,7 +618,7 @@ def run_derive(cfg: Any) -> Path:
     schedule_path = out_dir / SCHEDULE_FILE
     if rule == "paper":
         schedule = derive_schedule(result, n_stages=cfg["n_stages"], budget=cfg["budget"], num_layers=store.num_layers,
-                                   num_vision=store.num_vision, name=name, provenance=provenance, **options)
+                                   num_vision=result.num_vision, name=name, provenance=provenance, **options)
         written = [schedule_path]
     else:
         from analysis.derive_search import run_search  # loads the model: only for rule=search
@@ -599,17 +632,23 @@ def run_derive(cfg: Any) -> Path:
     schedule.to_yaml(schedule_path)
     regions = [Region(**r) for r in schedule.provenance["dense_regions"]]
     summary = {**result.summary(), "sample_ids": result.sample_ids, "dense_regions": schedule.provenance["dense_regions"],
-               "stage_layers": schedule.layers, "keep": schedule.keep_counts()}
+               "stage_layers": schedule.layers, "keep": _keeps(schedule)}
     (out_dir / SUMMARY_FILE).write_text(json.dumps(_jsonable(summary), indent=1))
     written.append(out_dir / SUMMARY_FILE)
     plot_cfg = cfg.get("plots") or {}
     if plot_cfg.get("enabled", True):
         written += list(write_plots(records, result, schedule, regions, out_dir, plot_cfg.get("grid_layers")).values())
-    budgets = {c: round(schedule.budget(convention=c), 2) for c in CONVENTIONS}
-    print(f"schedule: {schedule_path}  layers {schedule.layers} keep {schedule.keep_counts()} budgets {budgets}")
+    budgets = {c: round(schedule.budget(convention=c), 2) if schedule.vision_tokens is not None
+               else f"{schedule.budget_fraction(convention=c):.1%} of each image's vision tokens" for c in CONVENTIONS}
+    print(f"schedule: {schedule_path}  layers {schedule.layers} keep {_keeps(schedule)} budgets {budgets}")
     for path in written[1:]:
         print(f"  {path}")
     return out_dir
+
+
+def _keeps(schedule: Schedule) -> list:
+    """The stages' keep counts, or their fractions for a schedule made for images of any size."""
+    return schedule.keep_counts() if schedule.vision_tokens is not None else [s.keep for s in schedule.stages]
 
 
 def _worker_spec(cfg: Mapping[str, Any], rule: str) -> WorkerSpec:

@@ -454,7 +454,7 @@ class RecordStore:
         width = max(part.shape[2] for part in t2v)
         records = Records(
             ids=ids,
-            t2v=torch.cat([_pad_vision(part, width) for part in t2v], dim=0),
+            t2v=torch.cat([pad_vision(part, width) for part in t2v], dim=0),
             scalars={k: torch.cat(v, dim=0) for k, v in scalars.items()},
             manifest=dict(self.manifest),
             vision_counts=torch.cat(counts) if self.variable_vision else None,
@@ -579,7 +579,7 @@ def _zero_padding(t2v: Tensor, counts: Tensor) -> Tensor:
     return t2v.masked_fill(pad[:, None, :], 0.0)
 
 
-def _pad_vision(t2v: Tensor, width: int) -> Tensor:
+def pad_vision(t2v: Tensor, width: int) -> Tensor:
     """t2v [N, L, W] zero-padded on the vision axis to [N, L, width]."""
     if t2v.shape[2] == width:
         return t2v
@@ -592,4 +592,5 @@ __all__ = [
     "Records",
     "RecordStore",
     "RecordsError",
+    "pad_vision",
 ]

@@ -14,6 +14,10 @@ a mid-stack peak can appear without any attention shift (tests/test_shift.py sho
 change of the raw attention appears as a kink of the cumulative curve, which l2 places inside the high
 regime rather than at its onset (use trajectory="raw" to locate level changes).
 
+Records whose samples hold different numbers of vision tokens (Qwen2-VL's dynamic resolution) are analysed sample
+by sample: each sample's top `round(token_fraction * V_i)` of its own V_i tokens, so a sample counts in the
+histogram in proportion to its size, as in the paper's procedure applied to that sample alone.
+
 `density` is the histogram smoothed with a Gaussian of `sigma` layers
 (`scipy.ndimage.gaussian_filter1d`, `mode="constant"`, i.e. zero outside the layer range, truncated
 at 4 sigma) and normalised to sum to 1; `sigma=0` means no smoothing.
@@ -70,12 +74,14 @@ class ShiftResult:
     histogram: np.ndarray  # [L] int64, count of shift layers over all selected tokens and samples
     density: np.ndarray  # [L] float64, smoothed histogram normalised to sum 1 (zeros if nothing found)
     breakpoints: list[np.ndarray]  # per sample: [n_found] int64 shift layers of its selected tokens
-    token_indices: np.ndarray  # [N, K] int64, the selected vision tokens of each sample (by total, descending)
+    token_indices: np.ndarray  # [N, K] int64, the selected vision tokens of each sample (by total, descending);
+    # [N, Kmax] padded with -1 when the samples' V differ
     mean_trajectories: np.ndarray  # [N, L] float64, per sample the mean trajectory of its selected tokens
     num_layers: int
-    num_vision: int
+    num_vision: Optional[int]  # V of every sample; None when it differs per sample (see vision_counts)
     sample_ids: Optional[list[str]]
     params: dict[str, Any] = field(default_factory=dict)
+    vision_counts: Optional[np.ndarray] = None  # [N] int64 each sample's V when it differs per sample
 
     @property
     def num_samples(self) -> int:
@@ -84,7 +90,7 @@ class ShiftResult:
 
     @property
     def tokens_per_sample(self) -> int:
-        """Selected tokens per sample K."""
+        """Selected tokens per sample K (the most of any sample when V differs per sample)."""
         return int(self.token_indices.shape[1])
 
     def summary(self) -> dict[str, Any]:
@@ -94,10 +100,17 @@ class ShiftResult:
             "num_layers": self.num_layers,
             "num_vision": self.num_vision,
             "tokens_per_sample": self.tokens_per_sample,
+            **({} if self.vision_counts is None else {"vision_counts": _range(self.vision_counts)}),
             "histogram": [int(x) for x in self.histogram],
             "density": [float(x) for x in self.density],
             "detector": dict(self.params),
         }
+
+
+def _range(values: np.ndarray) -> str:
+    """'lo..hi' of integer values ('v' when they are all equal)."""
+    lo, hi = int(np.min(values)), int(np.max(values))
+    return str(lo) if lo == hi else f"{lo}..{hi}"
 
 
 def select_tokens(t2v: np.ndarray, k: int) -> np.ndarray:
@@ -288,12 +301,16 @@ class ShiftDetector:
         return np.cumsum(picked, axis=2) if self.trajectory == "cumulative" else picked
 
     def fit(self, records: Union[Records, torch.Tensor, np.ndarray]) -> "ShiftDetector":
-        """Find each selected token's shift layers; sets `result_`. records: Records or t2v [N, L, V]."""
+        """Find each selected token's shift layers; sets `result_`. records: Records (V may differ per sample) or
+        t2v [N, L, V]."""
         self.sanity_check()
         sample_ids = None
+        counts = None
         if isinstance(records, Records):
             sample_ids = list(records.ids)
             t2v = records.t2v
+            if records.ragged:
+                counts = records.counts().numpy().astype(np.int64)
         else:
             t2v = records
         if isinstance(t2v, torch.Tensor):
@@ -306,19 +323,31 @@ class ShiftDetector:
         n, num_layers, num_vision = t2v.shape
         self._check_layers(num_layers, self._estimator())
 
-        k = max(1, int(np.floor(self.token_fraction * num_vision + 0.5)))  # round half up: 0.1 * 576 -> 58
-        tokens = select_tokens(t2v, k)  # [N, K]
-        traj = self.trajectories(t2v, tokens)  # [N, K, L]
+        if counts is None:
+            k = self._tokens(num_vision)
+            tokens = select_tokens(t2v, k)  # [N, K]
+            traj_all = self.trajectories(t2v, tokens)  # [N, K, L]
+            traj, mean_traj = list(traj_all), traj_all.mean(axis=1)
+            per_sample = [k] * n
+        else:  # each sample its own V_i: its top round(fraction * V_i) tokens
+            per_sample = [self._tokens(int(v)) for v in counts]
+            picks = [select_tokens(t2v[i:i + 1, :, : int(v)], k)[0] for i, (v, k) in enumerate(zip(counts, per_sample))]
+            traj = [self.trajectories(t2v[i:i + 1], pick[None])[0] for i, pick in enumerate(picks)]  # N x [K_i, L]
+            tokens = np.full((n, max(per_sample)), -1, dtype=np.int64)
+            for i, pick in enumerate(picks):
+                tokens[i, : len(pick)] = pick
+            k = max(per_sample)
+            mean_traj = np.stack([t.mean(axis=0) for t in traj])  # [N, L]
 
         histogram = np.zeros(num_layers, dtype=np.int64)
         breakpoints: list[np.ndarray] = []
         for i in range(n):
             layers: list[int] = []
-            for j in range(k):
+            for j in range(per_sample[i]):
                 # a fresh estimator per trajectory: ruptures 1.1.10's CostRbf/CostCosine keep the Gram matrix
                 # (and rbf's median-heuristic gamma) of the first signal they were fitted on, so a reused
                 # estimator segments every later token wrongly (ruptures issue #372, fix proposed in PR #373)
-                estimator = self._estimator().fit(traj[i, j])
+                estimator = self._estimator().fit(traj[i][j])
                 if self.penalty is not None:
                     bkps = estimator.predict(pen=self.penalty)
                 else:
@@ -333,13 +362,20 @@ class ShiftDetector:
             density=smooth_histogram(histogram, self.sigma),
             breakpoints=breakpoints,
             token_indices=tokens.astype(np.int64),
-            mean_trajectories=traj.mean(axis=1),
+            mean_trajectories=mean_traj,
             num_layers=num_layers,
-            num_vision=num_vision,
+            num_vision=num_vision if counts is None else None,
             sample_ids=sample_ids,
-            params={**self.get_params(), "tokens_per_sample": k},
+            params={**self.get_params(),
+                    "tokens_per_sample": k if counts is None else f"round({self.token_fraction} * V) per sample "
+                                                                  f"({_range(np.asarray(per_sample))})"},
+            vision_counts=counts,
         )
         return self
+
+    def _tokens(self, num_vision: int) -> int:
+        """Tokens analysed of a sample with `num_vision` vision tokens."""
+        return max(1, int(np.floor(self.token_fraction * num_vision + 0.5)))  # round half up: 0.1 * 576 -> 58
 
     def fit_result(self, records: Union[Records, torch.Tensor, np.ndarray]) -> ShiftResult:
         """fit(records) and return its ShiftResult."""

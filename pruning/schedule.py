@@ -15,6 +15,10 @@ Semantics (DESIGN.md, exact):
     count it received). This is the toolkit's default and the one FLOPs follow.
   - ``"paper"``: the AdaptInfer code's convention, which counts the pruning layer already at its
     reduced count; the AdaptInfer preset names ("64", "128", ...) are budgets in this convention.
+* Where the vision-token count V varies with the image (Qwen2-VL's dynamic resolution), a schedule of fractions
+  applies to each image's own V; its budget is also given as a fraction of V (`Schedule.budget_fraction`): exact
+  for one V, nominal (no rounding) for a schedule of fractions alone. `allocate_fractions` is `allocate_keep` in
+  fractions.
 """
 from __future__ import annotations
 
@@ -315,6 +319,40 @@ class Schedule:
         per_layer = self.tokens_per_layer(num_layers, initial, convention)
         return sum(per_layer) / len(per_layer)
 
+    def fraction_per_layer(self, num_layers: int | None = None, convention: str = "processed") -> list[float]:
+        """Nominal share of the vision tokens at each decoder layer of a schedule of fractions (no rounding): the
+        product of the fractions of the stages before it. ScheduleError when a stage keeps a count."""
+        if convention not in CONVENTIONS:
+            raise ScheduleError(f"convention = {convention!r}: must be one of {list(CONVENTIONS)}")
+        n_layers = num_layers if num_layers is not None else self.num_layers
+        if n_layers is None:
+            raise ScheduleError("num_layers is needed: pass it, or set the schedule's num_layers field")
+        self.validate(num_layers=n_layers)
+        counts = [i for i, s in enumerate(self.stages) if not s.is_fraction]
+        if counts:
+            raise ScheduleError(
+                f"stages[{counts[0]}].keep = {self.stages[counts[0]].keep}: a count; the share of each image's vision "
+                "tokens needs the image's count (pass initial=), or a schedule of fractions"
+            )
+        shift = 1 if convention == "processed" else 0
+        out, share, j = [], 1.0, 0
+        for layer in range(n_layers):
+            while j < len(self.stages) and self.stages[j].layer + shift <= layer:
+                share *= float(self.stages[j].keep)
+                j += 1
+            out.append(share)
+        return out
+
+    def budget_fraction(self, num_layers: int | None = None, initial: int | None = None,
+                        convention: str = "processed") -> float:
+        """The budget as a fraction of the vision tokens: budget / initial for an image of `initial` tokens (exact,
+        with rounding); without a count, the nominal mean of `fraction_per_layer` (a schedule of fractions)."""
+        n_initial = initial if initial is not None else self.vision_tokens
+        if n_initial is not None:
+            return self.budget(num_layers, n_initial, convention) / n_initial if n_initial else 1.0
+        per_layer = self.fraction_per_layer(num_layers, convention)
+        return sum(per_layer) / len(per_layer)
+
     def resolve(self, initial: int | None = None) -> "Schedule":
         """A copy with every keep as a count (fractions resolved against `initial` vision tokens)."""
         counts = self.keep_counts(initial)
@@ -490,6 +528,51 @@ def allocate_keep(
         "target_budget": float(budget),
         "convention": convention,
     }
+    return schedule
+
+
+def allocate_fractions(
+    layers: Sequence[int],
+    num_layers: int,
+    budget: float,
+    convention: str = "processed",
+    positions: str = "keep",
+    name: str | None = None,
+) -> Schedule:
+    """`allocate_keep` for images of any size: every stage keeps the same fraction r of the tokens present, with r
+    chosen so that the nominal budget fraction (`Schedule.budget_fraction` without a count) is `budget` in (0, 1].
+    Each image then keeps about r, r^2, ... of its own vision tokens (at least one). BudgetUnreachable when `budget`
+    lies below what the layers allow (the layers up to the first stage see every token) or above 1."""
+    if convention not in CONVENTIONS:
+        raise ScheduleError(f"convention = {convention!r}: must be one of {list(CONVENTIONS)}")
+    if not isinstance(budget, numbers.Real) or isinstance(budget, bool) or not math.isfinite(budget):
+        raise ScheduleError(f"budget = {budget!r}: must be a finite number (a fraction of the vision tokens)")
+    layers = list(layers)
+    if not layers:
+        raise ScheduleError("layers = []: need at least one stage layer to allocate a budget")
+
+    def build(r: float) -> Schedule:
+        return Schedule(stages=[Stage(layer, float(r)) for layer in layers], positions=positions,
+                        num_layers=num_layers, name=name)
+
+    floor = min(layers[0] + (1 if convention == "processed" else 0), num_layers) / num_layers  # r -> 0
+    if not floor < budget <= 1.0:
+        raise BudgetUnreachable(
+            f"budget = {budget}: unreachable as a fraction of each image's vision tokens with stages at layers "
+            f"{layers} of a {num_layers}-layer model; allowed range above {floor:.6g} up to 1 ({convention!r} "
+            "convention)"
+        )
+    lo, hi = 0.0, 1.0  # invariant: achieved(lo) <= budget <= achieved(hi), achieved(0) = floor
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        if mid > 0 and build(mid).budget_fraction(convention=convention) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    r = hi if lo == 0.0 else lo
+    schedule = build(r)
+    schedule.provenance = {"rule": "geometric", "ratio": r, "target_budget_fraction": float(budget),
+                           "convention": convention}
     return schedule
 
 

@@ -317,8 +317,8 @@ def build_random_model(
 
 
 def load_processor(source: str) -> Any:
-    """A processor by name: 'shapes' / 'shapes_qwen2_vl' (the demo world's, built in code), or anything
-    AutoProcessor loads."""
+    """A processor by name: 'shapes' / 'shapes_qwen2_vl' / 'shapes_qwen2_vl_dynamic' (the demo world's, built in
+    code; the last keeps each image's size), or anything AutoProcessor loads."""
     if source == "shapes":
         from vlm.shapes.processor import build_processor
 
@@ -327,6 +327,10 @@ def load_processor(source: str) -> Any:
         from vlm.shapes.processor import build_qwen2_vl_processor
 
         return build_qwen2_vl_processor()
+    if source == "shapes_qwen2_vl_dynamic":  # images keep their size: the vision-token count follows it
+        from vlm.shapes.processor import QWEN_DYNAMIC_PIXELS, build_qwen2_vl_processor
+
+        return build_qwen2_vl_processor(*QWEN_DYNAMIC_PIXELS)
     return AutoProcessor.from_pretrained(resolve_source(source))
 
 

@@ -89,6 +89,9 @@ def prompt_for(question: str) -> str:
 QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>", "<|im_start|>", "<|im_end|>")
 QWEN_IMAGE_PIXELS = 112 * 112  # min = max pixels: 112 x 112 -> 8 x 8 patches of 14 -> 4 x 4 = 16 merged tokens
+# Dynamic resolution ('shapes_qwen2_vl_dynamic'): images keep their size between 56 x 56 px (4 tokens) and 224 x 224 px
+# (64 tokens), so a batch of images of different sizes holds a different number of vision tokens per row.
+QWEN_DYNAMIC_PIXELS = (56 * 56, 224 * 224)
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
@@ -97,12 +100,15 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def build_qwen2_vl_processor(pixels: int = QWEN_IMAGE_PIXELS) -> Any:
-    """A Qwen2-VL processor over the shapes world's words (image-only: no video processor, which needs torchvision)."""
+def build_qwen2_vl_processor(pixels: int = QWEN_IMAGE_PIXELS, max_pixels: int | None = None) -> Any:
+    """A Qwen2-VL processor over the shapes world's words (image-only: no video processor, which needs torchvision).
+
+    Every image is resized to `pixels` pixels; with `max_pixels` (dynamic resolution) an image keeps its own size
+    between `pixels` and `max_pixels` (rounded to 28 px), so its vision-token count follows its size."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=max_pixels or pixels)
     return _image_only_qwen2_vl()(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
 
 

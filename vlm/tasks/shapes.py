@@ -9,6 +9,21 @@ from vlm.tasks.base import Task, TaskError, VQASample, register_task
 from vlm.tasks.metrics import check_lengths, exact_match, grouped_mean
 
 
+def _check_sizes(sizes: Sequence[Sequence[int]] | None) -> list[tuple[int, int]] | None:
+    """`image_sizes` as (width, height) pairs of positive ints, or TaskError naming the bad entry."""
+    if sizes is None:
+        return None
+    out = []
+    for size in sizes:
+        pair = list(size) if isinstance(size, (list, tuple)) else [size]
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair):
+            raise TaskError(f"shapes: image_sizes entry {size!r} must be [width, height] in pixels, e.g. [168, 112]")
+        out.append((pair[0], pair[1]))
+    if not out:
+        raise TaskError("shapes: image_sizes=[] gives no size; leave it null for the world's own size")
+    return out
+
+
 @register_task("shapes")
 class ShapesTask(Task):
     """Procedural VQA on the shapes world (no download): `n_per_family` questions of each family per split.
@@ -16,6 +31,8 @@ class ShapesTask(Task):
     Questions come one per scene and family, scenes in seed order from the split's first seed, interleaved,
     so any prefix of a split is about balanced over families and the same on every machine. The prompt is the
     bare question: the demo model was trained on `USER: <image>\\n{question} ASSISTANT:` with no suffix.
+    `image_sizes` ([[width, height], ...]): sample i's image resized to entry i mod n (images of different sizes,
+    for models whose vision-token count follows the image).
     """
 
     name = "shapes"
@@ -24,7 +41,8 @@ class ShapesTask(Task):
 
     def __init__(self, split: str = "test", limit: int | None = None, n_per_family: int = 200,
                  families: Sequence[str] = FAMILIES, min_objects: int | None = None,
-                 max_objects: int | None = None, prompt_suffix: str = "") -> None:
+                 max_objects: int | None = None, prompt_suffix: str = "",
+                 image_sizes: Sequence[Sequence[int]] | None = None) -> None:
         unknown = set(families) - set(FAMILIES)
         if unknown:
             raise TaskError(f"shapes: unknown families {sorted(unknown)}; known: {list(FAMILIES)}")
@@ -46,17 +64,21 @@ class ShapesTask(Task):
         self.n_per_family = n_per_family
         self.families = tuple(families)
         self.prompt_suffix = prompt_suffix
+        self.image_sizes = _check_sizes(image_sizes)
 
     def samples(self, split: str | None = None, limit: int | None = None) -> Iterator[VQASample]:
         """The split's samples (default: the configured split and limit)."""
         return super().samples(split or self.split, limit if limit is not None else self.limit)
 
     def _load(self, split: str) -> Iterator[VQASample]:
-        for scene, q in iter_split_questions(split, self.n_per_family, self.options, self.families):
+        for index, (scene, q) in enumerate(iter_split_questions(split, self.n_per_family, self.options, self.families)):
             qi = scene.questions.index(q)
             meta: dict[str, Any] = {"family": q.family, "seed": scene.seed, "question_index": qi,
                                     "objects": list(q.objects), "n_objects": len(scene.objects)}
-            yield VQASample(sample_id=f"{split}/{scene.seed}/{qi}", image=render_scene(scene), question=q.text,
+            image = render_scene(scene)
+            if self.image_sizes:  # sample i at size i mod len(image_sizes): images of different sizes in one split
+                image = image.resize(self.image_sizes[index % len(self.image_sizes)])
+            yield VQASample(sample_id=f"{split}/{scene.seed}/{qi}", image=image, question=q.text,
                             prompt=f"{q.text}{self.prompt_suffix}", answers=[q.answer], meta=meta)
 
     def score(self, predictions: Sequence[str], samples: Sequence[VQASample]) -> dict[str, float]:

@@ -1,0 +1,161 @@
+"""A different number of vision tokens per row (Qwen2-VL's dynamic resolution: the count follows the image size), end
+to end: the collector on a padded batch of images of different sizes, records that keep each sample's V, the shift
+analysis and `analysis.derive` on them, schedules of fractions with budgets as a share of each image's tokens."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.collect import run_collect
+from analysis.collector import AttentionCollector
+from analysis.derive import DeriveError, derive_schedule, run_derive
+from analysis.records import Records, RecordStore
+from analysis.shift import ShiftDetector
+from pruning.schedule import BudgetUnreachable, Schedule, ScheduleError, allocate_fractions
+from tests.test_arch_qwen2_vl import _preset
+from tests.test_shift import planted_t2v
+from vlm.layout import TokenLayout
+from vlm.models import load_from_config
+from vlm.prompts import encode_batch
+from vlm.shapes.world import make_scene, render_scene
+from vlm.tasks.base import VQASample
+
+# 112 x 112 px -> 4 x 4 merged tokens, 168 x 112 -> 6 x 4, 112 x 56 -> 4 x 2 (patches of 14, merged 2 x 2)
+SIZES = [(112, 112), (168, 112), (112, 56)]
+COUNTS = (16, 24, 8)
+QUESTIONS = ["what color is the circle ?", "is there a big red square left of the small blue triangle in the image ?",
+             "how many shapes are there ?"]
+
+
+def _dynamic_preset(layers: int = 4) -> dict:
+    cfg = _preset(num_hidden_layers=layers)
+    cfg["processor"] = "shapes_qwen2_vl_dynamic"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def qwen_dynamic():
+    """The tiny Qwen2-VL with a processor that keeps each image's size (dynamic resolution)."""
+    return load_from_config(_dynamic_preset())
+
+
+def _samples(seed: int = 0) -> list[VQASample]:
+    return [VQASample(sample_id=str(i), image=render_scene(make_scene(seed + i)).resize(size), question=q, prompt=q,
+                      answers=["x"]) for i, (size, q) in enumerate(zip(SIZES, QUESTIONS))]
+
+
+def test_a_batch_of_images_of_different_sizes_has_a_ragged_layout(qwen_dynamic):
+    inputs = encode_batch(qwen_dynamic.processor, _samples())
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], qwen_dynamic.image_token_id)
+    assert layout.vision_counts == COUNTS and layout.ragged and layout.max_vision == max(COUNTS)
+    assert qwen_dynamic.arch.vision_tokens_per_image(qwen_dynamic.processor) is None  # varies with the image
+
+
+@pytest.mark.parametrize("reducer", ["adaptinfer", "mean", "last"])
+def test_collector_on_a_padded_batch_equals_each_sample_alone(qwen_dynamic, reducer):
+    samples = _samples(seed=3)
+    with AttentionCollector(qwen_dynamic, reducer=reducer) as collector, torch.no_grad():
+        qwen_dynamic.model(**encode_batch(qwen_dynamic.processor, samples))
+        batch = collector.consume()
+        assert batch.vision_counts == COUNTS and batch.t2v.shape == (3, 4, max(COUNTS))
+        for row, sample in enumerate(samples):
+            qwen_dynamic.model(**encode_batch(qwen_dynamic.processor, [sample]))
+            alone = collector.consume()
+            v = COUNTS[row]
+            assert alone.t2v.shape == (1, 4, v)
+            torch.testing.assert_close(batch.t2v[row, :, :v], alone.t2v[0], atol=1e-6, rtol=1e-5)
+            assert not batch.t2v[row, :, v:].any()  # zeros after the row's own tokens
+            for name, value in alone.scalars.items():
+                torch.testing.assert_close(batch.scalars[name][row], value[0], atol=1e-6, rtol=1e-5)
+
+
+def _planted_ragged(counts: list[int], shifts: list[int]) -> Records:
+    """Records whose sample i holds counts[i] tokens, planted to shift after layer shifts[i]."""
+    per_sample = [planted_t2v([s], num_vision=v, seed=i)[0] for i, (s, v) in enumerate(zip(shifts, counts))]
+    t2v = np.zeros((len(counts), per_sample[0].shape[0], max(counts)), dtype=np.float32)
+    for i, t in enumerate(per_sample):
+        t2v[i, :, : t.shape[1]] = t
+    return Records(ids=[f"s{i}" for i in range(len(counts))], t2v=torch.from_numpy(t2v), scalars={},
+                   vision_counts=torch.tensor(counts))
+
+
+def test_shift_detector_analyses_each_sample_on_its_own_tokens():
+    counts, shifts = [64, 40, 100, 64, 30, 80], [8, 20, 8, 20, 8, 20]
+    records = _planted_ragged(counts, shifts)
+    result = ShiftDetector().fit(records).result_
+    assert result.num_vision is None and result.vision_counts.tolist() == counts
+    assert result.summary()["vision_counts"] == "30..100"
+    for i, v in enumerate(counts):  # the same as fitting the sample alone on its own [L, V_i]
+        alone = ShiftDetector().fit(records.sample_t2v(i)[None]).result_
+        assert np.array_equal(result.breakpoints[i], alone.breakpoints[0])
+        k = alone.tokens_per_sample
+        assert np.array_equal(result.token_indices[i, :k], alone.token_indices[0])
+        assert (result.token_indices[i, k:] == -1).all()
+        assert np.allclose(result.mean_trajectories[i], alone.mean_trajectories[0])
+    assert result.histogram.sum() == sum(max(1, round(0.1 * v)) for v in counts)
+    assert set(np.argsort(-result.histogram)[:2]) == {8, 20}  # the planted shifts (unplanted tokens fall mid-stack)
+
+
+def test_derive_on_ragged_records_gives_a_schedule_of_fractions():
+    result = ShiftDetector().fit(_planted_ragged([64, 40, 100, 64, 30, 80] * 2, [8, 20] * 6)).result_
+    schedule = derive_schedule(result, n_stages=2, budget=0.5)
+    assert schedule.layers == [10, 22]  # after the planted regions
+    assert schedule.vision_tokens is None and all(s.is_fraction for s in schedule.stages)
+    assert abs(schedule.budget_fraction() - 0.5) < 1e-6
+    assert schedule.provenance["derivation"]["budget_unit"] == "fraction of each sample's vision tokens"
+    back = Schedule.from_yaml(schedule.to_yaml())
+    assert back.stages == schedule.stages
+    for v in (30, 64, 100):  # each image keeps its own share; the realised share is near the target
+        assert abs(schedule.budget_fraction(initial=v) - 0.5) < 0.05
+    with pytest.raises(DeriveError, match=r"fraction of each sample's vision tokens .* in \(0, 1\]"):
+        derive_schedule(result, n_stages=2, budget=24)
+
+
+def test_allocate_fractions_and_budget_fraction():
+    schedule = allocate_fractions([1, 5], 12, 0.4)
+    r = schedule.stages[0].keep
+    assert schedule.stages[1].keep == r and 0 < r < 1
+    # nominal: layers 0-1 at 1, layers 2-5 at r, layers 6-11 at r^2 (processed convention)
+    assert schedule.fraction_per_layer() == pytest.approx([1, 1] + [r] * 4 + [r * r] * 6)
+    assert schedule.budget_fraction() == pytest.approx(0.4)
+    assert schedule.budget_fraction(initial=16) == pytest.approx(schedule.budget(initial=16) / 16)
+    paper = allocate_fractions([1, 5], 12, 0.4, convention="paper")
+    assert paper.budget_fraction(convention="paper") == pytest.approx(0.4)
+    with pytest.raises(BudgetUnreachable, match="allowed range above 0.166667 up to 1"):
+        allocate_fractions([1, 5], 12, 0.1)
+    counts = Schedule.from_dict({"stages": [{"layer": 1, "keep": 4}], "num_layers": 12})
+    with pytest.raises(ScheduleError, match="a count; the share of each image's vision tokens needs"):
+        counts.budget_fraction()
+    assert counts.budget_fraction(initial=16) == pytest.approx((2 * 16 + 10 * 4) / 12 / 16)
+
+
+def test_collect_and_derive_from_a_split_of_images_of_different_sizes(tmp_path):
+    """run_collect on shapes images of three sizes writes a store with each sample's own V (the same records as
+    each sample collected alone); analysis.derive rule=paper gives a schedule of fractions from it."""
+    out = tmp_path / "records"
+    sizes = [list(s) for s in SIZES]
+    cfg = {"model": _dynamic_preset(layers=8),
+           "data": {"name": "shapes_sizes", "task": "shapes", "split": "calibration", "limit": 6, "n_per_family": 2,
+                    "image_sizes": sizes},
+           "n_samples": 6, "batch_size": 3, "reducer": "adaptinfer", "shard_size": 4, "output": str(out), "seed": 0}
+    run_collect(cfg)
+    store = RecordStore.open(out)
+    assert store.num_vision is None and store.manifest["num_vision"] is None
+    records = store.load()
+    assert records.counts().tolist() == list(COUNTS) * 2 and records.ragged
+    # each sample alone (a batch of one) gives the same record
+    one = tmp_path / "one_by_one"
+    run_collect({**cfg, "batch_size": 1, "output": str(one)})
+    alone = RecordStore.open(one).load()
+    assert alone.ids == records.ids and torch.equal(alone.vision_counts, records.vision_counts)
+    torch.testing.assert_close(alone.t2v, records.t2v, atol=1e-6, rtol=1e-5)
+    derived = tmp_path / "derived"
+    run_derive({"input": str(out), "rule": "paper", "budget": 0.4, "n_stages": 2, "min_layer": 0,
+                "output": str(derived), "plots": {"enabled": True}})
+    schedule = Schedule.from_yaml(derived / "schedule.yaml")
+    assert all(s.is_fraction for s in schedule.stages) and len(schedule.stages) == 2
+    assert schedule.budget_fraction(num_layers=8) == pytest.approx(0.4)
+    assert (derived / "t2v_heatmap.png").is_file() and not (derived / "t2v_grids.png").exists()
+    with pytest.raises(DeriveError, match="use rule=paper with budget= a fraction"):
+        run_derive({"input": str(out), "rule": "search", "budget": 0.4, "n_stages": 2, "output": str(tmp_path / "s")})
