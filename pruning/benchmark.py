@@ -15,6 +15,12 @@ only outcome recorded without numbers: an *invalid* method, schedule file or set
 file and field, raised before anything is written; and an infeasible row never blocks a later run that can compute
 it (a rerun recomputes it).
 
+Images of different sizes (a model whose vision-token count V follows the image, e.g. Qwen2-VL with dynamic
+resolution): the run's budgets are fractions of each image's vision tokens in (0, 1] (the baseline's is 1) and every
+schedule keeps fractions (pruning.methods). Every row reports its budget both ways: `budget_processed` /
+`budget_paper` in mean vision tokens per decoder layer (mean over the samples) and `budget_fraction`, the processed
+budget as a fraction of each sample's own V (mean over the samples).
+
 Row identity (pruning/results.py): every setting that can change a number is part of a row's key. `setup_id`
 hashes what the unpruned baseline shares with the pruned rows (model source, revision, dtype, attention
 implementation, device type, execution mode, data options, max_new_tokens, timing batch); `variant_id` hashes that
@@ -155,8 +161,9 @@ def short_hash(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:ID_DIGITS]
 
 
-def _numbers(values: Sequence[int]) -> str:
-    return " ".join(str(int(v)) for v in values)
+def _numbers(values: Sequence[float]) -> str:
+    """Space-separated numbers: ints as ints, a mean over samples (images of different sizes) to 0.1."""
+    return " ".join(str(int(v)) if float(v).is_integer() else f"{float(v):.1f}" for v in values)
 
 
 def execution_setting(cfg: Mapping[str, Any]) -> tuple[bool | str, Any, str]:
@@ -279,16 +286,23 @@ def make_row(
     status: str = res.STATUS_OK, note: str = "", variant: str = "", settings: str = "",
 ) -> dict[str, Any]:
     """One results row (see pruning.results.COLUMNS)."""
-    n_layers, n_vision = loaded.num_layers, loaded.vision_tokens_per_image
+    n_layers, n_vision = loaded.num_layers, model_vision_tokens(loaded)
     row: dict[str, Any] = dict(key)
     row.update(status=status, variant=variant, model_settings=settings, scorer=method.get("scorer") or "",
                schedule=schedule_string(schedule),
                positions=schedule.positions if schedule is not None else "", batch_size=batch_size,
                config_id=cfg_id, timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                note=note)
-    if schedule is not None:
+    row["budget_unit"] = "tokens" if n_vision is not None else "fraction"
+    counts = [n_vision] if n_vision is not None else (output.vision_counts if output is not None else [])
+    if schedule is not None and counts:  # per sample from its own V, then the mean over the samples
         for conv in CONVENTIONS:
-            row[f"budget_{conv}"] = schedule.budget(n_layers, n_vision, conv) if schedule.stages else float(n_vision)
+            row[f"budget_{conv}"] = _mean([schedule.budget(n_layers, v, conv) if schedule.stages else float(v)
+                                           for v in counts])
+        row["budget_fraction"] = _mean([schedule.budget_fraction(n_layers, v) if schedule.stages else 1.0
+                                        for v in counts])
+    elif schedule is not None and schedule.stages and n_vision is None:  # no samples measured: the nominal share
+        row["budget_fraction"] = schedule.budget_fraction(n_layers)
     if output is not None:
         row.update(prefill_ms=output.prefill_ms, generate_ms=output.generate_ms, tflops=output.tflops,
                    peak_mem_mb=output.peak_mem_mb, n_samples=output.n_samples, timing_batch=output.timing_batch,
@@ -304,6 +318,15 @@ def make_row(
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 row[f"metric_{name}"] = float(value)
     return row
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values))
+
+
+def model_vision_tokens(loaded: LoadedModel) -> int | None:
+    """Vision tokens one image gives on this model and processor; None when the count follows the image size."""
+    return loaded.arch.vision_tokens_per_image(loaded.processor)
 
 
 def _expected_vision(schedule: Schedule, n_layers: int, n_vision: int) -> list[int]:
@@ -332,19 +355,28 @@ def plan_runs(methods: Sequence[Mapping[str, Any]], budgets: Sequence[float], lo
     """
     from pruning.engine import PruningEngine
 
-    n_layers, n_vision = loaded.num_layers, loaded.vision_tokens_per_image
+    n_layers, n_vision = loaded.num_layers, model_vision_tokens(loaded)
+    if n_vision is None:
+        over = [b for b in budgets if not 0 < b <= 1]
+        if over:
+            raise BenchmarkError(
+                f"budgets {over} are out of range: {loaded.name!r} gives a vision-token count that follows each "
+                "image's size, so budgets are fractions of each image's vision tokens (mean over decoder layers) in "
+                "(0, 1], e.g. budgets=[0.5,0.25]"
+            )
     pairs: list[tuple[dict, float]] = []
     base = next((m for m in methods if m["schedule"] == SCHEDULE_NONE), None)
     if base is None and baseline:
         base = check_method(load_method(res.BASELINE_METHOD))
     if base is not None:
-        pairs.append((dict(base), float(n_vision)))
+        pairs.append((dict(base), float(n_vision) if n_vision is not None else 1.0))
     for m in methods:
         if m is base or m["schedule"] == SCHEDULE_NONE:
             continue
         if fixed_budget(m):
             preset = method_schedule(m, n_layers, n_vision, 0.0, convention)
-            pairs.append((dict(m), round(preset.budget(n_layers, n_vision, convention), 3)))
+            pairs.append((dict(m), round(preset.budget(n_layers, n_vision, convention), 3) if n_vision is not None
+                          else round(preset.budget_fraction(n_layers, None, convention), 4)))
         else:
             pairs += [(dict(m), float(b)) for b in budgets]
     runs = []
@@ -404,7 +436,7 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
         raise BenchmarkError(f"task {data['task']!r} split {data['split']!r} gave no samples; check {data['name']}")
     max_new_tokens = int(cfg.get("max_new_tokens") or task.max_new_tokens)
     loaded = load_from_config(cfg["model"])
-    n_layers, n_vision = loaded.num_layers, loaded.vision_tokens_per_image
+    n_layers, n_vision = loaded.num_layers, model_vision_tokens(loaded)
     compile, compile_buckets, execution = execution_setting(cfg)
     settings = model_settings(cfg["model"], loaded, execution)
     setup = {"model": settings, "data": plain(data["options"]), "max_new_tokens": max_new_tokens,
@@ -448,7 +480,7 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
         method, schedule = run.method, run.schedule
         metrics = task.score(output.predictions, samples)
         note = ""
-        expected = _expected_vision(schedule, n_layers, n_vision)
+        expected = _expected_vision(schedule, n_layers, n_vision) if n_vision is not None else output.vision_per_layer
         if output.vision_per_layer != expected:
             note = f"engine processed vision tokens {output.vision_per_layer}, schedule says {expected}"
             log.warning("%s: %s", method["name"], note)

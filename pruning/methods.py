@@ -12,6 +12,10 @@ A method (configs/method/*.yaml) names a `scorer` and how its schedule is made, 
   scorer options it was searched with (options set on the method win);
 * any other value: a schedule in configs/schedule/ used as is (its own budget; a run's budget does not apply).
 
+On a model whose vision-token count follows the image (`initial` None: Qwen2-VL with dynamic resolution) the budget
+is a fraction of each image's vision tokens in (0, 1] and every schedule keeps fractions: `allocate` solves them with
+`pruning.schedule.allocate_fractions`, a derived or preset schedule must hold fractions (a count is a MethodError).
+
 `resolve_method(method, num_layers, initial, budget, convention)` does all of it and returns a `ResolvedMethod`
 (the method as it runs, its Schedule, scorer and scorer options). It is the one place where a method config
 becomes a schedule: the benchmark (pruning.benchmark), the lmms-eval adapter (pruning.lmms_adapter) and the
@@ -28,8 +32,8 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from pruning.schedule import (BEFORE_LM, CONVENTIONS, Schedule, ScheduleError, allocate_keep, read_front,
-                              round_half_up)
+from pruning.schedule import (BEFORE_LM, CONVENTIONS, Schedule, ScheduleError, allocate_fractions, allocate_keep,
+                              read_front, round_half_up)
 from vlm.errors import UserError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -37,6 +41,7 @@ METHOD_KEYS = ("name", "scorer", "schedule", "layers", "reference_layers", "posi
                "schedule_path")
 SCHEDULE_NONE, SCHEDULE_ALLOCATE, SCHEDULE_DERIVED = "none", "allocate", "derived"
 BUDGET_MATCH = 1.0  # a written schedule serves a target budget within this many vision tokens of its own
+FRACTION_MATCH = 0.005  # ... or, as a fraction of the vision tokens (images of any size), within this share
 
 
 class MethodError(UserError, ValueError):
@@ -129,14 +134,20 @@ def preset_path(name: str, configs_dir: Path = CONFIGS_DIR) -> Path:
     return path
 
 
-def _schedule_file(method: Mapping[str, Any], path: Path, num_layers: int, initial: int) -> Schedule:
-    """The schedule in `path`, checked against the model; any defect is a MethodError naming method and file."""
+def _schedule_file(method: Mapping[str, Any], path: Path, num_layers: int, initial: int | None) -> Schedule:
+    """The schedule in `path`, checked against the model (`initial` None: a vision-token count that follows the
+    image, so every keep must be a fraction); any defect is a MethodError naming method and file."""
     try:
-        return Schedule.from_yaml(path).validate(num_layers=num_layers, initial=initial)
+        schedule = Schedule.from_yaml(path).validate(num_layers=num_layers, initial=initial)
+        if initial is None:
+            schedule.fraction_per_layer(num_layers)  # raises on a count
+        return schedule
     except ScheduleError as err:
         text = str(err)
         where = "" if str(path) in text else f"schedule file {str(path)!r}: "
-        raise MethodError(f"method {method['name']!r}: {where}{text}") from None
+        tail = ("; this model's vision-token count follows the image size, so a schedule keeps fractions of each "
+                "image's tokens (keep: 0.25)") if initial is None else ""
+        raise MethodError(f"method {method['name']!r}: {where}{text}{tail}") from None
 
 
 def _with_positions(schedule: Schedule, positions: str | None) -> Schedule:
@@ -144,10 +155,11 @@ def _with_positions(schedule: Schedule, positions: str | None) -> Schedule:
 
 
 def method_schedule(
-    method: Mapping[str, Any], num_layers: int, initial: int, budget: float, convention: str = "processed",
+    method: Mapping[str, Any], num_layers: int, initial: int | None, budget: float, convention: str = "processed",
     configs_dir: Path = CONFIGS_DIR,
 ) -> Schedule:
-    """The schedule a method uses at `budget` on a model with `num_layers` layers and `initial` vision tokens.
+    """The schedule a method uses at `budget` on a model with `num_layers` layers and `initial` vision tokens
+    (None: the count follows the image, `budget` is a fraction of each image's tokens and keeps are fractions).
 
     A derived method's `schedule_path` must be a schedule file here (`resolve_method` first picks a front's entry).
     Raises BudgetUnreachable when the budget is out of reach of the method's (valid) stage layers, an infeasible
@@ -162,6 +174,9 @@ def method_schedule(
         return Schedule(stages=[], num_layers=num_layers, vision_tokens=initial, name=method["name"])
     if kind == SCHEDULE_ALLOCATE:
         layers = scale_layers(method["layers"], num_layers, method.get("reference_layers"))
+        if initial is None:
+            return allocate_fractions(layers, num_layers, float(budget), convention, positions=positions or "keep",
+                                      name=name)
         return allocate_keep(layers, num_layers, initial, float(budget), convention, positions=positions or "keep",
                              name=name)
     if kind == SCHEDULE_DERIVED:
@@ -173,10 +188,16 @@ def method_schedule(
             )
         derived = _schedule_file(method, path, num_layers, initial)
         fitted = dataclasses.replace(derived, num_layers=num_layers, vision_tokens=initial)
-        if abs(fitted.budget(convention=convention) - float(budget)) <= BUDGET_MATCH:
+        if initial is None:
+            if abs(fitted.budget_fraction(convention=convention) - float(budget)) <= FRACTION_MATCH:
+                return _with_positions(fitted, positions)
+            realloc = allocate_fractions(fitted.layers, num_layers, float(budget), convention,
+                                         positions=positions or derived.positions, name=name)
+        elif abs(fitted.budget(convention=convention) - float(budget)) <= BUDGET_MATCH:
             return _with_positions(fitted, positions)
-        realloc = allocate_keep(fitted.layers, num_layers, initial, float(budget), convention,
-                                positions=positions or derived.positions, name=name)
+        else:
+            realloc = allocate_keep(fitted.layers, num_layers, initial, float(budget), convention,
+                                    positions=positions or derived.positions, name=name)
         realloc.provenance = {"derived_from": str(path), "derived_provenance": dict(derived.provenance),
                               **realloc.provenance}
         return realloc
@@ -244,7 +265,7 @@ class ResolvedMethod:
 
 
 def resolve_method(
-    method: Mapping[str, Any], num_layers: int, initial: int, budget: float, convention: str = "processed",
+    method: Mapping[str, Any], num_layers: int, initial: int | None, budget: float, convention: str = "processed",
     configs_dir: Path = CONFIGS_DIR,
 ) -> ResolvedMethod:
     """A checked method (check_method) at `budget` on a model with `num_layers` layers and `initial` vision tokens:
@@ -256,7 +277,7 @@ def resolve_method(
 
 
 __all__ = [
-    "BUDGET_MATCH", "CONFIGS_DIR", "METHOD_KEYS", "MethodError", "ResolvedMethod", "SCHEDULE_ALLOCATE",
+    "BUDGET_MATCH", "CONFIGS_DIR", "FRACTION_MATCH", "METHOD_KEYS", "MethodError", "ResolvedMethod", "SCHEDULE_ALLOCATE",
     "SCHEDULE_DERIVED", "SCHEDULE_NONE", "check_method", "fixed_budget", "front_entry", "load_method",
     "method_schedule", "preset_path", "resolve_method", "scale_layers", "with_front_entry", "with_searched_options",
 ]

@@ -82,6 +82,9 @@ def merge_outputs(parts: Mapping[int, Mapping[str, Any]], samples: Sequence[VQAS
         device=first.device,
         extras={**first.extras, "workers": workers},
         flops_total=flops,
+        vision_counts=merge_slices({w: outputs[w].vision_counts if w in outputs else [] for w in parts}, len(ids),
+                                   workers, block)
+        if all(len(o.vision_counts) == o.n_samples for o in outputs.values()) else [],  # parts of older versions: none
     )
 
 

@@ -17,7 +17,10 @@ A row with status `infeasible` holds no numbers and never counts as present (`ha
 
 Summaries and plots compare methods at equal *processed* budget (`budget_processed`, the mean vision tokens each
 decoder layer really processes, which is what a method costs); a run's `budget` column is the target in its own
-`convention`, and `budget_paper` is kept beside for comparison with published tables.
+`convention`, and `budget_paper` is kept beside for comparison with published tables. `budget_fraction` is the
+processed budget as a fraction of each sample's vision tokens (mean over samples): the comparable figure when the
+vision-token count follows the image size; `budget_unit` says what the `budget` column (the target) counts:
+"tokens" (mean vision tokens per decoder layer) or "fraction" (of each image's vision tokens, for such models).
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ KEY_COLUMNS: tuple[str, ...] = GROUP_COLUMNS + ("convention", "method", "budget"
 # Leading columns, in this order; metric_* and any others follow.
 COLUMNS: tuple[str, ...] = (
     "model", "task", "split", "limit", "setup_id", "convention", "method", "budget", "variant_id", "status",
-    "variant", "scorer", "schedule", "positions", "budget_processed", "budget_paper", "accuracy", "retention",
+    "variant", "scorer", "schedule", "positions", "budget_processed", "budget_paper", "budget_fraction", "budget_unit",
+    "accuracy", "retention",
     "prefill_ms", "generate_ms", "tflops", "peak_mem_mb", "n_samples", "batch_size", "timing_batch",
     "vision_per_layer", "tokens_per_layer", "device", "execution", "model_settings", "config_id", "timestamp", "note",
 )
@@ -245,11 +249,14 @@ def summary_markdown(table: pd.DataFrame) -> str:
         lines += [_heading(group, sub), ""]
         base = sub[sub["method"] == BASELINE_METHOD]
         pruned = sub[(sub["method"] != BASELINE_METHOD)]
+        fractions = _fraction_budgets(sub)
         if not base.empty:
             b = base.iloc[0]
+            tokens = f"{int(float(b['budget']))} vision tokens per layer" if not fractions else \
+                f"{_fmt(float(b['budget_processed']), 1)} vision tokens per layer (mean; each image its own count)"
             lines.append(
                 f"Unpruned: accuracy {_fmt(float(b['accuracy']), 4)}, prefill {_fmt(float(b['prefill_ms']), 1)} ms, "
-                f"{_fmt(float(b['tflops']), 4)} TFLOPs/sample, {int(float(b['budget']))} vision tokens per layer."
+                f"{_fmt(float(b['tflops']), 4)} TFLOPs/sample, {tokens}."
             )
         else:
             lines.append("Unpruned: not in the table (retention cannot be computed).")
@@ -258,13 +265,21 @@ def summary_markdown(table: pd.DataFrame) -> str:
             continue
         for conv in sorted({key_value(c) for c in pruned["convention"]} - {""}):
             rows = pruned[pruned["convention"].map(key_value) == conv]
+            unit = "fraction of each image's vision tokens (mean over decoder layers; the model's count follows " \
+                "the image size)" if fractions else "mean vision tokens per decoder layer"
             lines += [
                 "",
-                f"Budget = mean vision tokens per decoder layer, target in the **{conv}** convention (results.csv "
-                "holds both conventions in budget_processed and budget_paper). — = not run or infeasible.",
+                f"Budget = {unit}, target in the **{conv}** convention (results.csv holds both conventions in "
+                "budget_processed and budget_paper, in vision tokens, and budget_fraction). — = not run or infeasible.",
                 "",
             ]
-            if conv != "processed":
+            if fractions:
+                lines += ["### Processed budget (vision tokens each layer really processes, mean over samples)", "",
+                          markdown_table(pivot(rows, "budget_processed"), 1, f"method \\ {conv} budget"), ""]
+            else:
+                lines += ["### Processed budget as a fraction of each sample's vision tokens", "",
+                          markdown_table(pivot(rows, "budget_fraction"), 3, f"method \\ {conv} budget"), ""]
+            if conv != "processed" and not fractions:
                 lines += [
                     f"Equal {conv}-convention budgets are not equal cost: the processed budget each run really had "
                     "is below; the rankings compare runs at equal processed budget.", "",
@@ -284,6 +299,11 @@ def summary_markdown(table: pd.DataFrame) -> str:
                 lines.append(f"- {label} at {_budget_label(row['budget'])} ({row['convention']}): {row.get('note', '')}")
             lines.append("")
     return "\n".join(lines)
+
+
+def _fraction_budgets(rows: pd.DataFrame) -> bool:
+    """Whether these rows' budgets are fractions of each image's vision tokens (budget_unit 'fraction')."""
+    return "budget_unit" in rows.columns and bool((rows["budget_unit"].astype(str) == "fraction").any())
 
 
 def equal_cost_groups(budgets: Sequence[float], tolerance: float = EQUAL_COST_TOLERANCE) -> list[list[int]]:

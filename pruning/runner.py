@@ -16,7 +16,10 @@ One run = one model, one list of samples, one schedule + scorer (or none: the un
   `extras["compile_fallback"]`).
 * `tflops`: analytic prefill TFLOPs per sample (`pruning.flops`, 4nd^2 + 2n^2d + 3ndm per layer) from each
   row's real (unpadded) token count and the vision tokens each layer processed (`engine.record.vision_per_layer`),
-  averaged over the samples; padding does not count, so the number does not depend on batching.
+  averaged over the samples; padding does not count, so the number does not depend on batching. Each row counts
+  its own vision tokens (`vision_counts`, read from its ids), so images of different sizes cost what they cost.
+* `vision_counts`: each sample's vision-token count, in sample order (the same for every sample unless the
+  model's count follows the image size); `vision_per_layer` is then the mean over the samples per layer.
 * `peak_mem_mb`: on GPU `torch.cuda.max_memory_allocated` over the run (stats reset first); on CPU the process's
   peak resident set size over the run (Linux: VmHWM after resetting it through /proc/self/clear_refs; where that
   is not allowed, the lifetime peak `ru_maxrss`). On CPU it includes the weights and everything else the process
@@ -86,6 +89,7 @@ class RunOutput:
     device: str
     extras: dict[str, Any] = field(default_factory=dict)
     flops_total: int = 0  # analytic prefill FLOPs summed over the samples (exact; parts of a split run add up)
+    vision_counts: list[int] = field(default_factory=list)  # each sample's vision tokens, in sample order
 
 
 # -- memory ------------------------------------------------------------------------------------------------------
@@ -213,21 +217,39 @@ def _batches(items: Sequence[VQASample], size: int) -> Iterator[list[VQASample]]
         yield list(items[i:i + size])
 
 
-def _row_flops(loaded: LoadedModel, attention_mask: torch.Tensor, vision_per_layer: Sequence[int]) -> int:
-    """Analytic prefill FLOPs summed over the rows of a batch, each from its real (unpadded) token count."""
+def _row_flops(loaded: LoadedModel, attention_mask: torch.Tensor, vision_per_layer: Sequence[Sequence[int]],
+               vision_counts: Sequence[int]) -> int:
+    """Analytic prefill FLOPs summed over the rows of a batch, each from its real (unpadded) token count, its own
+    vision tokens per layer (vision_per_layer[b]) and its vision-token count."""
     hidden, intermediate = loaded.text_widths
-    n_vision = loaded.vision_tokens_per_image
     total = 0
-    for real in attention_mask.sum(dim=1).tolist():
-        per_layer = sequence_tokens_per_layer(vision_per_layer, int(real) - n_vision)
+    for real, row_vision, n_vision in zip(attention_mask.sum(dim=1).tolist(), vision_per_layer, vision_counts):
+        per_layer = sequence_tokens_per_layer(row_vision, int(real) - n_vision)
         total += prefill_flops(per_layer, hidden, intermediate)
     return total
 
 
-def _vision_per_layer(loaded: LoadedModel, engine: PruningEngine | None) -> list[int]:
+def _vision_counts(loaded: LoadedModel, inputs: dict[str, Any]) -> list[int]:
+    """Vision tokens of each row of a batch, read from its ids (the real image tokens)."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    image = ids == loaded.image_token_id
+    if mask is not None:
+        image = image & mask.bool()
+    return [int(c) for c in image.sum(dim=1).tolist()]
+
+
+def _vision_per_layer(loaded: LoadedModel, engine: PruningEngine | None, counts: Sequence[int]) -> list[list[int]]:
+    """Vision tokens each decoder layer processed, per row of the last batch: [B][L]."""
     if engine is None:
-        return [loaded.vision_tokens_per_image] * loaded.num_layers
-    return list(engine.record.vision_per_layer)
+        return [[v] * loaded.num_layers for v in counts]
+    return [list(engine.record.vision_per_layer)] * len(counts)
+
+
+def _mean_per_layer(rows: Sequence[Sequence[int]]) -> list[int] | list[float]:
+    """Per layer: the count every row shares, or the mean over the rows (rounded to 0.1) when they differ."""
+    if all(list(r) == list(rows[0]) for r in rows):
+        return list(rows[0])
+    return [round(sum(col) / len(col), 1) for col in zip(*rows)]
 
 
 def evaluate(
@@ -267,7 +289,8 @@ def evaluate(
     predictions: list[str] = []
     flops_total = 0
     generate_s = 0.0
-    vision_per_layer: list[int] = []
+    vision_rows: list[list[int]] = []  # [sample][layer]
+    vision_counts: list[int] = []
     buckets = check_buckets(compile_buckets) if compile else None
 
     def encode(batch: Sequence[VQASample]) -> dict[str, Any]:
@@ -298,8 +321,11 @@ def evaluate(
             generate_s += time.perf_counter() - t0
             new_tokens = out[:, inputs["input_ids"].shape[1]:]
             predictions += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-            vision_per_layer = _vision_per_layer(loaded, engine)
-            flops_total += _row_flops(loaded, inputs["attention_mask"], vision_per_layer)
+            counts = _vision_counts(loaded, inputs)
+            rows = _vision_per_layer(loaded, engine, counts)
+            flops_total += _row_flops(loaded, inputs["attention_mask"], rows, counts)
+            vision_rows += rows
+            vision_counts += counts
             bar.update(len(batch))
         bar.close()
     n = len(samples)
@@ -309,13 +335,14 @@ def evaluate(
         generate_ms=generate_s * 1e3 / n,
         tflops=to_tflops(flops_total / n),
         peak_mem_mb=float(memory.mb),
-        vision_per_layer=vision_per_layer,
+        vision_per_layer=_mean_per_layer(vision_rows),
         tokens_per_layer=tokens_per_layer,
         n_samples=n,
         timing_batch=len(timed),
         device=str(device),
         extras={"peak_mem_source": memory.source, **execution},
         flops_total=int(flops_total),
+        vision_counts=vision_counts,
     )
 
 

@@ -159,3 +159,47 @@ def test_collect_and_derive_from_a_split_of_images_of_different_sizes(tmp_path):
     assert (derived / "t2v_heatmap.png").is_file() and not (derived / "t2v_grids.png").exists()
     with pytest.raises(DeriveError, match="use rule=paper with budget= a fraction"):
         run_derive({"input": str(out), "rule": "search", "budget": 0.4, "n_stages": 2, "output": str(tmp_path / "s")})
+
+
+def _bench_cfg(results_dir, methods, budgets, batch_size: int = 1) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tests.bench_fixtures import CONFIGS
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name="benchmark", overrides=["data=shapes_test"]), resolve=True)
+    cfg["data"].update(limit=6, image_sizes=[list(s) for s in SIZES])
+    cfg.update(model=_dynamic_preset(layers=8), methods=methods, budgets=budgets, results_dir=str(results_dir),
+               batch_size=batch_size, timing={"batch_size": 1, "warmup": 0, "repeats": 1}, plots=False,
+               progress=False)
+    return cfg
+
+
+def test_benchmark_rows_report_budgets_in_tokens_and_as_a_fraction_of_each_image(tmp_path):
+    """On a model whose vision-token count follows the image, budgets are fractions: each image keeps its share of
+    its own tokens; rows give the processed budget in mean vision tokens and as a fraction of each sample's V."""
+    from pruning import results as res
+    from pruning.benchmark import BenchmarkError, run_benchmark
+
+    with pytest.raises(BenchmarkError, match=r"budgets \[64\] are out of range: .* fractions of each image's"):
+        run_benchmark(_bench_cfg(tmp_path / "bad", ["adaptinfer"], [64]))
+    out = run_benchmark(_bench_cfg(tmp_path / "bench", ["adaptinfer"], [0.5]))
+    table = res.read_table(out).set_index("method")
+    assert set(table["status"]) == {res.STATUS_OK} and set(table["budget_unit"]) == {"fraction"}
+    counts = list(COUNTS) * 2  # the six samples' vision tokens
+    base, pruned = table.loc["unpruned"], table.loc["adaptinfer"]
+    assert float(base["budget"]) == 1.0 and float(base["budget_fraction"]) == 1.0
+    assert float(base["budget_processed"]) == pytest.approx(np.mean(counts))
+    schedule = Schedule.from_dict({"stages": [{"layer": int(l), "keep": float(k)} for l, k in
+                                              (p.split(":") for p in pruned["schedule"].split(","))]})
+    assert all(s.is_fraction for s in schedule.stages)
+    assert float(pruned["budget_fraction"]) == pytest.approx(np.mean([schedule.budget_fraction(8, v) for v in counts]))
+    assert float(pruned["budget_processed"]) == pytest.approx(np.mean([schedule.budget(8, v) for v in counts]))
+    assert abs(float(pruned["budget_fraction"]) - 0.5) < 0.05
+    # each sample's own tokens per layer, averaged: the mean of the schedule's counts for each V
+    expected = np.mean([schedule.tokens_per_layer(8, v) for v in counts], axis=0)
+    assert [float(x) for x in str(pruned["vision_per_layer"]).split()] == pytest.approx(expected, abs=0.05)
+    assert float(pruned["tflops"]) < float(base["tflops"])
+    summary = (out / "summary.md").read_text()
+    assert "fraction of each image's vision tokens" in summary and "each image its own count" in summary
