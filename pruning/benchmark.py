@@ -60,7 +60,7 @@ from pruning import results as res
 from pruning.compiled import CompileError, check_buckets, check_mode
 from pruning.methods import (CONFIGS_DIR, SCHEDULE_NONE, MethodError, check_method, fixed_budget, load_method,
                              method_schedule, resolve_method, with_front_entry)
-from pruning.runner import RunOutput, TimingSpec, evaluate
+from pruning.runner import RunOutput, TimingSpec, evaluate, mean_per_layer
 from pruning.schedule import CONVENTIONS, BudgetUnreachable, MethodInfeasible, Schedule, ScheduleError, schedule_string
 from pruning.scorers import get_scorer
 from pruning.selectors import get_selector, is_selector
@@ -480,7 +480,8 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
         method, schedule = run.method, run.schedule
         metrics = task.score(output.predictions, samples)
         note = ""
-        expected = _expected_vision(schedule, n_layers, n_vision) if n_vision is not None else output.vision_per_layer
+        expected = _expected_vision(schedule, n_layers, n_vision) if n_vision is not None else \
+            mean_per_layer([_expected_vision(schedule, n_layers, v) for v in output.vision_counts])
         if output.vision_per_layer != expected:
             note = f"engine processed vision tokens {output.vision_per_layer}, schedule says {expected}"
             log.warning("%s: %s", method["name"], note)

@@ -13,6 +13,12 @@ layer -1 runs a registered selector (pruning/selectors.py: VisionZip, DivPrune, 
 before the language model, so layer 0 already sees k vision tokens; every selector takes this one path.
 A scorer registered with a `MergeRule` (sparsevlm_recycle) keeps k minus its merged count by score and puts the
 merged tokens in the slots of their clusters' first members (see `_merge_dropped`).
+
+Rows with different vision-token counts (a padded batch of images of different sizes, `TokenLayout.ragged`): each
+row keeps its own count k_b (fractions of its own V_b; `Schedule.keep_counts(V_b)`). After a drop the rows are
+padded to the longest with some of their own dropped vision tokens kept in place as filler: masked as keys in every
+later layer's mask (prefill and decode) and never scored, so each row computes what it would alone. This path runs
+only for such batches (text- and last-row scorers); equal-count batches take the code above unchanged.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ from torch import Tensor, nn
 from pruning.compiled import CompiledPrefill, check_mode
 from pruning.flops import prefill_flops
 from pruning.schedule import BEFORE_LM, Schedule
-from pruning.scorers import ScoringContext, available_scorers, get_scorer, score as run_scorer, select
+from pruning.scorers import (ScoringContext, available_scorers, get_scorer, score as run_scorer, select,
+                             select_rows)
 from pruning.selectors import (
     SelectorContext, VisionCapture, available_selectors, check_budget, get_selector, is_selector, run_selector,
     square_grid,
@@ -50,9 +57,12 @@ class PrefillRecord:
 
     stage_picks: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per stage: (cur_idx [B, N'], kept [B, k])
     tokens_per_layer: list[int] = field(default_factory=list)  # sequence length each decoder layer processed
-    vision_per_layer: list[int] = field(default_factory=list)  # vision tokens each decoder layer processed
+    vision_per_layer: list[int] = field(default_factory=list)  # vision tokens each decoder layer processed (rows
+    # with different counts: the largest row's)
     batch_size: int = 0
     widths: tuple[int, int] = (0, 0)  # (hidden size, intermediate size) of the decoder, for `flops`
+    stage_counts: list[tuple[int, ...]] = field(default_factory=list)  # per stage, each row's k (rows that differ)
+    row_vision_per_layer: list[list[int]] = field(default_factory=list)  # [B][L] per row (rows that differ)
 
     @property
     def flops(self) -> int:
@@ -63,7 +73,13 @@ class PrefillRecord:
     def kept_positions(self) -> list[Tensor]:
         """Per stage: [B, k] original positions (slots) of the vision tokens kept, ascending (computed when read,
         so that a prefill does not pay for it)."""
-        return [cur_idx.gather(1, kept) for cur_idx, kept in self.stage_picks]
+        kept = [cur_idx.gather(1, kept) for cur_idx, kept in self.stage_picks]
+        for stage, counts in enumerate(self.stage_counts):  # rows that keep different counts: -1 after a row's own
+            width = kept[stage].shape[1]
+            short = torch.arange(width, device=kept[stage].device)[None, :] >= \
+                torch.tensor(counts, device=kept[stage].device)[:, None]
+            kept[stage] = kept[stage].masked_fill(short, -1)
+        return kept
 
 
 @dataclass
@@ -85,6 +101,13 @@ class _RowState:
     slice_idx: Tensor | None = None  # the cur_idx `sliced` was made for
     slice_src: tuple | None = None  # the layer inputs (mask, position ids, cache position, RoPE tables) it was made from
     sliced: dict[str, Any] | None = None  # the layer kwargs sliced to `cur_idx`, shared by the layers between stages
+    # rows with different vision counts only (None / empty otherwise):
+    vision_valid_cur: Tensor | None = None  # [B, V'] bool: real slots of vision_cur (the rest repeat a position)
+    filler_cur: Tensor | None = None  # [B, N'] bool: dropped vision tokens kept as masked filler (rows padded)
+    row_vision: list[int] = field(default_factory=list)  # vision tokens each row holds now (host)
+    row_filler: list[int] = field(default_factory=list)  # filler tokens each row holds now (host)
+    pending_filler: Tensor | None = None  # [B, N'] the filler of the pending drop, over the current sequence
+    pending_rows: tuple | None = None  # (row_vision, row_filler) once `pending` is applied
 
 
 class PruningEngine:
@@ -164,6 +187,10 @@ class PruningEngine:
         self._stage_input: tuple[Tensor, Any] | None = None  # (input hidden, (cos, sin)) of a "none"-rows stage layer
         self._decoding = False
         self._generators: list[torch.Generator] | None = None
+        self._decode_steps = 0  # one-token steps since the last prefill
+        self._row_keeps: list[list[int]] | None = None  # per row, per stage: its keep count (rows that differ)
+        self._layer_fill: list[Tensor | None] = [None] * self.num_layers  # filler mask of each layer's tokens
+        self._layer_rows: list[list[int] | None] = [None] * self.num_layers  # vision tokens per row at each layer
 
     # -- attach / detach ------------------------------------------------------------------------------
     def __enter__(self) -> "PruningEngine":
@@ -224,18 +251,23 @@ class PruningEngine:
             if input_ids.shape[1] != 1:
                 raise EngineError("a multi-token step after prefill (chunked prefill / speculative decoding) is not supported")
             self._decoding = True  # decode: layer hooks remap masks and positions
+            self._decode_steps += 1
             return
         self._decoding = False
+        self._decode_steps = 0
         layout = TokenLayout.from_batch(input_ids, kwargs.get("attention_mask"), self.image_token_id,
                                         static=self._compiled is not None)
         batch, seq = input_ids.shape
-        mismatch = self.arch.check_vision_inputs(kwargs, batch, layout.num_vision)
+        n_vision = layout.num_vision if not layout.ragged else self._check_ragged(layout)
+        # rows with different counts: the image inputs must hold every row's tokens, checked as one row of them all
+        mismatch = self.arch.check_vision_inputs(kwargs, batch, n_vision) if not layout.ragged else \
+            self.arch.check_vision_inputs(kwargs, 1, sum(layout.vision_counts))
         if mismatch is not None:
             raise EngineError(mismatch)
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         self._state = _RowState(layout=layout, cur_idx=positions, is_vision=layout.vision_mask,
                                 vision_cur=layout.vision_index, text_cur=layout.text_index, valid_cur=layout.valid,
-                                n_vision=layout.num_vision)
+                                n_vision=n_vision)
         self._generators = row_generators(input_ids, kwargs.get("attention_mask"), self.arch.row_images(kwargs, batch),
                                           self.seed) \
             if self.seeded else None
@@ -243,7 +275,36 @@ class PruningEngine:
         self._layer_vision = [0] * self.num_layers
         self._dropped = [None] * self.num_layers
         self.record = PrefillRecord(batch_size=batch)
-        self._keep_counts = self.schedule.keep_counts(layout.num_vision)
+        if layout.ragged:
+            st = self._state
+            st.vision_valid_cur, st.filler_cur = layout.vision_valid, torch.zeros_like(layout.valid)
+            st.row_vision, st.row_filler = list(layout.vision_counts), [0] * batch
+            self._row_keeps = [self.schedule.keep_counts(v) for v in layout.vision_counts]
+            self._keep_counts = [max(ks) for ks in zip(*self._row_keeps)]
+            self._layer_fill = [None] * self.num_layers
+            self._layer_rows = [None] * self.num_layers
+        else:
+            self._row_keeps = None
+            self._keep_counts = self.schedule.keep_counts(layout.num_vision)
+
+    def _check_ragged(self, layout: TokenLayout) -> int:
+        """The largest row's vision count of a batch whose rows hold different counts; EngineError for what such a
+        batch cannot run yet."""
+        counts = list(layout.vision_counts)
+        why = None
+        if self.is_selector:
+            why = f"the selector {self.scorer!r} (before the language model) needs one count per batch"
+        elif self.rows_kind == "none" or self._merge is not None:
+            why = f"the scorer {self.scorer!r} (its scores pool over the vision tokens of a row) supports one count " \
+                  "per batch; text- and last-row scorers (adaptinfer, fastv, sparsevlm) take rows that differ"
+        elif self.schedule.positions == "renumber":
+            why = "positions: renumber needs one count per batch (use positions: keep)"
+        elif self._compiled is not None:
+            why = "the compiled prefill needs one shape per batch (run eager, compile=False)"
+        if why is not None:
+            raise EngineError(f"the rows of this batch hold different numbers of vision tokens {counts} (images of "
+                              f"different sizes), but {why}; or batch images that give the same count")
+        return max(counts)
 
     # -- per layer -------------------------------------------------------------------------------------
     def _make_layer_hook(self, index: int):
@@ -299,11 +360,20 @@ class PruningEngine:
             st.text_cur = st.layout.text_index - (st.layout.seq_len - keep.shape[1])
             st.n_vision = st.pending_vision
             st.pending = None
+            if st.pending_filler is not None:  # rows with different counts: their filler leaves the vision tokens
+                filler = st.pending_filler.gather(1, keep)
+                st.is_vision = st.is_vision & ~filler
+                st.valid_cur = st.valid_cur & ~filler
+                st.filler_cur, st.pending_filler = filler, None
+                st.row_vision, st.row_filler = st.pending_rows
         n_cur = st.cur_idx.shape[1]
         self._layer_cols[index] = st.cur_idx
         self._layer_vision[index] = st.n_vision
-        if n_cur != st.layout.seq_len:
+        if n_cur != st.layout.seq_len or (st.filler_cur is not None and any(st.row_filler)):
             kwargs = self._sliced_kwargs(kwargs, st, hidden)
+        if st.filler_cur is not None:  # rows with different vision counts: what this layer's tokens are, per row
+            self._layer_fill[index] = st.filler_cur if any(st.row_filler) else None
+            self._layer_rows[index] = st.row_vision
         if self.rows_kind == "none" and not self.is_selector and index in self.stage_layers:
             self._stage_input = (hidden, kwargs.get("position_embeddings"))  # a reference, read at the next layer
         if index == self.num_layers - 1:
@@ -347,6 +417,8 @@ class PruningEngine:
             kwargs["attention_mask"] = m.gather(3, idx[:, None, None, :].expand(batch, m.shape[1], n_cur, n_cur))
         elif isinstance(mask, Tensor) and mask.dim() == 2:
             kwargs["attention_mask"] = mask.gather(1, idx)
+        if st.filler_cur is not None and any(st.row_filler):
+            kwargs["attention_mask"] = _mask_keys(kwargs.get("attention_mask"), st.filler_cur, idx)
         return kwargs
 
     def _decode_step(self, index: int, args: tuple, kwargs: dict):
@@ -354,7 +426,8 @@ class PruningEngine:
         if cols is None or self._layer_cols[0] is None:
             return None
         full = self._layer_cols[0].shape[1]
-        if cols.shape[1] == full:
+        filler = self._layer_fill[index] if self._row_keeps is not None else None  # rows with different counts
+        if cols.shape[1] == full and filler is None:
             return None  # this layer holds every prefill token: nothing to remap
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
@@ -369,6 +442,10 @@ class PruningEngine:
                 )
             else:
                 kwargs["attention_mask"] = mask.gather(1, keep_cols)
+        if filler is not None:  # the filler keys stay masked; the tokens generated since are real
+            steps = mask.shape[-1] - full if isinstance(mask, Tensor) else self._decode_steps
+            keys = torch.cat([filler, torch.zeros(filler.shape[0], steps, dtype=torch.bool, device=filler.device)], 1)
+            kwargs["attention_mask"] = _mask_keys(kwargs.get("attention_mask"), keys, None, decode=True)
         if self.schedule.positions == "renumber":
             hidden = args[0] if args else kwargs["hidden_states"]
             pos = _expand_batch(kwargs.get("position_ids"), hidden.shape[0])
@@ -427,6 +504,7 @@ class PruningEngine:
             stage_position_embeddings=kw.get("stage_position_embeddings"),
             final_norm=self.arch.final_norm,
             options=self.scorer_options,
+            vision_mask=st.vision_valid_cur,
         )
 
     def _apply_selection(self, stage_layer: int, scores: Tensor) -> None:
@@ -436,6 +514,8 @@ class PruningEngine:
         from that layer's output (`_merge_dropped`), so the stage still leaves exactly k vision tokens.
         """
         st = self._state
+        if self._row_keeps is not None:
+            return self._apply_row_selection(stage_layer, scores)
         k = self._keep_counts[self.stage_layers.index(stage_layer)]
         vision_cur = st.vision_cur  # [B, V_cur]
         n_merged = self._merge.split(st.n_vision, k, **self._merge_options()) if self._merge is not None else 0
@@ -447,6 +527,30 @@ class PruningEngine:
             st.pending_merge = (vision_cur.gather(1, dropped_v), scores.gather(1, dropped_v), n_merged, kept_pos)
             return
         self._keep_vision(kept_pos, k)
+
+    def _apply_row_selection(self, stage_layer: int, scores: Tensor) -> None:
+        """`_apply_selection` for rows with different vision counts: row b keeps its own top k_b of its real slots;
+        the rows are then padded to the longest with some of their dropped vision tokens as (masked) filler."""
+        st = self._state
+        stage = self.stage_layers.index(stage_layer)
+        keeps = [row[stage] for row in self._row_keeps]  # host
+        kept_v, picked = select_rows(scores, keeps, st.vision_valid_cur)  # [B, Kmax], repeats after a row's own
+        kept_pos = st.vision_cur.gather(1, kept_v)  # [B, Kmax] current positions
+        self.record.stage_picks.append((st.cur_idx, kept_pos))
+        self.record.stage_counts.append(tuple(keeps))
+        n_cur = st.cur_idx.shape[1]
+        leaving = (st.is_vision | st.filler_cur).scatter(1, kept_pos, False)  # dropped vision tokens and old filler
+        lengths = [n_cur - v - f + k for v, f, k in zip(st.row_vision, st.row_filler, keeps)]
+        n_new = max(lengths)
+        fill = [n_new - length for length in lengths]  # filler each row needs to reach the longest
+        rank = leaving.cumsum(1)
+        filler = leaving & (rank <= torch.tensor(fill, device=rank.device)[:, None])  # its first leaving tokens
+        st.pending = _true_positions(~leaving | filler, n_new)
+        st.vision_cur = torch.searchsorted(st.pending.contiguous(), kept_pos)
+        st.vision_valid_cur = picked
+        st.pending_vision = max(keeps)
+        st.pending_filler = filler
+        st.pending_rows = (keeps, fill)
 
     def _merge_options(self) -> dict:
         spec = get_scorer(self.scorer)
@@ -488,6 +592,11 @@ class PruningEngine:
         self.record.tokens_per_layer = [cols.shape[1] for cols in self._layer_cols]
         self.record.vision_per_layer = list(self._layer_vision)
         self.record.widths = self.arch.text_widths(self.config)
+        if self._row_keeps is not None:  # rows with different counts: the layers between stages hold what the
+            for i in range(1, self.num_layers):  # stage's first layer holds (the same tokens)
+                if self._layer_rows[i] is None:
+                    self._layer_rows[i], self._layer_fill[i] = self._layer_rows[i - 1], self._layer_fill[i - 1]
+            self.record.row_vision_per_layer = [list(col) for col in zip(*self._layer_rows)]
 
     # -- before the language model: the registered selector -------------------------------------------
     def _before_lm_stage(self, hidden: Tensor) -> Tensor:
@@ -578,6 +687,24 @@ def _slice_sources(kwargs: dict) -> tuple:
 def _same_objects(a: tuple | None, b: tuple) -> bool:
     """Identity, element by element (`==` on tensors would compare values, on the device)."""
     return a is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _mask_keys(mask: Tensor | None, masked: Tensor, idx: Tensor | None, decode: bool = False) -> Tensor:
+    """A layer's attention mask with the keys where masked [B, K] is True hidden from every query: a 4-D mask
+    (bool: False; float: the dtype's minimum) or a 2-D padding mask (0). With no mask (no padding) the causal mask
+    over the original positions idx [B, K] is built (bool), or in decode [B, 1, 1, K] over the keys alone."""
+    if mask is None:
+        keep = ~masked
+        if decode:
+            return keep[:, None, None, :]
+        causal = idx[:, None, :] <= idx[:, :, None]  # [B, Q, K]: a key at or before the query's original position
+        return (causal & keep[:, None, :])[:, None]
+    if mask.dim() == 2:
+        return mask * (~masked).to(mask.dtype)
+    hide = masked[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~hide
+    return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
 
 
 def _expand_batch(t: Tensor | None, batch: int) -> Tensor | None:

@@ -242,10 +242,12 @@ def _vision_per_layer(loaded: LoadedModel, engine: PruningEngine | None, counts:
     """Vision tokens each decoder layer processed, per row of the last batch: [B][L]."""
     if engine is None:
         return [[v] * loaded.num_layers for v in counts]
+    if engine.record.row_vision_per_layer:  # rows with different vision counts: each its own
+        return [list(r) for r in engine.record.row_vision_per_layer]
     return [list(engine.record.vision_per_layer)] * len(counts)
 
 
-def _mean_per_layer(rows: Sequence[Sequence[int]]) -> list[int] | list[float]:
+def mean_per_layer(rows: Sequence[Sequence[int]]) -> list[int] | list[float]:
     """Per layer: the count every row shares, or the mean over the rows (rounded to 0.1) when they differ."""
     if all(list(r) == list(rows[0]) for r in rows):
         return list(rows[0])
@@ -335,7 +337,7 @@ def evaluate(
         generate_ms=generate_s * 1e3 / n,
         tflops=to_tflops(flops_total / n),
         peak_mem_mb=float(memory.mb),
-        vision_per_layer=_mean_per_layer(vision_rows),
+        vision_per_layer=mean_per_layer(vision_rows),
         tokens_per_layer=tokens_per_layer,
         n_samples=n,
         timing_batch=len(timed),
@@ -346,4 +348,4 @@ def evaluate(
     )
 
 
-__all__ = ["PeakMemory", "RunOutput", "RunnerError", "TimingSpec", "check_finite", "evaluate", "median_ms", "pruning", "time_call"]
+__all__ = ["PeakMemory", "mean_per_layer", "RunOutput", "RunnerError", "TimingSpec", "check_finite", "evaluate", "median_ms", "pruning", "time_call"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,9 @@ class ScoringContext:
     stage_position_embeddings: tuple[Tensor, Tensor] | None = None  # (cos, sin) the stage layer received
     final_norm: nn.Module | None = None  # the language model's final norm
     options: dict = field(default_factory=dict)  # per-scorer options from config
+    vision_mask: Tensor | None = None  # [B, V] bool: real vision slots when rows hold different counts (None: all
+    # real); vision_index repeats a row's position at its other slots, whose scores the engine ignores. A scorer that
+    # pools over the vision axis (a mean, a norm) must pool over the real slots only.
 
 
 ScorerFn = Callable[..., Tensor]
@@ -176,6 +179,24 @@ def select(scores: Tensor, k: int) -> Tensor:
 
 
 # ------------------------------------------------------------------------- attention helpers
+def select_rows(scores: Tensor, keep: Sequence[int], valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`select` with a count per row: row b's top keep[b] slots of scores [B, V] (only slots where valid [B, V] is
+    True), ascending, in [B, max(keep)] with its first pick repeated after its own; and [B, max(keep)] bool, True at
+    the real picks. Each row's picks equal `select` on that row alone (its real slots, in order)."""
+    if scores.dim() != 2 or len(keep) != scores.shape[0]:
+        raise ValueError(f"scores {tuple(scores.shape)} and keep {list(keep)}: need [B, V] and one count per row")
+    clean = torch.nan_to_num(scores.float(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    if valid is not None:
+        # after every real slot, even a NaN (-inf) one: a row's invalid slots follow its real ones (packed)
+        clean = torch.where(valid, clean, torch.full_like(clean, -math.inf))
+    width = max(keep)
+    order = torch.sort(clean, dim=-1, descending=True, stable=True).indices[:, :width]  # [B, Kmax]
+    picked = torch.arange(width, device=scores.device)[None, :] < torch.tensor(list(keep), device=scores.device)[:, None]
+    big = torch.iinfo(order.dtype).max
+    ascending = torch.where(picked, order, torch.full_like(order, big)).sort(dim=-1).values
+    return torch.where(picked, ascending, ascending[:, :1]), picked
+
+
 def _valid_rows(attn: Tensor, row_mask: Tensor) -> Tensor:
     """attn [B, H, R, K] with invalid rows set to 0 (by selection, so NaN/inf in filler rows cannot leak)."""
     return torch.where(row_mask[:, None, :, None], attn.float(), torch.zeros((), dtype=torch.float32, device=attn.device))
@@ -275,7 +296,11 @@ def sparsevlm(ctx: ScoringContext) -> Tensor:
     """
     tm = ctx.text_mask  # [B, T]
     vis = _columns(_valid_rows(ctx.attn, tm), ctx.vision_index).mean(dim=1)  # [B, T, V] head-mean
-    relevance = vis.mean(dim=-1)  # [B, T]
+    if ctx.vision_mask is None:
+        relevance = vis.mean(dim=-1)  # [B, T]
+    else:  # rows with different vision counts: the mean over each row's own vision tokens
+        vm = ctx.vision_mask[:, None, :]
+        relevance = (vis * vm).sum(-1) / vm.sum(-1).clamp(min=1)
     n_text = tm.sum(-1).clamp(min=1)  # [B]
     threshold = (relevance * tm).sum(-1) / n_text  # [B]
     raters = tm & (relevance > threshold[:, None])  # [B, T]

@@ -184,7 +184,7 @@ def test_benchmark_rows_report_budgets_in_tokens_and_as_a_fraction_of_each_image
 
     with pytest.raises(BenchmarkError, match=r"budgets \[64\] are out of range: .* fractions of each image's"):
         run_benchmark(_bench_cfg(tmp_path / "bad", ["adaptinfer"], [64]))
-    out = run_benchmark(_bench_cfg(tmp_path / "bench", ["adaptinfer"], [0.5]))
+    out = run_benchmark(_bench_cfg(tmp_path / "bench", ["adaptinfer"], [0.5], batch_size=3))  # mixed sizes per batch
     table = res.read_table(out).set_index("method")
     assert set(table["status"]) == {res.STATUS_OK} and set(table["budget_unit"]) == {"fraction"}
     counts = list(COUNTS) * 2  # the six samples' vision tokens
@@ -201,5 +201,96 @@ def test_benchmark_rows_report_budgets_in_tokens_and_as_a_fraction_of_each_image
     expected = np.mean([schedule.tokens_per_layer(8, v) for v in counts], axis=0)
     assert [float(x) for x in str(pruned["vision_per_layer"]).split()] == pytest.approx(expected, abs=0.05)
     assert float(pruned["tflops"]) < float(base["tflops"])
+    assert str(pruned["note"]) in ("", "nan")  # what the engine processed is what the schedule says, per sample
+    # one sample per batch gives the same rows: each row of a mixed batch computes what it would alone
+    single = res.read_table(run_benchmark(_bench_cfg(tmp_path / "one", ["adaptinfer"], [0.5]))).set_index("method")
+    for column in ("accuracy", "tflops", "budget_processed", "budget_paper", "budget_fraction", "vision_per_layer"):
+        assert list(single[column]) == list(table[column]), column
     summary = (out / "summary.md").read_text()
     assert "fraction of each image's vision tokens" in summary and "each image its own count" in summary
+
+
+# -- the engine on a padded batch of images of different sizes -------------------------------------------------------
+FRACTIONS = [(0, 0.5), (2, 0.3)]
+
+
+def _fraction_schedule(stages=FRACTIONS) -> Schedule:
+    return Schedule.from_dict({"stages": [{"layer": l, "keep": k} for l, k in stages]})
+
+
+@pytest.mark.parametrize("scorer", ["adaptinfer", "fastv", "sparsevlm"])
+def test_engine_on_a_padded_batch_of_different_sizes_equals_each_row_alone(qwen_dynamic, scorer):
+    from pruning.engine import PruningEngine
+
+    model, samples, schedule = qwen_dynamic.model, _samples(seed=5), _fraction_schedule()
+    both = encode_batch(qwen_dynamic.processor, samples)
+    pad = (both["attention_mask"] == 0).sum(1)  # left padding per row
+    with PruningEngine(model, schedule, scorer) as engine, torch.no_grad():
+        logits = model(**both).logits[:, -1]
+        record = engine.record
+        kept_both = [k.clone() for k in record.kept_positions]
+        assert record.row_vision_per_layer == [schedule.tokens_per_layer(4, v) for v in COUNTS]
+        assert record.stage_counts == [tuple(schedule.keep_counts(v)[s] for v in COUNTS) for s in range(2)]
+        for row, sample in enumerate(samples):
+            single = model(**encode_batch(qwen_dynamic.processor, [sample])).logits[:, -1]
+            torch.testing.assert_close(single[0], logits[row], atol=1e-5, rtol=1e-5)
+            for stage, kept in enumerate(engine.record.kept_positions):
+                k = kept.shape[1]
+                assert k == schedule.keep_counts(COUNTS[row])[stage]
+                assert torch.equal(kept[0] + pad[row], kept_both[stage][row, :k])
+                assert (kept_both[stage][row, k:] == -1).all()  # nothing after the row's own picks
+
+
+def test_engine_keep_all_on_different_sizes_is_unpruned_and_generate_equals_each_row_alone(qwen_dynamic):
+    from pruning.engine import PruningEngine
+
+    model, samples = qwen_dynamic.model, _samples(seed=7)
+    both = encode_batch(qwen_dynamic.processor, samples)
+    gen = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        plain = model(**both).logits
+        with PruningEngine(model, _fraction_schedule([(0, 1.0), (2, 1.0)])) as engine:
+            keep_all = model(**both).logits
+        assert engine.record.row_vision_per_layer == [[v] * 4 for v in COUNTS]
+        torch.testing.assert_close(keep_all, plain, atol=1e-5, rtol=0)
+        with PruningEngine(model, _fraction_schedule(), "adaptinfer"):
+            batched = model.generate(**both, **gen)[:, both["input_ids"].shape[1]:]
+            for row, sample in enumerate(samples):  # the pruned cache with filler keys masked in every step
+                one = encode_batch(qwen_dynamic.processor, [sample])
+                alone = model.generate(**one, **gen)[:, one["input_ids"].shape[1]:]
+                assert torch.equal(alone[0], batched[row])
+
+
+def test_engine_on_rows_of_one_length_without_padding(qwen_dynamic):
+    """Rows whose text makes up for their image sizes: no padding, so the model passes no mask; the engine builds
+    the causal mask with the filler keys hidden."""
+    from pruning.engine import PruningEngine
+
+    samples = _samples(seed=9)[:2]  # 16 and 24 vision tokens
+    tokenizer = qwen_dynamic.processor.tokenizer
+    lengths = [len(encode_batch(qwen_dynamic.processor, [s])["input_ids"][0]) for s in samples]
+    words = lengths[1] - lengths[0]  # each word of the shapes vocabulary is one token
+    samples[0] = VQASample(sample_id="0", image=samples[0].image, question="q", answers=["x"],
+                           prompt=samples[0].prompt + " the" * words)
+    both = encode_batch(qwen_dynamic.processor, samples)
+    assert bool(both["attention_mask"].all()) and len(tokenizer.tokenize(" the")) == 1
+    with PruningEngine(qwen_dynamic.model, _fraction_schedule(), "adaptinfer") as engine, torch.no_grad():
+        logits = qwen_dynamic.model(**both).logits[:, -1]
+        kept_both = [k.clone() for k in engine.record.kept_positions]
+        for row, sample in enumerate(samples):
+            single = qwen_dynamic.model(**encode_batch(qwen_dynamic.processor, [sample])).logits[:, -1]
+            torch.testing.assert_close(single[0], logits[row], atol=1e-5, rtol=1e-5)
+            k = engine.record.kept_positions[0].shape[1]
+            assert torch.equal(engine.record.kept_positions[0][0], kept_both[0][row, :k])
+
+
+@pytest.mark.parametrize("scorer, why", [("divprune", "before the language model"), ("dart", "pool over"),
+                                         ("sparsevlm_recycle", "pool over")])
+def test_engine_refuses_what_rows_of_different_sizes_cannot_run(qwen_dynamic, scorer, why):
+    from pruning.engine import EngineError, PruningEngine
+
+    stages = [(-1, 0.5)] if scorer == "divprune" else [(1, 0.5)]
+    both = encode_batch(qwen_dynamic.processor, _samples())
+    with pytest.raises(EngineError, match=rf"different numbers of vision tokens \[16, 24, 8\].*{why}"):
+        with PruningEngine(qwen_dynamic.model, _fraction_schedule(stages), scorer), torch.no_grad():
+            qwen_dynamic.model(**both)
