@@ -426,9 +426,9 @@ class PruningEngine:
         if cols is None or self._layer_cols[0] is None:
             return None
         full = self._layer_cols[0].shape[1]
-        filler = self._layer_fill[index] if self._row_keeps is not None else None  # rows with different counts
-        if cols.shape[1] == full and filler is None:
+        if cols.shape[1] == full and (self._row_keeps is None or self._layer_fill[index] is None):
             return None  # this layer holds every prefill token: nothing to remap
+        filler = self._layer_fill[index] if self._row_keeps is not None else None  # rows with different counts
         kwargs = dict(kwargs)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() in (2, 4):

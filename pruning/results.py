@@ -276,9 +276,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
             if fractions:
                 lines += ["### Processed budget (vision tokens each layer really processes, mean over samples)", "",
                           markdown_table(pivot(rows, "budget_processed"), 1, f"method \\ {conv} budget"), ""]
-            else:
-                lines += ["### Processed budget as a fraction of each sample's vision tokens", "",
-                          markdown_table(pivot(rows, "budget_fraction"), 3, f"method \\ {conv} budget"), ""]
+            lines += ["### Processed budget as a fraction of each sample's vision tokens (mean over samples)", "",
+                      markdown_table(pivot(rows, "budget_fraction"), 3, f"method \\ {conv} budget"), ""]
             if conv != "processed" and not fractions:
                 lines += [
                     f"Equal {conv}-convention budgets are not equal cost: the processed budget each run really had "

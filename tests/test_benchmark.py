@@ -58,6 +58,9 @@ def test_run_writes_one_row_per_run_and_rerun_does_not_duplicate(processor_dir, 
         assert col in table.columns, col
     pruned = table[table["method"] != "unpruned"]
     assert (abs(pruned["budget_paper"] - pruned["budget"]) <= 1.0).all()
+    # the processed budget also as a fraction of each sample's vision tokens (576 for every image here)
+    assert ((table["budget_fraction"] - table["budget_processed"] / 576).abs() < 1e-9).all()
+    assert set(table["budget_unit"]) == {"tokens"}
     unpruned_tflops = float(table.loc[table["method"] == "unpruned", "tflops"].iloc[0])
     assert (pruned["tflops"] < unpruned_tflops).all()
     vz64 = table[(table["method"] == "visionzip") & (table["budget"] == 64)].iloc[0]

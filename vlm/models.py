@@ -76,8 +76,9 @@ class LoadedModel:
         if n is None:
             raise ModelConfigError(
                 f"model {self.name!r} ({self.config.model_type}) gives a vision-token count that varies with the "
-                "image; the benchmark and the collector need a fixed one: resize every image to one size (for Qwen, "
-                "a processor with min_pixels = max_pixels and square images)"
+                "image; this step needs a fixed one (analysis.collect, analysis.derive rule=paper and the benchmark "
+                "take counts that vary): resize every image to one size (for Qwen, a processor with min_pixels = "
+                "max_pixels and square images)"
             )
         return n
 
