@@ -357,7 +357,7 @@ class PruningEngine:
         if "position_ids" in kwargs and kwargs["position_ids"] is not None:
             kwargs["position_ids"] = pos
         if kwargs.get("cache_position") is not None:
-            kwargs["cache_position"] = torch.arange(n_cur, device=idx.device)
+            kwargs["cache_position"] = st.positions[0, :n_cur]  # 0..N'-1: a view, not a new tensor
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 4:
             m = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
