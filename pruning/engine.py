@@ -56,13 +56,18 @@ class PrefillRecord:
     """What the last prefill did: per stage and row the original vision positions kept, tokens per layer."""
 
     stage_picks: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per stage: (cur_idx [B, N'], kept [B, k])
-    tokens_per_layer: list[int] = field(default_factory=list)  # sequence length each decoder layer processed
     vision_per_layer: list[int] = field(default_factory=list)  # vision tokens each decoder layer processed (rows
     # with different counts: the largest row's)
     batch_size: int = 0
     widths: tuple[int, int] = (0, 0)  # (hidden size, intermediate size) of the decoder, for `flops`
+    layer_tokens: list[Tensor] = field(default_factory=list)  # per layer: the original positions it held [B, N']
     stage_counts: list[tuple[int, ...]] = field(default_factory=list)  # per stage, each row's k (rows that differ)
     row_vision_per_layer: list[list[int]] = field(default_factory=list)  # [B][L] per row (rows that differ)
+
+    @property
+    def tokens_per_layer(self) -> list[int]:
+        """Sequence length each decoder layer processed (computed when read)."""
+        return [cols.shape[1] for cols in self.layer_tokens]
 
     @property
     def flops(self) -> int:
@@ -88,10 +93,12 @@ class _RowState:
 
     layout: TokenLayout
     cur_idx: Tensor  # [B, N'] indices into the original sequence of the tokens currently present
-    is_vision: Tensor  # [B, N'] bool: current token is a vision token
+    is_vision: Tensor | None  # [B, N'] bool: current token is a vision token (None on the vision-run path)
     vision_cur: Tensor  # [B, V'] current positions of the vision tokens, ascending
     text_cur: Tensor  # [B, T] current positions of the text tokens (layout.text_index shifted by the drops)
     valid_cur: Tensor  # [B, N'] bool: current token is real (not padding)
+    positions: Tensor | None = None  # [B, N] 0..N-1 (the first cur_idx); its slices index the current sequence
+    vision_run: int | None = None  # layout.vision_run: every row's vision tokens are one run starting here (host)
     pos_full: Tensor | None = None  # [B, N] original position ids (from layer 0's kwargs)
     cos_sin_full: tuple[Tensor, Tensor] | None = None  # original (cos, sin) [B|1, N, hd]
     n_vision: int = 0  # vision tokens each row currently holds (the same in every row), kept on the host
@@ -176,6 +183,7 @@ class PruningEngine:
         if self.is_selector and schedule.vision_tokens is not None:
             check_budget(scorer, schedule.keep_counts()[0], schedule.vision_tokens, self.scorer_options)
         self.seeded = not self.is_selector and spec.seeded
+        self._widths = self.arch.text_widths(self.config)
         self.record = PrefillRecord()
         self._handles: list[Any] = []
         self._probe: AttentionProbe | None = None
@@ -265,9 +273,13 @@ class PruningEngine:
         if mismatch is not None:
             raise EngineError(mismatch)
         positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
-        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=layout.vision_mask,
+        # One shared vision run without padding (batch 1, or identical layouts): a drop keeps the run contiguous at
+        # the same start, so the kept tokens' places follow from host numbers (slices, no masks to gather). Not when
+        # compiled: a graph would then be specialised on where the image starts, not just on the bucket.
+        run = layout.vision_run if self._compiled is None else None
+        self._state = _RowState(layout=layout, cur_idx=positions, is_vision=None if run is not None else layout.vision_mask,
                                 vision_cur=layout.vision_index, text_cur=layout.text_index, valid_cur=layout.valid,
-                                n_vision=n_vision)
+                                n_vision=n_vision, positions=positions, vision_run=run)
         self._generators = row_generators(input_ids, kwargs.get("attention_mask"), self.arch.row_images(kwargs, batch),
                                           self.seed) \
             if self.seeded else None
@@ -354,10 +366,16 @@ class PruningEngine:
             keep = st.pending  # [B, N'] indices into the previous sequence
             hidden = _gather_seq(hidden, keep)
             st.cur_idx = st.cur_idx.gather(1, keep)
-            st.is_vision = st.is_vision.gather(1, keep)
-            st.valid_cur = st.valid_cur.gather(1, keep)
+            if st.vision_run is None:
+                st.is_vision = st.is_vision.gather(1, keep)
+                st.valid_cur = st.valid_cur.gather(1, keep)
+            else:  # no padding: every kept token is real
+                st.valid_cur = st.layout.valid[:, :keep.shape[1]]
             # every row drops the same number of vision tokens, all before its text: the text moves by that many
-            st.text_cur = st.layout.text_index - (st.layout.seq_len - keep.shape[1])
+            if st.layout.text_tail:  # still every row's last T tokens
+                st.text_cur = st.positions[:, keep.shape[1] - st.layout.text_index.shape[1]:keep.shape[1]]
+            else:
+                st.text_cur = st.layout.text_index - (st.layout.seq_len - keep.shape[1])
             st.n_vision = st.pending_vision
             st.pending = None
             if st.pending_filler is not None:  # rows with different counts: their filler leaves the vision tokens
@@ -409,7 +427,7 @@ class PruningEngine:
         if "position_ids" in kwargs and kwargs["position_ids"] is not None:
             kwargs["position_ids"] = pos
         if kwargs.get("cache_position") is not None:
-            kwargs["cache_position"] = torch.arange(n_cur, device=idx.device)
+            kwargs["cache_position"] = st.positions[0, :n_cur]  # 0..N'-1: a view, not a new tensor
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.dim() == 4:
             m = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] == 1 else mask
@@ -459,14 +477,22 @@ class PruningEngine:
         return args, kwargs
 
     # -- scoring and selection -------------------------------------------------------------------------
-    def _query_rows(self) -> tuple[Tensor, Tensor]:
-        """Current positions of the scorer's query rows: text tokens, or the last real token."""
+    def _query_rows(self) -> tuple[Tensor | slice, Tensor | None]:
+        """Current positions of the scorer's query rows: text tokens (one slice when they are every row's last T
+        tokens), or the last real token."""
         st = self._state
         lay = st.layout
+        if self.rows_kind == "text" and lay.text_tail:
+            return self._text_slice(), None
         if self.rows_kind == "last":  # the last real token follows every vision token: it moves like the text
             shift = lay.seq_len - st.cur_idx.shape[1]
             return (lay.last_index[:, None] - shift) if shift else lay.last_index[:, None], None
         return st.text_cur, None if lay.text_full else lay.text_mask  # no filler rows: nothing to mask
+
+    def _text_slice(self) -> slice:
+        """The text tokens' current positions as one slice (when layout.text_tail: every row's last T tokens)."""
+        n_cur = self._state.cur_idx.shape[1]
+        return slice(n_cur - self._state.layout.text_index.shape[1], n_cur)
 
     def _probe_rows(self, call: ProbeCall):
         if self._state is None or call.q_len == 1:
@@ -494,6 +520,8 @@ class PruningEngine:
             text_mask=st.layout.text_mask,
             key_mask=key_mask,
             text_full=st.layout.text_full,
+            text_slice=self._text_slice() if st.layout.text_tail else None,
+            vision_slice=slice(st.vision_run, st.vision_run + st.n_vision) if st.vision_run is not None else None,
             generators=self._generators,
             hidden_states=kw.get("hidden_states"),
             next_layer=kw.get("next_layer"),
@@ -520,9 +548,9 @@ class PruningEngine:
         vision_cur = st.vision_cur  # [B, V_cur]
         n_merged = self._merge.split(st.n_vision, k, **self._merge_options()) if self._merge is not None else 0
         kept_v = select(scores, k - n_merged)  # [B, k'] indices into the vision axis, ascending
-        kept_pos = vision_cur.gather(1, kept_v)  # [B, k'] current positions
+        kept_pos = vision_cur.gather(1, kept_v) if st.vision_run is None else kept_v + st.vision_run  # current positions
         if n_merged:
-            dropped = ~torch.zeros_like(st.is_vision[:, :st.n_vision]).scatter(1, kept_v, True)  # [B, V_cur]
+            dropped = ~torch.zeros_like(scores, dtype=torch.bool).scatter(1, kept_v, True)  # [B, V_cur]
             dropped_v = _true_positions(dropped, st.n_vision - kept_v.shape[1])  # [B, n] ascending
             st.pending_merge = (vision_cur.gather(1, dropped_v), scores.gather(1, dropped_v), n_merged, kept_pos)
             return
@@ -561,11 +589,16 @@ class PruningEngine:
         (ascending current positions); the gather happens at the next layer's pre-hook."""
         st = self._state
         self.record.stage_picks.append((st.cur_idx, kept_pos))
+        st.pending_vision = k
+        if st.vision_run is not None:  # [before the run][kept][after the run], as slices of 0..N-1
+            start, pos = st.vision_run, st.positions
+            st.pending = torch.cat([pos[:, :start], kept_pos, pos[:, start + st.n_vision:st.cur_idx.shape[1]]], dim=1)
+            st.vision_cur = pos[:, start:start + k]
+            return
         drop_mask = st.is_vision.scatter(1, kept_pos, False)
         st.pending = _false_positions(drop_mask, st.cur_idx.shape[1] - st.n_vision + k)
         # where the kept ones sit once the drop is applied (a slice of sort indices: contiguous at batch 1 only)
         st.vision_cur = torch.searchsorted(st.pending.contiguous(), kept_pos)
-        st.pending_vision = k
 
     def _merge_dropped(self, hidden: Tensor) -> Tensor:
         """Merge dropped tokens by the scorer's MergeRule on the stage layer's output hidden [B, N', D].
@@ -589,9 +622,9 @@ class PruningEngine:
         return hidden
 
     def _finish_record(self) -> None:
-        self.record.tokens_per_layer = [cols.shape[1] for cols in self._layer_cols]
-        self.record.vision_per_layer = list(self._layer_vision)
-        self.record.widths = self.arch.text_widths(self.config)
+        self.record.layer_tokens = self._layer_cols  # fresh lists every prefill: no copy needed
+        self.record.vision_per_layer = self._layer_vision
+        self.record.widths = self._widths
         if self._row_keeps is not None:  # rows with different counts: the layers between stages hold what the
             for i in range(1, self.num_layers):  # stage's first layer holds (the same tokens)
                 if self._layer_rows[i] is None:
@@ -715,7 +748,9 @@ def _expand_batch(t: Tensor | None, batch: int) -> Tensor | None:
 
 def _gather_seq(t: Tensor, idx: Tensor) -> Tensor:
     """Gather t [B|1, N, D] along the sequence axis with idx [B, N'] -> [B, N', D]."""
-    if t.shape[0] == 1:  # shared by the rows (RoPE tables; batch 1): one indexing op
+    if idx.shape[0] == 1 and t.shape[0] == 1:  # batch 1: index_select (advanced indexing costs more on the host)
+        return t.index_select(1, idx[0])
+    if t.shape[0] == 1:  # shared by the rows (RoPE tables): one indexing op
         return t[0][idx]
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 

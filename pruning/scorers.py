@@ -36,6 +36,10 @@ class ScoringContext:
     text_mask: Tensor  # [B, T] bool
     key_mask: Tensor  # [B, K] bool: keys that are real tokens (False = padding)
     text_full: bool = False  # known on the host: text_mask has no False entry (scorers may skip masking then)
+    # text_index / vision_index as one slice shared by every row, when the engine knows it on the host (no padding,
+    # one vision run): scorers may take a view instead of a gather. None otherwise.
+    text_slice: slice | None = None
+    vision_slice: slice | None = None
     generators: list[torch.Generator] | None = None  # one per row, for scorers registered with seeded=True
     hidden_states: Tensor | None = None  # [B, K, D] the stage layer's output (input of layer l+1)
     next_layer: nn.Module | None = None  # decoder layer l+1 (.input_layernorm, .self_attn.{q_proj,k_proj})
@@ -150,7 +154,7 @@ def _check_context(spec: ScorerSpec, ctx: ScoringContext) -> None:
 def score(name: str, ctx: ScoringContext) -> Tensor:
     """Scores [B, V] float32 (higher = keep) of the current vision tokens by the scorer `name`."""
     spec = get_scorer(name)
-    unknown = sorted(set(ctx.options) - set(spec.options))
+    unknown = sorted(set(ctx.options) - set(spec.options)) if ctx.options else None
     if unknown:
         raise ValueError(
             f"options {unknown} are unknown to scorer {name!r}; allowed options are {sorted(spec.options)}"
@@ -178,7 +182,6 @@ def select(scores: Tensor, k: int) -> Tensor:
     return order[:, :k].sort(dim=-1).values
 
 
-# ------------------------------------------------------------------------- attention helpers
 def select_rows(scores: Tensor, keep: Sequence[int], valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`select` with a count per row: row b's top keep[b] slots of scores [B, V] (only slots where valid [B, V] is
     True), ascending, in [B, max(keep)] with its first pick repeated after its own; and [B, max(keep)] bool, True at
@@ -197,6 +200,7 @@ def select_rows(scores: Tensor, keep: Sequence[int], valid: Tensor | None = None
     return torch.where(picked, ascending, ascending[:, :1]), picked
 
 
+# ------------------------------------------------------------------------- attention helpers
 def _valid_rows(attn: Tensor, row_mask: Tensor) -> Tensor:
     """attn [B, H, R, K] with invalid rows set to 0 (by selection, so NaN/inf in filler rows cannot leak)."""
     return torch.where(row_mask[:, None, :, None], attn.float(), torch.zeros((), dtype=torch.float32, device=attn.device))
@@ -228,16 +232,18 @@ def _rope_keys(layer: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, T
 
 
 # ------------------------------------------------------------------------- AdaptInfer's text guidance
-def text_prior(attn: Tensor, text_index: Tensor, text_mask: Tensor, full: bool = False) -> Tensor:
+def text_prior(attn: Tensor, text_index: Tensor, text_mask: Tensor, full: bool = False,
+               text_slice: slice | None = None) -> Tensor:
     """AdaptInfer's dynamic text guidance, the weight of each text token: attn [B, H, T, K] -> w [B, H, T].
 
     attn: the text rows' post-softmax attention over all K keys (row t = the token at text_index[:, t]);
     text_index, text_mask: [B, T]. With T = A[text, text] over real text tokens and S = T + T^T - diag(T),
     w[b, h, j] = sum_i S[b, h, i, j] = sum_i T[i, j] + sum_i T[j, i] - T[j, j]; zero at padding j.
     The one computation of the prior: the `adaptinfer` scorer and the collector's reducer (analysis.collector) call it.
+    `text_slice`: text_index as one slice shared by the rows (with full=True), a view instead of a gather.
     """
     if full:  # the caller knows on the host that text_mask is all True: no masking ops
-        block = _columns(attn, text_index)
+        block = attn[..., text_slice] if text_slice is not None else _columns(attn, text_index)
     else:
         pair = text_mask[:, None, :, None] & text_mask[:, None, None, :]  # [B, 1, T, T]
         zero = torch.zeros((), dtype=attn.dtype, device=attn.device)
@@ -267,7 +273,9 @@ def adaptinfer(ctx: ScoringContext, text_weight_blend: float) -> Tensor:
     tm = ctx.text_mask  # [B, T]
     if lb == 1.0 and ctx.text_full:  # no filler rows or columns (known on the host): the same sums in fewer ops
         attn = ctx.attn.float()
-        weight = text_prior(attn, ctx.text_index, tm, full=True)  # [B, H, T]
+        weight = text_prior(attn, ctx.text_index, tm, full=True, text_slice=ctx.text_slice)  # [B, H, T]
+        if ctx.vision_slice is not None:  # the vision columns are one shared run: a view, and only V products
+            return (weight[..., None] * attn[..., ctx.vision_slice]).sum(dim=(1, 2))
         return (weight[..., None] * attn).sum(dim=(1, 2)).gather(1, ctx.vision_index)  # [B, K] -> [B, V]
     attn = _valid_rows(ctx.attn, tm)  # [B, H, T, K], rows are the text tokens
     weight = text_prior(attn, ctx.text_index, tm)  # [B, H, T]

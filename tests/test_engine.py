@@ -375,3 +375,62 @@ def test_engine_extra_ops_on_the_batch1_proxy_stay_within_150():
         ops, reads = bench.count_ops(model, inputs, schedule)
         assert ops - plain_ops <= 150, f"{name}: the engine adds {ops - plain_ops} ops (budget 150)"
         assert reads == plain_reads, f"{name}: {reads - plain_reads} extra host reads of tensor values"
+
+
+def _two_image_inputs(text_lengths, seed=0):
+    """Rows [system 3][image 16][2 tokens][image 16][text], left-padded; pixel_values holds 2 images per row."""
+    from tests.conftest import IMAGE_TOKEN_ID, PAD_TOKEN_ID
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for t in text_lengths:
+        ids = torch.randint(10, 64, (3 + N_VISION + 2 + N_VISION + t,), generator=g)
+        ids[3:3 + N_VISION] = IMAGE_TOKEN_ID
+        ids[3 + N_VISION + 2:3 + 2 * N_VISION + 2] = IMAGE_TOKEN_ID
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_TOKEN_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values(2 * len(rows), seed=seed)}
+
+
+def test_two_images_per_prompt_keep_all_paper_formula_and_rows_alone(model6):
+    """Two images in one prompt: both spans are vision tokens, the text is what follows the second. Keep-all gives the
+    unpruned logits; the first stage keeps the top-k of the paper formula over all 32 vision tokens; a padded batch
+    keeps and predicts what each row does alone."""
+    from tests.test_scorers import naive_adaptinfer
+
+    inputs = _two_image_inputs([5, 8], seed=4)
+    with torch.no_grad():
+        want = model6(**inputs).logits
+    with PruningEngine(model6, _schedule([(1, 1.0), (3, 1.0)]), "adaptinfer"), torch.no_grad():
+        torch.testing.assert_close(model6(**inputs).logits, want, atol=1e-5, rtol=0)
+
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
+    assert [len(s) for s in layout.vision_spans] == [2, 2] and layout.num_vision == 2 * N_VISION
+    model6.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attn = model6(**inputs, output_attentions=True).attentions[1]
+    finally:
+        model6.set_attn_implementation("sdpa")
+    text = [layout.text_index[b][layout.text_mask[b]].tolist() for b in range(2)]
+    expected = naive_adaptinfer(attn, text, layout.vision_index.tolist())
+    schedule = _schedule([(1, 10), (3, 4)])
+    with PruningEngine(model6, schedule, "adaptinfer") as engine, torch.no_grad():
+        batch_logits = model6(**inputs).logits
+        batch_kept = [p.clone() for p in engine.record.kept_positions]
+    for b in range(2):
+        top = expected[b].topk(10).indices.sort().values
+        assert batch_kept[0][b].tolist() == layout.vision_index[b][top].tolist()
+        real = inputs["attention_mask"][b].bool()
+        single = {"input_ids": inputs["input_ids"][b:b + 1, real], "attention_mask": inputs["attention_mask"][b:b + 1, real],
+                  "pixel_values": inputs["pixel_values"][2 * b:2 * b + 2]}
+        pad = int((~real).sum())
+        with PruningEngine(model6, schedule, "adaptinfer") as engine, torch.no_grad():
+            logits = model6(**single).logits
+        assert [(p + pad)[0].tolist() for p in engine.record.kept_positions] == [p[b].tolist() for p in batch_kept]
+        torch.testing.assert_close(batch_logits[b, -5:], logits[0, -5:], atol=1e-4, rtol=0)

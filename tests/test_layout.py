@@ -89,6 +89,7 @@ def test_rows_with_different_vision_counts_are_padded_and_masked():
         lay.num_vision
     static = TokenLayout.from_batch(input_ids, mask, I, static=True)
     assert static.text_index.shape == (3, 8 - 2)
+    assert lay.vision_run is None and not lay.text_tail
 
 
 def test_equal_counts_keep_the_unpadded_tensors():
@@ -98,3 +99,46 @@ def test_equal_counts_keep_the_unpadded_tensors():
     assert lay.num_vision == lay.max_vision == 2 and lay.vision_valid_mask().all()
     with pytest.raises(LayoutError, match="row 1 has 3 image tokens, not a multiple of the 2"):
         TokenLayout.from_batch(torch.tensor([[1, I, I, 4, 4], [I, I, I, 5, 6]]), None, I, tokens_per_image=2)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("row", [
+    [1, 2, I, I, I, 4, 5, 6],
+    [1, I, I, 9, I, I, 4, 5],  # two spans: the text follows the last one
+    [I, I, 4],  # no system part
+])
+def test_one_row_layout_equals_the_batched_layout(row, static):
+    """A batch-1 prompt without padding takes a shorter path; every field equals the general path's (row 0 of the
+    same row batched twice, which takes the general path)."""
+    one = TokenLayout.from_batch(torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), I, static=static)
+    two = TokenLayout.from_batch(torch.tensor([row, row]), None, I, static=static)
+    for name in ("valid", "vision_index", "text_index", "text_mask", "last_index", "vision_mask", "system_index",
+                 "system_mask"):
+        a, b = getattr(one, name), getattr(two, name)[:1]
+        assert a.dtype == b.dtype and a.tolist() == b.tolist(), name
+    assert one.text_full == two.text_full and one.vision_spans == two.vision_spans[:1]
+    assert one.vision_counts == two.vision_counts[:1] and not one.ragged
+
+
+def test_one_row_errors_match_the_batched_path():
+    for ids, match in (([1, 2, 3], "row 0 has no image token"), ([1, I, I], "row 0 has no text token")):
+        with pytest.raises(LayoutError, match=match):
+            TokenLayout.from_batch(torch.tensor([ids]), None, I)
+
+
+def test_host_facts_for_the_engine_fast_paths():
+    """text_tail / vision_run say (on the host) when the text is every row's last T tokens and the vision tokens one
+    shared run: only without padding, filler or several spans."""
+    one = TokenLayout.from_batch(torch.tensor([[1, 2, I, I, I, 4, 5]]), None, I)
+    assert (one.text_tail, one.vision_run) == (True, 2)
+    same = TokenLayout.from_batch(torch.tensor([[1, 2, I, I, I, 4, 5]] * 2), None, I)
+    assert (same.text_tail, same.vision_run) == (True, 2)
+    spans = TokenLayout.from_batch(torch.tensor([[1, I, I, 9, I, I, 4, 5]]), None, I)
+    assert (spans.text_tail, spans.vision_run) == (True, None)
+    shifted = TokenLayout.from_batch(torch.tensor([[1, 2, I, I, 4, 5], [1, I, I, 4, 5, 6]]), None, I)
+    assert (shifted.text_tail, shifted.vision_run) == (False, None)  # texts of 2 and 3 tokens: filler
+    ids = torch.tensor([[P, 1, I, I, 4], [1, 2, I, I, 4]])
+    padded = TokenLayout.from_batch(ids, (ids != P).long(), I)
+    assert (padded.text_tail, padded.vision_run) == (False, None)
+    static = TokenLayout.from_batch(torch.tensor([[1, I, I, 4, 5]]), None, I, static=True)
+    assert (static.text_tail, static.vision_run) == (False, 1)

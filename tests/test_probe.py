@@ -106,3 +106,21 @@ def test_probe_skips_decode_and_half_precision_softmax_in_fp32():
 def test_probe_rejects_bad_layer(tiny_model):
     with pytest.raises(ProbeError, match="out of range"):
         AttentionProbe(tiny_model.model, layers=[99])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_rows_given_as_a_slice_equal_rows_given_as_an_index(masked):
+    """The engine asks for the text rows as one slice when they are every row's last tokens; the rows equal those of
+    the index tensor (causal masking alone, or a 4-D mask through the general path)."""
+    from vlm.probe import attention_rows
+
+    g = torch.Generator().manual_seed(2)
+    query, key = torch.randn(2, 4, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    mask = None
+    if masked:  # additive causal mask, with the first key of row 1 padded
+        allowed = torch.ones(10, 10, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+        allowed[1, :, :, 0] = False
+        mask = torch.zeros(2, 1, 10, 10).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    index = torch.arange(6, 10).expand(2, -1)
+    want = attention_rows(query, key, mask, index, 0.3)
+    torch.testing.assert_close(attention_rows(query, key, mask, slice(6, 10), 0.3), want, rtol=1e-6, atol=1e-7)

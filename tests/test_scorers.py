@@ -341,3 +341,19 @@ def test_visionzip_groups_partition_the_rest():
     assert none_groups == [[], [], []]
     with pytest.raises(ValueError, match="n_dominant \\+ n_contextual = 41"):
         visionzip_select(cls_attn, keys, 40, 1)
+
+
+def test_adaptinfer_with_shared_slices_equals_the_gathered_columns():
+    """Without padding and with one vision run, the engine hands the scorer slices (views) for the text and vision
+    positions; the scores are those of the index tensors."""
+    g = torch.Generator().manual_seed(5)
+    b, h, n, v0, v1 = 2, 3, 12, 2, 7  # vision at 2..6, text at 7..11 in both rows
+    attn = torch.softmax(torch.randn(b, h, n - v1, n, generator=g), -1)
+    text_index = torch.arange(v1, n).expand(b, -1)
+    ctx = ScoringContext(attn=attn, query_index=text_index, query_mask=torch.ones(b, n - v1, dtype=torch.bool),
+                         vision_index=torch.arange(v0, v1).expand(b, -1), text_index=text_index,
+                         text_mask=torch.ones(b, n - v1, dtype=torch.bool), key_mask=torch.ones(b, n, dtype=torch.bool),
+                         text_full=True)
+    gathered = score("adaptinfer", ctx)
+    ctx.text_slice, ctx.vision_slice = slice(v1, n), slice(v0, v1)
+    torch.testing.assert_close(score("adaptinfer", ctx), gathered, rtol=1e-6, atol=1e-7)

@@ -29,6 +29,8 @@ class TokenLayout:
     last_index: Tensor  # [B] long: position of the last real token (the one that predicts the next)
     vision_mask: Tensor | None = None  # [B, N] bool: True at the vision tokens
     text_full: bool = False  # every entry of text_mask is True (no filler), known on the host
+    text_tail: bool = False  # no padding and no filler: every row's text is its last T positions (host)
+    vision_run: int | None = None  # no padding and every row's vision tokens are one run starting here (host)
     vision_valid: Tensor | None = None  # [B, Vmax] bool: True where vision_index is a real vision token; None when
     # every row holds the same count (then every entry is real: nothing to mask, nothing built)
     vision_counts: tuple[int, ...] = ()  # vision tokens per row, on the host
@@ -134,45 +136,35 @@ class TokenLayout:
         batch, seq = ids.shape
         valid = np.ones(ids.shape, dtype=bool) if attention_mask is None else \
             attention_mask.cpu().numpy().astype(bool)
+        if batch == 1 and valid.all():
+            return cls._one_row(ids[0], image_token_id, tokens_per_image, static, device)
         is_image = (ids == image_token_id) & valid
         counts = is_image.sum(-1)  # [B]
         for row in range(batch):
             if counts[row] == 0:
-                raise LayoutError(
-                    f"row {row} has no image token (id {image_token_id}); a LLaVA prompt must contain the image "
-                    "placeholder (e.g. 'USER: <image>\\n...') and the processor must expand it"
-                )
-            if tokens_per_image is not None and counts[row] % tokens_per_image != 0:
-                raise LayoutError(
-                    f"row {row} has {int(counts[row])} image tokens, not a multiple of the {tokens_per_image} features "
-                    "one image gives; the prompt's placeholder was not expanded to the vision tower's token count"
-                )
+                raise _no_image(row, image_token_id)
         equal = bool((counts == counts[0]).all())
         positions = np.arange(seq)
         if equal:
             n_vision = int(counts[0])
+            _check_multiple(n_vision, tokens_per_image)
             vision_index = np.nonzero(is_image)[1].reshape(batch, n_vision)  # row-major, so ascending per row
             vision_valid, last_vision = None, vision_index[:, -1:]
-        else:
+        else:  # images of different sizes: each row's own positions, padded with its last one
+            for row in range(batch):
+                _check_multiple(int(counts[row]), tokens_per_image, row)
             last_vision = np.where(is_image, positions, -1).max(-1, keepdims=True)  # [B, 1]
             vision_index, vision_valid = _packed_index(is_image, filler=last_vision[:, 0])
-        first_vision = vision_index[:, :1]
         last_index = np.where(valid, positions, -1).max(-1)  # [B]
         is_text = valid & (positions > last_vision)
-        is_system = valid & (positions < first_vision)
+        is_system = valid & (positions < vision_index[:, :1])
         for row in range(batch):
             if not is_text[row].any():
-                raise LayoutError(
-                    f"row {row} has no text token after its image tokens; put the question after the image "
-                    "placeholder ('<image>\\n{question}')"
-                )
+                raise _no_text(row)
         width = seq - int(counts.min()) if static else None
         text_index, text_mask = _packed_index(is_text, filler=last_index, width=width)
 
-        def dev(a: np.ndarray) -> Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            return t if device.type == "cpu" else t.to(device)
-
+        dev = _to_device(device)
         return cls(
             valid=dev(valid),
             vision_index=dev(vision_index.astype(np.int64)),
@@ -181,9 +173,95 @@ class TokenLayout:
             last_index=dev(last_index.astype(np.int64)),
             vision_mask=dev(is_image),
             text_full=bool(text_mask.all()),
+            text_tail=bool(text_mask.all()) and bool(valid.all()),
+            vision_run=_shared_run(vision_index) if equal and valid.all() else None,
             vision_valid=None if vision_valid is None else dev(vision_valid),
             vision_counts=tuple(int(c) for c in counts),
             _host={"vision_index": vision_index, "valid": valid, "is_system": is_system},
+        )
+
+
+    @classmethod
+    def _one_row(cls, ids: np.ndarray, image_token_id: int, tokens_per_image: int | None, static: bool,
+                 device: torch.device) -> "TokenLayout":
+        """`from_batch` of one row without padding (the batch-1 prefill), in a few host operations: the text is
+        every token after the last image token, the system part every token before the first."""
+        seq = ids.shape[0]
+        is_image = ids == image_token_id
+        vision_index = np.flatnonzero(is_image)
+        n_vision = vision_index.size
+        if n_vision == 0:
+            raise _no_image(0, image_token_id)
+        _check_multiple(n_vision, tokens_per_image)
+        first, end = int(vision_index[0]), int(vision_index[-1]) + 1
+        if end == seq:
+            raise _no_text(0)
+        n_text = seq - end
+        width = seq - n_vision if static else n_text
+        host = {"vision_index": vision_index[None], "is_system": np.arange(seq)[None] < first}
+        if not static and end - first == n_vision:  # one run, text after it: views of one 0..N-1 (fewest copies)
+            positions = torch.arange(seq, device=device)[None]
+            valid = torch.ones(1, seq, dtype=torch.bool, device=device)
+            return cls(valid=valid, vision_index=positions[:, first:end], text_index=positions[:, end:],
+                       text_mask=valid[:, end:], last_index=positions[0, -1:],
+                       vision_mask=_to_device(device)(is_image[None]), text_full=True, text_tail=True,
+                       vision_run=first, vision_counts=(n_vision,),
+                       _host={**host, "valid": np.ones((1, seq), dtype=bool)})
+        text_index = np.full((1, width), seq - 1, dtype=np.int64)
+        text_index[0, :n_text] = np.arange(end, seq)
+        valid = np.ones((1, seq), dtype=bool)
+        dev = _to_device(device)
+        return cls(
+            valid=dev(valid),
+            vision_index=dev(vision_index.astype(np.int64)[None]),
+            text_index=dev(text_index),
+            text_mask=dev(np.arange(width)[None] < n_text),
+            last_index=dev(np.array([seq - 1], dtype=np.int64)),
+            vision_mask=dev(is_image[None]),
+            text_full=width == n_text,
+            text_tail=width == n_text,
+            vision_run=first if end - first == n_vision else None,
+            vision_counts=(n_vision,),
+            _host={**host, "valid": valid},
+        )
+
+
+def _shared_run(vision_index: np.ndarray) -> int | None:
+    """The start of the vision tokens when every row holds them as one contiguous run at the same positions."""
+    first = vision_index[0]
+    if first[-1] - first[0] + 1 != first.size or not (vision_index == first).all():
+        return None
+    return int(first[0])
+
+
+def _to_device(device: torch.device):
+    def dev(a: np.ndarray) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t if device.type == "cpu" else t.to(device)
+
+    return dev
+
+
+def _no_image(row: int, image_token_id: int) -> LayoutError:
+    return LayoutError(
+        f"row {row} has no image token (id {image_token_id}); a LLaVA prompt must contain the image "
+        "placeholder (e.g. 'USER: <image>\\n...') and the processor must expand it"
+    )
+
+
+def _no_text(row: int) -> LayoutError:
+    return LayoutError(
+        f"row {row} has no text token after its image tokens; put the question after the image "
+        "placeholder ('<image>\\n{question}')"
+    )
+
+
+def _check_multiple(n_vision: int, tokens_per_image: int | None, row: int | None = None) -> None:
+    if tokens_per_image is not None and n_vision % tokens_per_image != 0:
+        who = "each row" if row is None else f"row {row}"
+        raise LayoutError(
+            f"{who} has {n_vision} image tokens, not a multiple of the {tokens_per_image} features one image "
+            "gives; the prompt's placeholder was not expanded to the vision tower's token count"
         )
 
 

@@ -38,7 +38,8 @@ class ProbeCall:
     kv_len: int
 
 
-RowIndex = tuple[Tensor, Union[Tensor, None]]  # ([B, R] long positions in the query axis, [B, R] bool valid or None)
+# ([B, R] long positions in the query axis, or one slice of them shared by the rows; [B, R] bool valid or None)
+RowIndex = tuple[Union[Tensor, slice], Union[Tensor, None]]
 RowSelector = Union[None, Tensor, Callable[[ProbeCall], Union[RowIndex, None]]]
 RowsCallback = Callable[[ProbeCall, Tensor, Tensor, Union[Tensor, None]], None]
 
@@ -109,25 +110,26 @@ def allowed_keys(
 
 
 def attention_rows(
-    query: Tensor, key: Tensor, attention_mask: Tensor | None, rows: Tensor, scaling: float | None = None,
+    query: Tensor, key: Tensor, attention_mask: Tensor | None, rows: Tensor | slice, scaling: float | None = None,
     is_causal: bool = True,
 ) -> Tensor:
     """Post-softmax attention of the selected query rows over all keys, in float32.
 
     query: [B, H, Q, D] post-RoPE; key: [B, Hkv, K, D] post-RoPE (GQA keys are repeated to H heads);
-    rows: [B, R] positions in the query axis. Returns [B, H, R, K]; a row with no allowed key is all zeros.
+    rows: [B, R] positions in the query axis, or one slice of them shared by the rows (a view instead of a gather).
+    Returns [B, H, R, K]; a row with no allowed key is all zeros.
     """
     batch, heads, q_len, dim = query.shape
     kv_len = key.shape[2]
     scale = scaling if scaling is not None else dim**-0.5
+    if isinstance(rows, slice):
+        if attention_mask is None and is_causal:
+            return _slice_rows(query, key, rows, scale)
+        rows = torch.arange(q_len, device=query.device)[rows].expand(batch, -1)
     q = query.gather(2, rows.view(batch, 1, rows.shape[1], 1).expand(batch, heads, rows.shape[1], dim))  # [B, H, R, D]
     q = q.float() if q.dtype != torch.float32 else q
-    k = key.float() if key.dtype != torch.float32 else key
-    if key.shape[1] != heads:
-        k = k.repeat_interleave(heads // key.shape[1], dim=1)  # [B, H, K, D]
-    rows_n = rows.shape[1]  # one batched matmul over (B * H): fewer ops to dispatch than a 4-D matmul
-    scores = torch.bmm(q.reshape(batch * heads, rows_n, dim), k.reshape(batch * heads, kv_len, dim).transpose(1, 2))
-    scores = scores.view(batch, heads, rows_n, kv_len) * scale  # [B, H, R, K]
+    rows_n = rows.shape[1]
+    scores = _scaled_scores(q, key, scale)  # [B, H, R, K]
     if attention_mask is None and is_causal:  # causal only (no padding): the common batch-1 case, in fewer ops
         offset = kv_len - q_len
         last_key = rows.view(batch, 1, rows_n, 1)
@@ -136,6 +138,29 @@ def attention_rows(
     allowed = allowed_keys(attention_mask, rows, batch, q_len, kv_len, is_causal)
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+
+
+def _scaled_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """q [B, H, R, D] float32 against k [B, Hkv, K, D] (GQA keys repeated to H heads): [B, H, R, K] * scale, as one
+    batched matmul over (B * H), which dispatches fewer ops than a 4-D matmul."""
+    batch, heads, rows_n, dim = q.shape
+    k = k.float() if k.dtype != torch.float32 else k
+    if k.shape[1] != heads:
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)  # [B, H, K, D]
+    kv_len = k.shape[2]
+    scores = torch.bmm(q.reshape(batch * heads, rows_n, dim), k.reshape(batch * heads, kv_len, dim).transpose(1, 2))
+    scores = scores.view(batch, heads, rows_n, kv_len)
+    return scores * scale if scale != 1.0 else scores
+
+
+def _slice_rows(query: Tensor, key: Tensor, rows: slice, scale: float) -> Tensor:
+    """`attention_rows` for one slice of query rows shared by the batch, causal masking only (no padding)."""
+    q = query[:, :, rows].float() * scale  # [B, H, R, D]: the scale on the smaller side, and a contiguous q
+    scores = _scaled_scores(q, key, 1.0)
+    offset = key.shape[2] - query.shape[2]  # queries sit at the end of the key axis (cache)
+    start = range(query.shape[2])[rows].start
+    future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu_(start + offset + 1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)  # key 0 is always allowed: no NaN
 
 
 class AttentionProbe:
@@ -226,11 +251,12 @@ class AttentionProbe:
             if selected is None:
                 return
             index, mask = selected
-            with torch.no_grad():  # (inputs that carry autograd history are detached; plain tensors cost no op)
-                rows = attention_rows(
-                    query.detach() if query.requires_grad else query, key.detach() if key.requires_grad else key,
-                    attention_mask, index, scaling, getattr(module, "is_causal", True),
-                )
+            if query.requires_grad or key.requires_grad:  # never build autograd history for the rows
+                with torch.no_grad():
+                    rows = attention_rows(query.detach(), key.detach(), attention_mask, index, scaling,
+                                          getattr(module, "is_causal", True))
+            else:
+                rows = attention_rows(query, key, attention_mask, index, scaling, getattr(module, "is_causal", True))
             if mask is not None:
                 rows = rows * mask[:, None, :, None]
             if self.on_rows is not None:
