@@ -57,11 +57,14 @@ def family(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def next_tiny(tmp_path_factory):
-    cfg = _preset("llava-next-tiny")
+    """LLaVA-NeXT as a hub checkpoint is loaded: model and processor files from one directory (AutoProcessor)."""
+    built = load_from_config(_preset("llava-next-tiny"))
     directory = tmp_path_factory.mktemp("llava_next_tiny")
-    load_from_config(cfg).model.save_pretrained(directory)
-    return load_from_config({"name": "llava-next-tiny", "source": str(directory), "processor": cfg["processor"],
-                             "dtype": "float32", "device": "cpu"})
+    built.model.save_pretrained(directory)
+    built.processor.save_pretrained(directory)
+    loaded = load_from_config({"name": "llava-next-tiny", "source": str(directory), "dtype": "float32", "device": "cpu"})
+    assert type(loaded.processor).__name__ == "LlavaNextProcessor" and loaded.vision_tokens_per_image == N_VISION
+    return loaded
 
 
 def _inputs(loaded, questions, seed=0):
