@@ -10,8 +10,10 @@ A selector maps what the vision side produced for each row to the vision tokens 
 `ctx.text_embeds` (the LM's input embeddings of the text after the image) are always there; `needs` asks the
 engine to capture more in the same forward: "features" (F, the projector's input [B, V, Dv]), "cls_attn" (the
 head-mean attention of the vision tower's CLS query to each patch at the feature layer, [B, V], from
-`vlm.probe.AttentionProbe`, SDPA still on) and "keys" (the patches' keys there, [B, V, Dk]). Selectors needing
-the CLS token raise `MethodInfeasible` on towers without one.
+`vlm.probe.AttentionProbe`, SDPA still on) and "keys" (the patches' keys there, [B, V, Dk]); `grid=True` says the
+selector reads the vision tokens as one raster grid (pooling). Selectors needing the CLS token raise
+`MethodInfeasible` on towers without one; selectors needing any of these, or the grid, raise it on families whose
+LM vision tokens are not the tower's patches one for one (`VisionSites.patch_mapping`: LLaVA-NeXT's anyres tiles).
 
 A `Selection` names k vision slots per row (ascending indices into the vision axis). Each slot keeps its token's
 place in the sequence (its RoPE position, or the contiguous one with `positions: renumber`); `tokens`, when given,
@@ -84,6 +86,7 @@ class SelectorSpec:
     needs: frozenset
     options: dict
     check: CheckFn | None = None  # check(k, n_vision, **options): raise MethodInfeasible when k is out of reach
+    grid: bool = False  # reads the vision tokens as one raster grid of the tower's patches
 
 
 _REGISTRY: dict[str, SelectorSpec] = {}
@@ -91,7 +94,7 @@ _REGISTRY: dict[str, SelectorSpec] = {}
 
 def register_selector(
     name: str, needs: tuple[str, ...] = (), options: dict[str, Any] | None = None, check: CheckFn | None = None,
-    replace: bool = False,
+    replace: bool = False, grid: bool = False,
 ) -> Callable[[SelectorFn], SelectorFn]:
     """Decorator: register `fn(ctx, k, **options) -> Selection` under `name`."""
     bad = sorted(set(needs) - set(NEEDS))
@@ -103,7 +106,8 @@ def register_selector(
     def decorate(fn: SelectorFn) -> SelectorFn:
         if name in _REGISTRY and not replace:
             raise ValueError(f"selector {name!r} is already registered (pass replace=True to override it)")
-        _REGISTRY[name] = SelectorSpec(name=name, fn=fn, needs=frozenset(needs), options=dict(options or {}), check=check)
+        _REGISTRY[name] = SelectorSpec(name=name, fn=fn, needs=frozenset(needs), options=dict(options or {}),
+                                       check=check, grid=grid)
         return fn
 
     return decorate
@@ -190,6 +194,7 @@ class VisionCapture:
     def __enter__(self) -> "VisionCapture":
         sites = for_model(self.model).vision_sites()
         self.project = sites.projector
+        self._check_patch_mapping(sites)
         try:
             if "features" in self.needs:
                 self._handles.append(sites.projector.register_forward_pre_hook(self._on_projector))
@@ -199,6 +204,22 @@ class VisionCapture:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _check_patch_mapping(self, sites: Any) -> None:
+        """MethodInfeasible when the selector reads the tower's patches (or a raster grid of them) and this family's
+        LM vision tokens are not those patches one for one."""
+        spec = _REGISTRY.get(self.method)
+        if sites.patch_mapping is None or not (self.needs or (spec is not None and spec.grid)):
+            return
+        reads = ", ".join(sorted(self.needs)) if self.needs else "a raster grid of the vision tokens"
+        no_cls = ""
+        if self.needs & CLS_NEEDS and not sites.has_cls:
+            no_cls = f"; {type(sites.tower).__name__} has no CLS token either"
+        raise MethodInfeasible(
+            f"{self.method!r} reads the vision tower's patches ({reads}) as the language model's vision tokens, but on "
+            f"{type(self.model).__name__} {sites.patch_mapping}{no_cls}; use a selector that reads the LM's own vision "
+            "embeddings (divprune, cdpruner) or an in-LM scorer"
+        )
 
     def _attach_cls(self, sites: Any) -> None:
         if not sites.has_cls:
@@ -528,7 +549,7 @@ def _check_pooling(k: int, n_vision: int) -> None:
     pooling_shape(k, *grid)
 
 
-@register_selector("pooling", check=_check_pooling)
+@register_selector("pooling", check=_check_pooling, grid=True)
 def pooling(ctx: SelectorContext, k: int) -> Selection:
     """Adaptive average pooling of the P grid to h x w = k (`pooling_shape`); pooled token (i, j) takes the slot of
     its window's top-left patch, so the slots are distinct and in raster order."""

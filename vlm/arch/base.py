@@ -22,6 +22,9 @@ class VisionSites:
     feature_layer: Any  # hidden_states index of the features fed to the projector (None: the tower's last output)
     select_strategy: str  # "default" (patch tokens only, CLS dropped) or "full"
     has_cls: bool  # the tower prepends a CLS token (CLIP: yes; SigLIP, Qwen: no)
+    # None when the tower's patch tokens of an image are the LM's vision tokens one for one, as one raster grid (what
+    # selectors reading features, CLS attention or a spatial grid rely on); else why not (LLaVA-NeXT's anyres tiles)
+    patch_mapping: str | None = None
 
     def feature_attention(self) -> nn.Module:
         """The self-attention module of the encoder layer whose output is the projector's input.
