@@ -75,7 +75,7 @@ def _nan_model(target: Path) -> Path:
 
     loaded = load_model(str(DEMO), device="cpu")
     with torch.no_grad():
-        loaded.model.model.language_model.norm.weight.fill_(float("nan"))
+        loaded.arch.final_norm.weight.fill_(float("nan"))
     loaded.model.save_pretrained(target)
     loaded.processor.save_pretrained(target)
     return target

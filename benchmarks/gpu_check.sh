@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
 # One call on a lent GPU gives this session's GPU figures (one markdown file, the commands inside):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: $OUT if set (the device tool), else benchmarks/results
-#   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # the same steps on the CPU with a 4-layer tiny model (about a minute)
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # the same steps on the CPU with 4-layer tiny models (a minute or two)
 # Measured: prefill of the LLaVA-1.5-7B architecture (random fp16 weights): vision tower, decoder (language model) and
 # time to first token, unpruned, keep-all and the AdaptInfer "64" / "128" presets,
 #   1. eager at batch 1 and 8, SDPA and (when installed) FlashAttention-2;
-#   2. compiled (pruning inside one graph, CUDA graphs: `PruningEngine(compile=True)`), SDPA: all four variants at
-#      batch 1, unpruned and "64" at batch 8 (each compiled variant builds its own graph: about a minute each);
-#      every compiled row also compares its next-token logits with the eager forward's (last column).
+#   2. compiled (pruning inside one graph, CUDA graphs: `PruningEngine(compile=True)`), SDPA: unpruned, "64" and
+#      keep-all at batch 1, unpruned and "64" at batch 8 (each compiled variant builds its own graph: about a minute
+#      each); every compiled row also compares its next-token logits with the eager forward's (last column);
+#   3. the Qwen2.5-VL-7B architecture (random bf16 weights, 28 layers, M-RoPE, windowed ViT), eager, SDPA, batch 1
+#      and 8, one 672 x 672 px image per row (24 x 24 = 576 merged tokens, LLaVA-1.5's count, so the same presets
+#      apply, their stage layers scaled to 28 layers): about a minute, 10 repeats.
 # Goals (issue 17): batch-1 decoder "64" <= 0.35x unpruned compiled against compiled; batch 8 <= 0.30x.
-# Budget: about 8 minutes on an H100/H200 (the compiles dominate); set COMPILE=0 to skip part 2.
+# Budget: about 8 minutes on an H100/H200 (the compiles dominate: five graphs; the compiled "128" row was dropped to
+# make room for part 3); set COMPILE=0 to skip part 2, QWEN=0 to skip part 3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python}"
 COMPILE="${COMPILE:-1}"
+QWEN="${QWEN:-1}"
 if [ "${DRY_RUN:-0}" = "1" ]; then
-  MODELS="tiny"; LAYERS="--layers 4"; BATCHES="1 2"; BIG=2; REPEATS=1; WARMUP=0; DEVICE=cpu
+  MODELS="tiny"; QWEN_MODEL="qwen2-vl-tiny"; LAYERS="--layers 4"; BATCHES="1 2"; BIG=2; REPEATS=1; QWEN_REPEATS=1
+  WARMUP=0; DEVICE=cpu
 else
-  MODELS="llava-1.5-7b-arch"; LAYERS=""; BATCHES="1 8"; BIG=8; REPEATS=20; WARMUP=3; DEVICE=cuda
+  MODELS="llava-1.5-7b-arch"; QWEN_MODEL="qwen2.5-vl-7b-arch"; LAYERS=""; BATCHES="1 8"; BIG=8; REPEATS=20
+  QWEN_REPEATS=10; WARMUP=3; DEVICE=cuda
 fi
 ATTN="sdpa"
 if "$PY" -c "import flash_attn" 2>/dev/null && [ "$DEVICE" = cuda ]; then ATTN="sdpa flash_attention_2"; fi
@@ -33,11 +40,17 @@ COMMON="--models $MODELS $LAYERS --repeats $REPEATS --warmup $WARMUP --device $D
 OUT_FILE="$OUT_DIR/gpu_check_prefill.md"
 cp "$OUT_DIR/gpu_check_eager.md" "$OUT_FILE"
 if [ "$COMPILE" = "1" ]; then
-  "$PY" benchmarks/prefill_latency.py $COMMON --batch 1 --attn sdpa --compile --out "$OUT_DIR/gpu_check_compiled_b1.md"
+  "$PY" benchmarks/prefill_latency.py $COMMON --batch 1 --attn sdpa --compile \
+    --compile-variants unpruned adaptinfer_7b_64 keep-all --out "$OUT_DIR/gpu_check_compiled_b1.md"
   "$PY" benchmarks/prefill_latency.py $COMMON --batch "$BIG" --attn sdpa --compile \
     --compile-variants unpruned adaptinfer_7b_64 --out "$OUT_DIR/gpu_check_compiled_big.md"
   for part in gpu_check_compiled_b1 gpu_check_compiled_big; do
     { echo; echo "## $part"; echo; cat "$OUT_DIR/$part.md"; } >> "$OUT_FILE"
   done
+fi
+if [ "$QWEN" = "1" ]; then
+  "$PY" benchmarks/prefill_latency.py --models $QWEN_MODEL $LAYERS --repeats $QWEN_REPEATS --warmup $WARMUP \
+    --device $DEVICE --batch $BATCHES --attn sdpa --image-grid 24 24 --out "$OUT_DIR/gpu_check_qwen_eager.md"
+  { echo; echo "## gpu_check_qwen_eager"; echo; cat "$OUT_DIR/gpu_check_qwen_eager.md"; } >> "$OUT_FILE"
 fi
 echo "wrote $OUT_FILE"

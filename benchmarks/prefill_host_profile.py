@@ -5,6 +5,9 @@ When the wall time exceeds the GPU busy time the prefill is host-bound (Python a
 dropping tokens, which only shortens GPU work, cannot make it faster.
 
     python benchmarks/prefill_host_profile.py --model llava-1.5-7b-arch --batch 1
+    python benchmarks/prefill_host_profile.py --model qwen2.5-vl-7b-arch --batch 1
+
+Any family of vlm.arch (the model, its image inputs and the schedule's depth come from prefill_latency's helpers).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from prefill_latency import build, keep_all, synthetic_inputs  # noqa: E402
+from prefill_latency import DEFAULT_GRID, build, keep_all, preset_at_depth, synthetic_inputs  # noqa: E402
 from pruning.engine import PruningEngine  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402
 from vlm.models import resolve_device  # noqa: E402
@@ -59,7 +62,11 @@ def sync_sites(fn) -> collections.Counter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llava-1.5-7b-arch", help="a configs/model preset with `arch`")
-    parser.add_argument("--schedule", default="adaptinfer_7b_64", help="a configs/schedule preset")
+    parser.add_argument("--schedule", default="adaptinfer_7b_64",
+                        help="a configs/schedule preset (stage layers scaled to the model's depth)")
+    parser.add_argument("--image-grid", type=int, nargs=2, default=list(DEFAULT_GRID), metavar=("ROWS", "COLS"),
+                        help="vision-token grid of the synthetic image where the family does not fix one (Qwen)")
+    parser.add_argument("--layers", type=int, default=None, help="override the decoder depth (a quick dry run)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="auto")
@@ -69,9 +76,9 @@ def main() -> None:
                         help="also print the N functions with the most host time in the pruned forwards (cProfile)")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    loaded = build(args.model, device)
-    inputs = synthetic_inputs(loaded, args.batch, 40, 35)
-    sched = Schedule.from_yaml(ROOT / "configs" / "schedule" / f"{args.schedule}.yaml")
+    loaded = build(args.model, device, layers=args.layers)
+    inputs = synthetic_inputs(loaded, args.batch, 40, 35, tuple(args.image_grid))
+    sched = preset_at_depth(args.schedule, loaded.num_layers)
     variants = {"unpruned": None, args.schedule: sched, "keep-all": keep_all(sched)}
 
     def sync() -> None:

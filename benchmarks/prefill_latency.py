@@ -10,6 +10,12 @@ nothing), as a share of the unpruned time.
     python benchmarks/prefill_latency.py --models tiny mid --batch 1 --repeats 7 \
         --out benchmarks/results/prefill_latency_cpu.md
     python benchmarks/prefill_latency.py --models llava-1.5-7b-arch --batch 1 8 --compile --out benchmarks/results/prefill_latency_gpu.md
+    python benchmarks/prefill_latency.py --models qwen2-vl-tiny --layers 4 --repeats 1 --warmup 0
+
+Any family of vlm.arch: the model is reached through its seam (decoder, vision tower + projector, image inputs).
+Families whose vision-token count follows the image (Qwen2-VL / Qwen2.5-VL) get one synthetic image of
+--image-grid rows x cols merged tokens per row (default 24 x 24 = 576, LLaVA-1.5's count, so the 576-token presets
+apply; a 672 x 672 px image on Qwen).
 """
 from __future__ import annotations
 
@@ -30,9 +36,10 @@ from pruning.methods import scale_layers  # noqa: E402
 from pruning.engine import PruningEngine  # noqa: E402
 from pruning.flops import prefill_flops  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402
-from vlm.models import LoadedModel, build_random_model, resolve_device  # noqa: E402
+from vlm.models import LoadedModel, build_random_model, load_processor, match_processor, resolve_device  # noqa: E402
 
 PAPER_PRESETS = ("adaptinfer_7b_64", "adaptinfer_7b_128")
+DEFAULT_GRID = (24, 24)  # the image's token grid where the family does not fix one: LLaVA-1.5's 576 tokens
 MID_ARCH = {  # a quarter of LLaVA-1.5-7B's width, all 32 layers; a small vision tower (it is not timed)
     "image_token_id": 32000,
     "vision_feature_layer": -2,
@@ -58,22 +65,37 @@ def build(name: str, device: torch.device, attn: str = "sdpa", layers: int | Non
     if name == "tiny":  # no processor needed: the prompt is synthetic
         arch["text_config"] = {**arch["text_config"], "vocab_size": 64}
         arch["image_token_id"] = 7
+    elif cfg.get("processor"):  # its vocabulary and special token ids come from its processor
+        arch = match_processor(arch, load_processor(cfg["processor"]))
     dtype = cfg.get("dtype", "auto") if device.type == "cuda" else "float32"
     return build_random_model(arch, dtype=dtype, device=device, name=name, attn_implementation=attn)
 
 
-def synthetic_inputs(loaded: LoadedModel, batch: int, text_len: int, system_len: int) -> dict[str, torch.Tensor]:
-    """[system][576 image tokens][text] with random ids; pixel values of the tower's size."""
-    cfg = loaded.config
-    vocab = cfg.text_config.vocab_size
-    n_vision = loaded.vision_tokens_per_image
+def image_grid(loaded: LoadedModel, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The token grid of one synthetic image: the family's fixed one (LLaVA: the tower's 24 x 24), else `grid`
+    (default DEFAULT_GRID)."""
+    return loaded.arch.image_grid(loaded.processor) or tuple(grid or DEFAULT_GRID)
+
+
+def synthetic_inputs(loaded: LoadedModel, batch: int, text_len: int, system_len: int,
+                     grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """[system][one image's tokens][text] with random ids, and the family's image inputs with random pixels
+    (`vlm.arch`'s random_image_inputs) for an image of `image_grid(loaded, grid)` tokens."""
+    rows, cols = image_grid(loaded, grid)
+    n_vision = rows * cols
+    vocab = loaded.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, min(vocab, 32000) - 1, (batch, system_len + n_vision + text_len), generator=g)
+    ids[ids == loaded.image_token_id] = 11
     ids[:, system_len:system_len + n_vision] = loaded.image_token_id
-    size = cfg.vision_config.image_size
-    pix = torch.randn(batch, 3, size, size, generator=g)
-    return {"input_ids": ids.to(loaded.device), "pixel_values": pix.to(loaded.device, loaded.dtype),
-            "attention_mask": torch.ones_like(ids).to(loaded.device)}
+    ids = ids.to(loaded.device)
+    images = loaded.arch.random_image_inputs(ids, (rows, cols), generator=g, dtype=loaded.dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **images}
+
+
+def vision_tokens(loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> int:
+    """Image tokens per row of synthetic `inputs`."""
+    return int((inputs["input_ids"][0] == loaded.image_token_id).sum())
 
 
 class StageTimer:
@@ -83,8 +105,7 @@ class StageTimer:
     compiled prefill runs, so eager and compiled forwards are timed alike."""
 
     def __init__(self, loaded: LoadedModel) -> None:
-        inner = loaded.model.model
-        self.sites = {"vision": (inner.vision_tower, inner.multi_modal_projector), "decoder": (loaded.language_model,) * 2}
+        self.sites = {"vision": loaded.arch.vision_sites().span, "decoder": (loaded.language_model,) * 2}
         self.cuda = loaded.device.type == "cuda"
         self.times_ms: dict[str, list[float]] = {"vision": [], "decoder": [], "ttft": []}
         self._marks: dict[str, Any] = {}
@@ -125,6 +146,17 @@ class StageTimer:
         self.times_ms["ttft"].append(self._ms("all0", "all1"))
 
 
+def preset_at_depth(preset: str, n_layers: int) -> Schedule:
+    """A configs/schedule preset on an n_layers-deep model: made for another depth (its num_layers, e.g. LLaVA-1.5-7B's
+    32), its stage layers scaled by the benchmark's rule (pruning.methods.scale_layers), the same keep counts."""
+    sched = Schedule.from_yaml(ROOT / "configs" / "schedule" / f"{preset}.yaml")
+    if sched.num_layers is None or sched.num_layers == n_layers:
+        return sched
+    layers = scale_layers(sched.layers, n_layers, sched.num_layers)
+    return Schedule.from_dict({"stages": [{"layer": l, "keep": s.keep} for l, s in zip(layers, sched.stages)],
+                               "positions": sched.positions, "rounding": sched.rounding, "name": sched.name})
+
+
 def keep_all(schedule: Schedule) -> Schedule:
     """The same stage layers keeping every token: pays for scoring and gathering, drops nothing."""
     return Schedule.from_dict({"stages": [{"layer": s.layer, "keep": 1.0} for s in schedule.stages],
@@ -144,24 +176,20 @@ def _variant_context(loaded: LoadedModel, schedule: Schedule | None, scorer: str
 
 def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len: int, system_len: int,
             scorer: str, modes: tuple[str, ...] = ("eager",),
-            compile_variants: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+            compile_variants: tuple[str, ...] | None = None,
+            grid: tuple[int, int] | None = None) -> list[dict[str, Any]]:
     """Median vision-tower, decoder and time-to-first-token per variant and execution mode, with analytic FLOPs.
 
     Eager variants are interleaved round-robin (each repeat enters each variant's engine anew); compiled ones run
     in blocks, each variant's engine open for its warm-up and repeats (a compiled graph is built once per engine
     and, with CUDA graphs, recorded during the warm-up, at least 3 calls)."""
-    inputs = synthetic_inputs(loaded, batch, text_len, system_len)
-    n_layers = loaded.num_layers
+    inputs = synthetic_inputs(loaded, batch, text_len, system_len, grid)
+    n_layers, n_vision = loaded.num_layers, vision_tokens(loaded, inputs)
     schedules: dict[str, Schedule | None] = {"unpruned": None}
     for preset in PAPER_PRESETS:
-        sched = Schedule.from_yaml(ROOT / "configs" / "schedule" / f"{preset}.yaml")
-        if n_layers != 32:  # the 32-layer preset's layers at this depth (the benchmark's rule), same keep counts
-            layers = scale_layers(sched.layers, n_layers, 32)
-            sched = Schedule.from_dict({"stages": [{"layer": l, "keep": s.keep} for l, s in zip(layers, sched.stages)],
-                                        "positions": sched.positions})
-        schedules[preset] = sched
+        schedules[preset] = preset_at_depth(preset, n_layers)
     schedules[f"keep-all@{PAPER_PRESETS[0]} layers"] = keep_all(schedules[PAPER_PRESETS[0]])
-    tc = loaded.config.text_config
+    hidden, intermediate = loaded.text_widths
     seq = inputs["input_ids"].shape[1]
     tokens: dict[str, list[int]] = {"unpruned": [seq] * n_layers}
     rows = []
@@ -208,10 +236,10 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
         if "unpruned" not in times:
             raise SystemExit("--compile-variants must include unpruned (the ratios' base)")
         base = {k: statistics.median(v) for k, v in times["unpruned"].items()}
-        base_flops = prefill_flops(tokens["unpruned"], tc.hidden_size, tc.intermediate_size)
+        base_flops = prefill_flops(tokens["unpruned"], hidden, intermediate)
         for name, ts in times.items():
             med = {k: statistics.median(v) for k, v in ts.items()}
-            flops = prefill_flops(tokens[name], tc.hidden_size, tc.intermediate_size)
+            flops = prefill_flops(tokens[name], hidden, intermediate)
             check = {}
             if compiled and name in eager_logits:  # the compiled forward against the eager one, same inputs
                 got, want = last[name].float(), eager_logits[name]
@@ -221,8 +249,8 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
                          "ttft_ms": med["ttft"], "spread_ms": max(ts["decoder"]) - min(ts["decoder"]),
                          "latency_ratio": med["decoder"] / base["decoder"], "ttft_ratio": med["ttft"] / base["ttft"],
                          "tflops_per_sample": flops / 1e12, "flops_ratio": flops / base_flops,
-                         "budget_processed": schedules[name].budget(n_layers, loaded.vision_tokens_per_image)
-                         if schedules[name] is not None else float(loaded.vision_tokens_per_image)})
+                         "budget_processed": schedules[name].budget(n_layers, n_vision)
+                         if schedules[name] is not None else float(n_vision)})
     return rows
 
 
@@ -241,6 +269,8 @@ def main() -> None:
     parser.add_argument("--compile-variants", nargs="+", default=None,
                         help="compiled variants to time (default all): unpruned adaptinfer_7b_64 adaptinfer_7b_128 keep-all")
     parser.add_argument("--layers", type=int, default=None, help="override the decoder depth (a quick dry run)")
+    parser.add_argument("--image-grid", type=int, nargs=2, default=list(DEFAULT_GRID), metavar=("ROWS", "COLS"),
+                        help="vision-token grid of the synthetic image where the family does not fix one (Qwen)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     modes = ("eager", "compiled") if args.compile else ("eager",)
@@ -250,7 +280,8 @@ def main() -> None:
         "",
         f"Command: `python {' '.join(sys.argv)}`  ",
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, scorer `{args.scorer}`, "
-        f"prompt = {args.system_len} system + 576 vision + {args.text_len} text tokens, random weights.  ",
+        f"prompt = {args.system_len} system + V vision (one image: 576 on LLaVA-1.5, {args.image_grid[0]} x "
+        f"{args.image_grid[1]} merged patches on Qwen) + {args.text_len} text tokens, random weights.  ",
         "Timed per forward (`model(**inputs, use_cache=True, logits_to_keep=1)`): the vision tower + projector "
         "(vision ms), the language model (decoder ms: the decoder layers with their mask/RoPE set-up and final norm; "
         "the latency ratio is of this column) and the whole forward (TTFT ms: time to the first token's logits). "
@@ -269,7 +300,7 @@ def main() -> None:
             loaded = build(name, device, attn, args.layers)
             for batch in args.batch:
                 for row in measure(loaded, batch, args.repeats, args.warmup, args.text_len, args.system_len,
-                                   args.scorer, modes, tuple(args.compile_variants or ())):
+                                   args.scorer, modes, tuple(args.compile_variants or ()), tuple(args.image_grid)):
                     line = (f"| {name} | {attn} | {batch} | {row['mode']} | {row['variant']} | "
                             f"{row['budget_processed']:.1f} | {row['vision_ms']:.1f} | {row['ms']:.1f} | "
                             f"{row['spread_ms']:.1f} | {row['ttft_ms']:.1f} | {row['latency_ratio']:.3f} | "

@@ -36,7 +36,6 @@ from pruning.scorers import (ScoringContext, available_scorers, get_scorer, scor
                              select_rows)
 from pruning.selectors import (
     SelectorContext, VisionCapture, available_selectors, check_budget, get_selector, is_selector, run_selector,
-    square_grid,
 )
 from vlm.arch import for_model
 from vlm.errors import UserError
@@ -641,7 +640,7 @@ class PruningEngine:
         captured = self._capture.take(hidden.shape[0], lay.num_vision)
         ctx = SelectorContext(
             projected=_gather_seq(hidden, lay.vision_index), text_embeds=_gather_seq(hidden, lay.text_index),
-            text_mask=lay.text_mask, grid=square_grid(lay.num_vision), features=captured.get("features"),
+            text_mask=lay.text_mask, grid=self._capture.grid(hidden.shape[0]), features=captured.get("features"),
             cls_attn=captured.get("cls_attn"), keys=captured.get("keys"), project=self._capture.project,
             options=self.scorer_options,
         )

@@ -1,6 +1,7 @@
 """Hand a pruned model to lmms-eval through its model API (`lmms_eval.api.model.lmms`), without a fork.
 
-`PrunedLLaVA` wraps a `LoadedModel` and a `PruningEngine` (schedule + scorer) and implements the "simple" model
+`PrunedVLM` (alias `PrunedLLaVA`) wraps a `LoadedModel` of any supported family (LLaVA, Qwen2-VL / Qwen2.5-VL; it
+reaches the model only through `vlm.arch`) and a `PruningEngine` (schedule + scorer) and implements the "simple" model
 API of lmms-eval: `generate_until`, `loglikelihood` and `generate_until_multi_round`. Requests carry
 `args = (context, gen_kwargs, doc_to_visual, doc_id, task, split)` for generation and
 `(context, doc_to_target, doc_to_visual, doc_id, task, split)` for log-likelihood; the document is looked up in
@@ -14,7 +15,10 @@ When lmms-eval is importable the class subclasses its `lmms` base and is registe
 
 Without lmms-eval the same class works on any object with that `args` tuple (tests use a stand-in).
 Pruning happens in every prefill (generation and log-likelihood); the unpruned model is `method=unpruned`.
-One image per request (LLaVA-1.5's single vision span); text-only requests run without pruning.
+One image per request; text-only requests run without pruning. When the vision-token count follows the image size
+(Qwen with a dynamic-resolution processor), a method whose keep counts are solved from a budget cannot be resolved
+up front: give a schedule of fractions instead (`schedule=adaptinfer_qwen2vl2b_10`, a configs/schedule preset name or
+a YAML path, with `scorer=adaptinfer`), and rows of a batch with different counts run one at a time.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pruning.engine import PruningEngine
-from pruning.methods import CONFIGS_DIR, SCHEDULE_NONE, check_method, fixed_budget, load_method, resolve_method
+from pruning.methods import (CONFIGS_DIR, SCHEDULE_NONE, MethodError, check_method, fixed_budget, load_method,
+                             preset_path, resolve_method)
 from pruning.schedule import Schedule, schedule_string
 from vlm.errors import UserError
 from vlm.models import LoadedModel, load_from_config
@@ -86,11 +91,12 @@ def _as_bool(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
 
-class PrunedLLaVA(_LMMSBase):
-    """lmms-eval model: a LLaVA model whose prefill drops vision tokens by a schedule and a scorer.
+class PrunedVLM(_LMMSBase):
+    """lmms-eval model: a VLM (any family of vlm.arch) whose prefill drops vision tokens by a schedule and a scorer.
 
     Give either `loaded` (a LoadedModel) or `model` (a configs/model preset name or a YAML path); then either
-    `schedule` (a Schedule or a schedule YAML path) with `scorer`, or `method` (configs/method name) with `budget`.
+    `schedule` (a Schedule, a schedule YAML path or a configs/schedule preset name) with `scorer`, or `method`
+    (configs/method name) with `budget`.
     """
 
     is_simple = True
@@ -147,9 +153,10 @@ class PrunedLLaVA(_LMMSBase):
 
     def _pruning(self, method: str, budget: float | None, convention: str, schedule: Schedule | str | None,
                  scorer: str | None, options: dict) -> tuple[Schedule | None, str | None, dict]:
-        n_layers, n_vision = self.loaded.num_layers, self.loaded.vision_tokens_per_image
+        n_layers = self.loaded.num_layers
+        n_vision = self.loaded.arch.vision_tokens_per_image(self.processor)  # None: it follows the image size
         if schedule is not None:
-            sched = schedule if isinstance(schedule, Schedule) else Schedule.from_yaml(str(schedule))
+            sched = schedule if isinstance(schedule, Schedule) else Schedule.from_yaml(self._schedule_path(schedule))
             sched.validate(num_layers=n_layers, initial=n_vision)
             if sched.stages and not scorer:
                 raise AdapterError("a schedule with stages needs a scorer (e.g. scorer=adaptinfer)")
@@ -159,8 +166,26 @@ class PrunedLLaVA(_LMMSBase):
             return None, None, {}
         if budget is None and not fixed_budget(spec):
             raise AdapterError(f"method={method!r} needs a budget (mean vision tokens per layer), e.g. budget=64")
+        if n_vision is None and not fixed_budget(spec):
+            raise AdapterError(
+                f"method={method!r} solves keep counts from a budget of vision tokens, but model {self.loaded.name!r} "
+                f"({self.loaded.config.model_type}) gives a vision-token count that follows the image size; give a "
+                "schedule of fractions instead, e.g. schedule=adaptinfer_qwen2vl2b_10,scorer=adaptinfer (configs/"
+                "schedule/), or a processor that resizes every image to one size"
+            )
         resolved = resolve_method(spec, n_layers, n_vision, float(budget or 0), convention)
         return resolved.schedule, scorer or resolved.scorer, {**resolved.scorer_options, **options}
+
+    @staticmethod
+    def _schedule_path(schedule: str | Path) -> str:
+        """A schedule YAML path as given, or the path of a configs/schedule preset name."""
+        text = str(schedule)
+        if text.endswith((".yaml", ".yml")) or "/" in text:
+            return text
+        try:
+            return str(preset_path(text))
+        except MethodError as err:
+            raise AdapterError(f"schedule={text!r}: {err}") from None
 
     @property
     def schedule_string(self) -> str:
@@ -209,7 +234,7 @@ class PrunedLLaVA(_LMMSBase):
     def _image(self, doc_to_visual: Callable[[Any], Any] | None, doc: Any) -> Image.Image | None:
         images = _flatten_visuals(doc_to_visual(doc)) if doc_to_visual is not None else []
         if len(images) > 1:
-            raise AdapterError(f"a request has {len(images)} images; this adapter serves one image per request (LLaVA-1.5)")
+            raise AdapterError(f"a request has {len(images)} images; this adapter serves one image per request")
         return images[0].convert("RGB") if images else None
 
     @staticmethod
@@ -223,9 +248,14 @@ class PrunedLLaVA(_LMMSBase):
             return encode_batch(self.processor, samples, device=self.device, dtype=self.loaded.dtype)
         if any(img is not None for img in images):
             raise AdapterError("a batch mixes requests with and without an image; use batch_size=1 for such tasks")
-        texts = [format_prompt(self.processor, self._text(c)).replace(self.processor.image_token, "") for c in contexts]
+        texts = [format_prompt(self.processor, self._text(c), with_image=False) for c in contexts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
         return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _same_vision_counts(self, inputs: Mapping[str, torch.Tensor]) -> bool:
+        """Whether every row holds the same number of image tokens (the engine prunes such batches only)."""
+        counts = (inputs["input_ids"] == self.loaded.arch.image_token_id).sum(-1)
+        return bool((counts == counts[0]).all())
 
     @staticmethod
     def _cut(text: str, until: Iterable[str]) -> str:
@@ -252,7 +282,6 @@ class PrunedLLaVA(_LMMSBase):
                 until = [until] if isinstance(until, str) else list(until)
                 contexts = [args[i][0] for i in chunk]
                 images = [self._image(args[i][2], self._doc(args[i][4], args[i][5], args[i][3])) for i in chunk]
-                inputs = self._encode(contexts, images)
                 temperature = float(gen_kwargs.get("temperature", 0) or 0)
                 do_sample = _as_bool(gen_kwargs.get("do_sample", False)) and temperature > 0
                 kwargs: dict[str, Any] = dict(
@@ -263,12 +292,20 @@ class PrunedLLaVA(_LMMSBase):
                     kwargs["temperature"] = temperature
                     if gen_kwargs.get("top_p") is not None:
                         kwargs["top_p"] = float(gen_kwargs["top_p"])
-                with self._engine(images[0] is not None), torch.inference_mode():
-                    out = self.model.generate(**inputs, **kwargs)
-                texts = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                texts = self._generate(contexts, images, kwargs)
                 for i, text in zip(chunk, texts):
                     results[i] = self._cut(text, until).strip()
         return [r if r is not None else "" for r in results]
+
+    def _generate(self, contexts: Sequence[str], images: Sequence[Image.Image | None], kwargs: dict) -> list[str]:
+        """Generated texts for one batch; rows whose images give different vision-token counts (dynamic resolution)
+        are generated one at a time."""
+        inputs = self._encode(contexts, images)
+        if images[0] is not None and len(contexts) > 1 and not self._same_vision_counts(inputs):
+            return [self._generate([c], [img], kwargs)[0] for c, img in zip(contexts, images)]
+        with self._engine(images[0] is not None), torch.inference_mode():
+            out = self.model.generate(**inputs, **kwargs)
+        return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
         """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request."""
@@ -285,9 +322,7 @@ class PrunedLLaVA(_LMMSBase):
             if n_cont == 0:
                 out.append((0.0, True))
                 continue
-            inputs = dict(prompt_inputs)
-            inputs["input_ids"] = torch.cat([prompt_inputs["input_ids"], cont_ids], dim=1)
-            inputs["attention_mask"] = torch.cat([prompt_inputs["attention_mask"], torch.ones_like(cont_ids)], dim=1)
+            inputs = self.loaded.arch.extend_text(prompt_inputs, cont_ids)  # the family's per-token inputs too
             with self._engine(image is not None), torch.inference_mode():
                 logits = self.model(**inputs, use_cache=False).logits  # [1, N', vocab]; N' < N when pruned
             # pruning drops vision tokens only, so the text (and continuation) stays at the end of the sequence
@@ -298,24 +333,27 @@ class PrunedLLaVA(_LMMSBase):
         return out
 
     def generate_until_multi_round(self, requests: Sequence[Any]) -> list[str]:
-        """Multi-round generation is not supported (LLaVA-1.5 single-turn prompts); raises AdapterError."""
-        raise AdapterError("generate_until_multi_round is not supported by the pruned LLaVA adapter; "
+        """Multi-round generation is not supported (single-turn prompts); raises AdapterError."""
+        raise AdapterError("generate_until_multi_round is not supported by the pruned-VLM adapter; "
                            "use tasks whose output_type is generate_until or loglikelihood")
 
 
+PrunedLLaVA = PrunedVLM  # the name it had when LLaVA was the one family
+
+
 def register() -> bool:
-    """Register PrunedLLaVA with lmms-eval under REGISTERED_NAME; False when lmms-eval is not importable."""
+    """Register PrunedVLM with lmms-eval under REGISTERED_NAME; False when lmms-eval is not importable."""
     if not HAVE_LMMS_EVAL:
         return False
     try:
         from lmms_eval.api.registry import register_model
     except Exception as err:  # pragma: no cover - a broken lmms-eval install
-        log.warning("lmms-eval is importable but its registry is not (%s); PrunedLLaVA not registered", err)
+        log.warning("lmms-eval is importable but its registry is not (%s); PrunedVLM not registered", err)
         return False
-    register_model(REGISTERED_NAME)(PrunedLLaVA)
+    register_model(REGISTERED_NAME)(PrunedVLM)
     return True
 
 
 REGISTERED = register()
 
-__all__ = ["AdapterError", "HAVE_LMMS_EVAL", "PrunedLLaVA", "REGISTERED", "REGISTERED_NAME", "register"]
+__all__ = ["AdapterError", "HAVE_LMMS_EVAL", "PrunedLLaVA", "PrunedVLM", "REGISTERED", "REGISTERED_NAME", "register"]

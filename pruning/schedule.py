@@ -7,8 +7,10 @@ Semantics (DESIGN.md, exact):
   vision tokens. Layer ``l`` itself still processes the count it received.
 * ``layer = -1`` means "before the language model" (VisionZip style): layer 0 already sees ``k`` tokens.
 * ``keep`` is a count (``int >= 0``) or a fraction of the *current* count (``float`` in ``(0, 1]``).
-  Fractions are resolved in stage order with :func:`round_half_up`, and a fraction never resolves to 0
-  while tokens remain (a positive fraction of a non-empty set keeps at least one token).
+  Fractions are resolved in stage order with :func:`round_half_up` (``rounding: nearest``, the default), or
+  as the AdaptInfer authors' Qwen code does, ``min(int(f * c), c - 1)`` (``rounding: truncate``: truncation,
+  and at least one token dropped); either way a fraction never resolves to 0 while tokens remain (a positive
+  fraction of a non-empty set keeps at least one token).
 * Budgets (mean vision tokens per decoder layer) come in two conventions:
 
   - ``"processed"``: the vision tokens each layer really processes (the pruning layer counts at the
@@ -35,12 +37,13 @@ import yaml
 from vlm.errors import UserError
 
 POSITIONS = ("keep", "renumber")
+ROUNDINGS = ("nearest", "truncate")  # how a fraction of the current count becomes a count (Stage.resolve)
 CONVENTIONS = ("processed", "paper")
 ALLOCATION_RULES = ("geometric",)
 BEFORE_LM = -1  # the layer value meaning "before the language model"
 
 _STAGE_KEYS = ("layer", "keep")
-_SCHEDULE_KEYS = ("name", "positions", "num_layers", "vision_tokens", "stages", "provenance")
+_SCHEDULE_KEYS = ("name", "positions", "rounding", "num_layers", "vision_tokens", "stages", "provenance")
 _BUDGET_KEYS = {"budget_processed": "processed", "budget_paper": "paper"}
 # Written budgets are compared with the computed ones to this absolute tolerance (in vision tokens):
 # half of the last digit of a one-decimal table entry, so "65.0" for 64.96875 is accepted.
@@ -134,10 +137,18 @@ class Stage:
         """True when `keep` is a fraction of the current count rather than a count."""
         return _is_float(self.keep)
 
-    def resolve(self, current: int) -> int:
-        """Number of vision tokens kept when `current` are present (raises if a count exceeds `current`)."""
+    def resolve(self, current: int, rounding: str = "nearest") -> int:
+        """Number of vision tokens kept when `current` are present (raises if a count exceeds `current`).
+
+        A fraction f keeps round_half_up(f * current) ("nearest") or min(int(f * current), current - 1)
+        ("truncate", the AdaptInfer authors' Qwen rule: truncation, at least one token dropped); at least 1 either
+        way while current > 0.
+        """
         if self.is_fraction:
-            kept = round_half_up(current * float(self.keep))
+            if rounding == "truncate":
+                kept = min(int(float(self.keep) * current), current - 1)
+            else:
+                kept = round_half_up(current * float(self.keep))
             return max(kept, 1) if current > 0 else 0
         if self.keep > current:
             raise ScheduleError(
@@ -188,11 +199,14 @@ class Schedule:
 
     `positions`: "keep" keeps each kept token's original RoPE position; "renumber" renumbers the
     sequence contiguously after a drop (the AdaptInfer code's behaviour; for parity runs).
+    `rounding`: how fractions become counts, "nearest" (round half up) or "truncate" (the authors' Qwen presets:
+    min(int(f * c), c - 1)); counts are used as they are.
     `num_layers` / `vision_tokens`: the model the schedule was made for (None = any).
     """
 
     stages: Sequence[Stage] = ()
     positions: str = "keep"
+    rounding: str = "nearest"
     num_layers: int | None = None
     vision_tokens: int | None = None
     name: str | None = None
@@ -213,6 +227,9 @@ class Schedule:
         """
         if self.positions not in POSITIONS:
             raise ScheduleError(f"positions = {self.positions!r}: must be one of {list(POSITIONS)}")
+        if self.rounding not in ROUNDINGS:
+            raise ScheduleError(f"rounding = {self.rounding!r}: must be one of {list(ROUNDINGS)} (how a fraction of the "
+                                "current count becomes a count)")
         if self.name is not None and not isinstance(self.name, str):
             raise ScheduleError(f"name = {self.name!r}: must be a string or null")
         if not isinstance(self.provenance, dict):
@@ -271,8 +288,9 @@ class Schedule:
     def keep_counts(self, initial: int | None = None) -> list[int]:
         """Vision tokens kept after each stage, starting from `initial` (fractions resolved in stage order).
 
-        Rounding: a fraction f of the current count c keeps round_half_up(f * c) tokens, at least 1 when
-        c > 0. A count larger than the tokens present raises ScheduleError.
+        Rounding: a fraction f of the current count c keeps round_half_up(f * c) tokens (`rounding` "nearest") or
+        min(int(f * c), c - 1) ("truncate"), at least 1 when c > 0. A count larger than the tokens present raises
+        ScheduleError.
         """
         if initial is None:
             initial = self.vision_tokens
@@ -281,7 +299,7 @@ class Schedule:
         counts, current = [], int(initial)
         for i, s in enumerate(self.stages):
             try:
-                current = s.resolve(current)
+                current = s.resolve(current, self.rounding)
             except ScheduleError:
                 raise ScheduleError(
                     f"stages[{i}].keep = {s.keep}: larger than the {current} vision tokens present at layer "
@@ -359,6 +377,7 @@ class Schedule:
         return Schedule(
             stages=[Stage(s.layer, c) for s, c in zip(self.stages, counts)],
             positions=self.positions,
+            rounding=self.rounding,
             num_layers=self.num_layers,
             vision_tokens=initial if initial is not None else self.vision_tokens,
             name=self.name,
@@ -376,6 +395,7 @@ class Schedule:
         out: dict[str, Any] = {
             "name": self.name,
             "positions": self.positions,
+            **({"rounding": self.rounding} if self.rounding != "nearest" else {}),
             "num_layers": self.num_layers,
             "vision_tokens": self.vision_tokens,
             "stages": [s.to_dict() for s in self.stages],
@@ -402,6 +422,7 @@ class Schedule:
         schedule = cls(
             stages=stages,
             positions=data.get("positions", "keep"),
+            rounding=data.get("rounding", "nearest"),
             num_layers=data.get("num_layers"),
             vision_tokens=data.get("vision_tokens"),
             name=data.get("name"),

@@ -10,8 +10,10 @@ A selector maps what the vision side produced for each row to the vision tokens 
 `ctx.text_embeds` (the LM's input embeddings of the text after the image) are always there; `needs` asks the
 engine to capture more in the same forward: "features" (F, the projector's input [B, V, Dv]), "cls_attn" (the
 head-mean attention of the vision tower's CLS query to each patch at the feature layer, [B, V], from
-`vlm.probe.AttentionProbe`, SDPA still on) and "keys" (the patches' keys there, [B, V, Dk]). Selectors needing
-the CLS token raise `MethodInfeasible` on towers without one.
+`vlm.probe.AttentionProbe`, SDPA still on) and "keys" (the patches' keys there, [B, V, Dk]); `grid=True` says the
+selector reads the vision tokens as one raster grid (pooling). Selectors needing the CLS token raise
+`MethodInfeasible` on towers without one; selectors needing any of these, or the grid, raise it on families whose
+LM vision tokens are not the tower's patches one for one (`VisionSites.patch_mapping`: LLaVA-NeXT's anyres tiles).
 
 A `Selection` names k vision slots per row (ascending indices into the vision axis). Each slot keeps its token's
 place in the sequence (its RoPE position, or the contiguous one with `positions: renumber`); `tokens`, when given,
@@ -31,6 +33,7 @@ from torch import Tensor, nn
 from pruning.schedule import MethodInfeasible
 from pruning.scorers import available_scorers, select
 from vlm.arch import for_model
+from vlm.arch.base import square_grid
 from vlm.probe import AttentionProbe, ProbeCall
 
 NEEDS = ("features", "cls_attn", "keys")
@@ -54,7 +57,7 @@ class SelectorContext:
     projected: Tensor  # [B, V, D] P: the LM's input embeddings of the vision tokens (projector output)
     text_embeds: Tensor  # [B, T, D] the LM's input embeddings of the text tokens after the image (padded)
     text_mask: Tensor  # [B, T] bool: valid text tokens
-    grid: tuple[int, int] | None  # (rows, cols) of the raster vision grid when V is a square, else None
+    grid: tuple[int, int] | None  # (rows, cols) of every row's image as a raster token grid (rows * cols = V), or None
     features: Tensor | None = None  # [B, V, Dv] F: the projector's input ("features")
     cls_attn: Tensor | None = None  # [B, V] head-mean CLS attention to each patch at the feature layer ("cls_attn")
     keys: Tensor | None = None  # [B, V, Dk] the patches' keys at the feature layer ("keys")
@@ -83,7 +86,8 @@ class SelectorSpec:
     fn: SelectorFn
     needs: frozenset
     options: dict
-    check: CheckFn | None = None  # check(k, n_vision, **options): raise MethodInfeasible when k is out of reach
+    check: CheckFn | None = None  # check(k, n_vision, grid, **options): raise MethodInfeasible when k is out of reach
+    grid: bool = False  # reads the vision tokens as one raster grid of the tower's patches
 
 
 _REGISTRY: dict[str, SelectorSpec] = {}
@@ -91,7 +95,7 @@ _REGISTRY: dict[str, SelectorSpec] = {}
 
 def register_selector(
     name: str, needs: tuple[str, ...] = (), options: dict[str, Any] | None = None, check: CheckFn | None = None,
-    replace: bool = False,
+    replace: bool = False, grid: bool = False,
 ) -> Callable[[SelectorFn], SelectorFn]:
     """Decorator: register `fn(ctx, k, **options) -> Selection` under `name`."""
     bad = sorted(set(needs) - set(NEEDS))
@@ -103,7 +107,8 @@ def register_selector(
     def decorate(fn: SelectorFn) -> SelectorFn:
         if name in _REGISTRY and not replace:
             raise ValueError(f"selector {name!r} is already registered (pass replace=True to override it)")
-        _REGISTRY[name] = SelectorSpec(name=name, fn=fn, needs=frozenset(needs), options=dict(options or {}), check=check)
+        _REGISTRY[name] = SelectorSpec(name=name, fn=fn, needs=frozenset(needs), options=dict(options or {}),
+                                       check=check, grid=grid)
         return fn
 
     return decorate
@@ -134,13 +139,15 @@ def _options(spec: SelectorSpec, options: dict) -> dict:
     return {**spec.options, **options}
 
 
-def check_budget(name: str, k: int, n_vision: int, options: dict | None = None) -> None:
-    """Raise MethodInfeasible when selector `name` cannot keep exactly k of n_vision tokens."""
+def check_budget(name: str, k: int, n_vision: int, options: dict | None = None,
+                 grid: tuple[int, int] | None = None) -> None:
+    """Raise MethodInfeasible when selector `name` cannot keep exactly k of n_vision tokens (laid out as the image
+    token grid `grid` (rows, cols) when known; None: not known yet, a square is assumed where a check needs one)."""
     spec = get_selector(name)
     if not 0 <= k <= n_vision:
         raise MethodInfeasible(f"selector {name!r}: keep {k} is outside 0..{n_vision} (the vision tokens per image)")
     if spec.check is not None:
-        spec.check(k, n_vision, **_options(spec, dict(options or {})))
+        spec.check(k, n_vision, grid, **_options(spec, dict(options or {})))
 
 
 def run_selector(name: str, ctx: SelectorContext, k: int) -> Selection:
@@ -148,7 +155,7 @@ def run_selector(name: str, ctx: SelectorContext, k: int) -> Selection:
     spec = get_selector(name)
     opts = _options(spec, ctx.options)
     b, v, d = ctx.projected.shape
-    check_budget(name, k, v, ctx.options)
+    check_budget(name, k, v, ctx.options, grid=ctx.grid)
     for need in spec.needs:
         if getattr(ctx, need) is None:
             raise SelectorError(f"selector {name!r} needs ctx.{need}, got None")
@@ -165,18 +172,13 @@ def run_selector(name: str, ctx: SelectorContext, k: int) -> Selection:
     return out
 
 
-def square_grid(n_vision: int) -> tuple[int, int] | None:
-    """(side, side) when n_vision is a perfect square (LLaVA-1.5: 24 x 24), else None."""
-    side = math.isqrt(n_vision)
-    return (side, side) if side * side == n_vision else None
-
-
 # ------------------------------------------------------------------------- capturing the vision side
 class VisionCapture:
     """Context manager: hooks that capture, in the model's own forward, what a selector `needs` from the vision side.
 
     "features": a pre-hook on the projector; "cls_attn": an AttentionProbe on the feature layer's self-attention
     (the CLS query row only, SDPA still computing the output); "keys": a forward hook on that layer's k_proj.
+    Always: each image's token grid, read from the tower's call by the family (`grid`).
     """
 
     def __init__(self, model: nn.Module, needs: frozenset, method: str) -> None:
@@ -186,11 +188,17 @@ class VisionCapture:
         self.captured: dict[str, Tensor] = {}
         self._handles: list[Any] = []
         self._probe: AttentionProbe | None = None
+        self._grids: list[tuple[int, int]] | None = None  # each image's token grid, from the last tower call
 
     def __enter__(self) -> "VisionCapture":
-        sites = for_model(self.model).vision_sites()
+        arch = for_model(self.model)
+        self._arch = arch
+        sites = arch.vision_sites()
         self.project = sites.projector
+        self._check_patch_mapping(sites)
+        self._grids = None
         try:
+            self._handles.append(sites.tower.register_forward_pre_hook(self._on_tower, with_kwargs=True))
             if "features" in self.needs:
                 self._handles.append(sites.projector.register_forward_pre_hook(self._on_projector))
             if self.needs & CLS_NEEDS:
@@ -199,6 +207,22 @@ class VisionCapture:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _check_patch_mapping(self, sites: Any) -> None:
+        """MethodInfeasible when the selector reads the tower's patches (or a raster grid of them) and this family's
+        LM vision tokens are not those patches one for one."""
+        spec = _REGISTRY.get(self.method)
+        if sites.patch_mapping is None or not (self.needs or (spec is not None and spec.grid)):
+            return
+        reads = ", ".join(sorted(self.needs)) if self.needs else "a raster grid of the vision tokens"
+        no_cls = ""
+        if self.needs & CLS_NEEDS and not sites.has_cls:
+            no_cls = f"; {type(sites.tower).__name__} has no CLS token either"
+        raise MethodInfeasible(
+            f"{self.method!r} reads the vision tower's patches ({reads}) as the language model's vision tokens, but on "
+            f"{type(self.model).__name__} {sites.patch_mapping}{no_cls}; use a selector that reads the LM's own vision "
+            "embeddings (divprune, cdpruner) or an in-LM scorer"
+        )
 
     def _attach_cls(self, sites: Any) -> None:
         if not sites.has_cls:
@@ -233,6 +257,17 @@ class VisionCapture:
             self._probe.__exit__(None, None, None)
             self._probe = None
         self.captured.clear()
+
+    def _on_tower(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._grids = self._arch.tower_grids(args, kwargs)  # [(rows, cols)] per image of this call
+
+    def grid(self, batch: int) -> tuple[int, int] | None:
+        """The (rows, cols) token grid of this prefill's images when there is one image per row and every image has
+        the same grid (the family's `tower_grids`: LLaVA's fixed square, Qwen's image_grid_thw / merge); else None."""
+        grids = self._grids
+        if not grids or len(grids) != batch or any(g != grids[0] for g in grids):
+            return None
+        return tuple(grids[0])
 
     def _on_projector(self, module: nn.Module, inputs: tuple) -> None:
         self.captured["features"] = inputs[0].detach()  # [B_img, P, Dv]
@@ -489,7 +524,7 @@ def vispruner_select(cls_attn: Tensor, features: Tensor, k: int, important_ratio
     return important, torch.cat([important, rest], dim=1).sort(dim=1).values
 
 
-def _check_ratio(k: int, n_vision: int, important_ratio: float = 0.5) -> None:
+def _check_ratio(k: int, n_vision: int, grid: tuple[int, int] | None = None, important_ratio: float = 0.5) -> None:
     if not 0.0 <= float(important_ratio) <= 1.0:
         raise ValueError(f"important_ratio = {important_ratio!r}: must lie in [0, 1]")
 
@@ -521,17 +556,31 @@ def pooling_shape(k: int, rows: int, cols: int) -> tuple[int, int]:
     return min(pairs, key=lambda p: (abs(p[1] - p[0]), p[1] < p[0]))
 
 
-def _check_pooling(k: int, n_vision: int) -> None:
-    grid = square_grid(n_vision)
+_POOLING_GRID = "the token grid of the rows' images (one image per row, every row the same rows x cols)"
+
+
+def _check_pooling(k: int, n_vision: int, grid: tuple[int, int] | None = None) -> None:
+    """k must factor as h * w within the image's token grid (`grid`; a square one assumed while the images are not
+    known yet, as on LLaVA-1.5 whose tower fixes 24 x 24)."""
     if grid is None:
-        raise MethodInfeasible(f"pooling needs a square vision grid; {n_vision} vision tokens are not one")
+        grid = square_grid(n_vision)
+        if grid is None:
+            raise MethodInfeasible(f"pooling needs {_POOLING_GRID}: {n_vision} vision tokens are not a square and no "
+                                   "common image grid is known")
+    elif grid[0] * grid[1] != n_vision:
+        raise MethodInfeasible(f"pooling needs one image per row: the image grid {grid[0]}x{grid[1]} holds "
+                               f"{grid[0] * grid[1]} tokens, the row {n_vision}")
     pooling_shape(k, *grid)
 
 
-@register_selector("pooling", check=_check_pooling)
+@register_selector("pooling", check=_check_pooling, grid=True)
 def pooling(ctx: SelectorContext, k: int) -> Selection:
-    """Adaptive average pooling of the P grid to h x w = k (`pooling_shape`); pooled token (i, j) takes the slot of
-    its window's top-left patch, so the slots are distinct and in raster order."""
+    """Adaptive average pooling of the P grid (ctx.grid, the image's rows x cols of tokens: 24 x 24 on LLaVA-1.5,
+    Qwen's h x w merged patches) to h x w = k (`pooling_shape`); pooled token (i, j) takes the slot of its window's
+    top-left patch, so the slots are distinct and in raster order."""
+    if ctx.grid is None:
+        raise MethodInfeasible(f"pooling needs {_POOLING_GRID}: no common image grid is known for this batch; batch "
+                               "rows whose images share a grid, or run them one at a time")
     rows, cols = ctx.grid
     h, w = pooling_shape(k, rows, cols)
     b, v, d = ctx.projected.shape

@@ -185,6 +185,82 @@ def test_selectors_on_qwen_work_on_merged_tokens_or_are_infeasible(qwen):
     assert engine.record.vision_per_layer == [4] * 4
 
 
+def _sized_inputs(loaded, sizes, seed=20):
+    """One row per (width, height): the scene rendered at that size (Qwen keeps the aspect ratio: a non-square grid)."""
+    samples = [VQASample(sample_id=str(i), image=render_scene(make_scene(seed + i)).resize(size), question=q,
+                         prompt=q, answers=["x"]) for i, (size, q) in enumerate(zip(sizes, QUESTIONS))]
+    return encode_batch(loaded.processor, samples)
+
+
+def test_image_grids_come_from_image_grid_thw(qwen):
+    inputs = _sized_inputs(qwen, [(224, 112), (112, 224)])
+    assert inputs["image_grid_thw"].tolist() == [[1, 4, 10], [1, 10, 4]]
+    assert qwen.arch.image_grids(inputs) == [(2, 5), (5, 2)]  # merged 2 x 2: h / 2 rows, w / 2 columns
+    assert qwen.arch.image_grids({"input_ids": inputs["input_ids"]}) is None
+    assert qwen.arch.image_grid(qwen.processor) == (4, 4)  # the preset's square 112 px images
+
+
+def _layer0_input(loaded, inputs, engine=None):
+    seen = {}
+
+    def save(module, args, kwargs):
+        seen.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
+
+    layer0 = loaded.arch.decoder_layers[0]
+    with torch.no_grad():
+        if engine is None:
+            handle = layer0.register_forward_pre_hook(save, with_kwargs=True)
+            try:
+                loaded.model(**inputs)
+            finally:
+                handle.remove()
+        else:
+            with engine:
+                handle = layer0.register_forward_pre_hook(save, with_kwargs=True)  # after the engine's: its output
+                try:
+                    loaded.model(**inputs)
+                finally:
+                    handle.remove()
+    return seen["h"]
+
+
+def test_pooling_on_a_non_square_image_pools_its_own_grid(qwen):
+    """A 224 x 112 px image gives 2 x 5 merged tokens (10: no square): pooling to 4 tokens averages the 2 x 5 grid
+    to 2 x 2 (adaptive windows: columns 0-2 and 2-4), each pooled token in its window's top-left slot."""
+    inputs = _sized_inputs(qwen, [(224, 112)])
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], qwen.image_token_id)
+    assert layout.num_vision == 10
+    full = _layer0_input(qwen, inputs)
+    engine = PruningEngine(qwen.model, _schedule([(-1, 4)]), "pooling")
+    pruned = _layer0_input(qwen, inputs, engine)
+    p = full[0, layout.vision_index[0]]  # [10, D] in raster order over the 2 x 5 grid
+    want = torch.nn.functional.adaptive_avg_pool2d(p.T.reshape(1, -1, 2, 5), (2, 2)).reshape(-1, 4).T  # [4, D]
+    kept = engine.record.kept_positions[0][0]
+    start = int(layout.vision_index[0, 0])
+    assert (kept - start).tolist() == [0, 2, 5, 7]  # rows 0 / 1, columns 0 / 2 of the 2 x 5 grid
+    assert engine.record.vision_per_layer == [4] * 4
+    vision_now = pruned[0, start:start + 4]  # the kept slots are contiguous after the drop
+    torch.testing.assert_close(vision_now, want, atol=1e-5, rtol=1e-5)
+    with PruningEngine(qwen.model, _schedule([(-1, 4)]), "pooling") as engine, torch.no_grad():  # generate runs
+        qwen.model.generate(**inputs, max_new_tokens=2, do_sample=False)  # the tower before the LM's forward
+    assert (engine.record.kept_positions[0][0] - start).tolist() == [0, 2, 5, 7]
+    # a keep count the 2 x 5 grid cannot factor (7) is infeasible, naming the grid; a square assumption would have
+    # refused every count on 10 tokens
+    with pytest.raises(MethodInfeasible, match="2x5 grid"):
+        with PruningEngine(qwen.model, _schedule([(-1, 7)]), "pooling"), torch.no_grad():
+            qwen.model(**inputs)
+
+
+def test_pooling_refuses_rows_whose_images_have_different_grids(qwen):
+    inputs = _sized_inputs(qwen, [(224, 112), (112, 224)])  # 10 tokens each, 2 x 5 and 5 x 2
+    with pytest.raises(MethodInfeasible, match="no common image grid"):
+        with PruningEngine(qwen.model, _schedule([(-1, 4)]), "pooling"), torch.no_grad():
+            qwen.model(**inputs)
+    with PruningEngine(qwen.model, _schedule([(-1, 4)]), "pooling") as engine, torch.no_grad():
+        qwen.model(**_sized_inputs(qwen, [(112, 224)]))  # each alone pools its own grid
+    assert (engine.record.kept_positions[0][0] - engine.record.kept_positions[0][0][0]).tolist() == [0, 1, 4, 5]  # rows 0 / 2, columns 0 / 1 of 5 x 2
+
+
 def test_collector_records_are_the_adaptinfer_scores(qwen):
     inputs = _inputs(qwen, QUESTIONS, seed=9)
     with AttentionCollector(qwen, reducer="adaptinfer") as collector, torch.no_grad():

@@ -218,3 +218,8 @@ def test_collect_overhead_benchmark_smoke():
     assert result["num_layers"] == 2 and result["num_vision"] == 576
     assert set(result["ms_per_sample"]) == {"sdpa", "collector", "eager_output_attentions"}
     assert all(v > 0 for v in result["ms_per_sample"].values())
+    # Qwen2-VL through the seam: its image inputs (patches, image_grid_thw, mm_token_type_ids), its tower's depth key
+    qwen = main(["--model", "qwen2-vl-tiny", "--vision-layers", "1", "--batch-size", "2", "--text-len", "6",
+                 "--repeats", "1", "--device", "cpu"])
+    assert qwen["num_vision"] == 16 and qwen["vision_layers"] == 1 and qwen["num_layers"] == 4
+    assert all(v > 0 for v in qwen["ms_per_sample"].values())

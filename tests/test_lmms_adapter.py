@@ -13,7 +13,7 @@ import yaml
 
 from pruning import lmms_adapter
 from pruning.lmms_adapter import AdapterError, PrunedLLaVA
-from tests.bench_fixtures import save_processor, tiny_model_cfg
+from tests.bench_fixtures import CONFIGS, save_processor, tiny_model_cfg
 
 try:
     from lmms_eval.api.instance import Instance as _RealInstance
@@ -170,3 +170,121 @@ def test_builds_from_a_model_preset_path_like_lmms_eval_model_args(tmp_path):
     model = PrunedLLaVA(model=str(path), method="visionzip", budget=32)
     assert model.schedule.stages[0].layer == -1 and model.schedule.stages[0].keep == 32
     assert model.scorer == "visionzip"
+
+
+# -- Qwen2-VL through the same adapter (the family comes from vlm.arch) ----------------------------------------------
+QWEN_PRESET = CONFIGS / "model" / "qwen2-vl-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """qwen2-vl-tiny at Qwen2-VL-2B's depth (28 layers, so the authors' presets fit) with the preset's processor
+    (every square image -> 16 vision tokens)."""
+    from omegaconf import OmegaConf
+
+    from vlm.models import load_from_config
+
+    cfg = OmegaConf.to_container(OmegaConf.load(QWEN_PRESET), resolve=True)
+    cfg["device"] = "cpu"
+    cfg["arch"]["text_config"].update(num_hidden_layers=28, initializer_range=0.2)
+    return load_from_config(cfg)
+
+
+@pytest.fixture(scope="module")
+def qwen_dynamic(qwen):
+    """The same model with a dynamic-resolution processor: the vision-token count follows the image size."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from vlm.models import LoadedModel
+    from vlm.shapes.processor import build_qwen2_vl_processor
+
+    processor = build_qwen2_vl_processor()
+    processor.image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=224 * 224)
+    return LoadedModel(model=qwen.model, processor=processor, source="random:qwen", name="qwen2-vl-tiny-dynamic")
+
+
+@pytest.fixture(scope="module")
+def sized_docs(docs):
+    """Images of 112 x 112, 224 x 112 and 168 x 168 px: 16, 32 and 36 vision tokens under the dynamic processor."""
+    return [{**d, "image": d["image"].resize(size)} for d, size in zip(docs, [(112, 112), (224, 112), (168, 168)])]
+
+
+def _seq_lens(loaded, layers):
+    """Pre-hooks recording the sequence length each of `layers` receives, per call. They run before the engine's
+    (registered later): a stage at layer l drops its tokens in layer l+1's pre-hook, so layer l+2 shows the drop."""
+    seen = {layer: [] for layer in layers}
+    handles = [loaded.arch.decoder_layers[layer].register_forward_pre_hook(
+        lambda m, a, k, layer=layer: seen[layer].append((a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True)
+        for layer in layers]
+    return seen, handles
+
+
+def test_qwen_generate_until_prunes_a_budget_method_and_batches_like_one_by_one(qwen, docs):
+    model = _adapter(qwen, docs, method="fastv", budget=8, convention="processed", batch_size=3)
+    assert model.schedule.layers == [1] and model.schedule.stages[0].keep < 16
+    seen, handles = _seq_lens(qwen, [0, 3])
+    try:
+        out = model.generate_until(_gen_requests(docs, {"max_new_tokens": 3}))
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)
+    assert seen[3][0] == seen[0][0] - (16 - model.schedule.stages[0].keep)  # layer 3 lacks the dropped vision tokens
+    single = _adapter(qwen, docs, method="fastv", budget=8, convention="processed", batch_size=1)
+    assert single.generate_until(_gen_requests(docs, {"max_new_tokens": 3})) == out
+
+
+def test_qwen_dynamic_resolution_runs_the_authors_preset_on_each_images_own_count(qwen_dynamic, sized_docs):
+    model = _adapter(qwen_dynamic, sized_docs, schedule="adaptinfer_qwen2vl2b_10", scorer="adaptinfer", batch_size=3)
+    assert model.schedule.rounding == "truncate" and model.schedule.layers == [0, 9, 19]
+    seen, handles = _seq_lens(qwen_dynamic, [0, 2, 11])
+    try:  # three rows with 16, 32 and 36 vision tokens: the batch runs one row at a time, in request order
+        out = model.generate_until(_gen_requests(sized_docs, {"max_new_tokens": 2}))
+    finally:
+        for h in handles:
+            h.remove()
+    prefills = [i for i, n in enumerate(seen[0]) if n > 1]  # the three prefills (decode steps see one token)
+    assert len(prefills) == 3
+    for call, v in zip(prefills, [16, 32, 36]):
+        k1 = min(int(0.17 * v), v - 1)  # the authors' rule on this image's own count: 2, 5, 6
+        k2 = max(min(int(0.6 * k1), k1 - 1), 1)
+        assert seen[2][call] == seen[0][call] - (v - k1)
+        assert seen[11][call] == seen[0][call] - (v - k2)
+    single = _adapter(qwen_dynamic, sized_docs, schedule="adaptinfer_qwen2vl2b_10", scorer="adaptinfer")
+    assert single.generate_until(_gen_requests(sized_docs, {"max_new_tokens": 2})) == out
+
+
+def test_qwen_dynamic_resolution_refuses_a_method_solved_from_a_budget(qwen_dynamic):
+    with pytest.raises(AdapterError, match="follows the image size.*schedule=adaptinfer_qwen2vl2b_10"):
+        PrunedLLaVA(loaded=qwen_dynamic, method="fastv", budget=8)
+    with pytest.raises(AdapterError, match="schedule='nope'.*known"):
+        PrunedLLaVA(loaded=qwen_dynamic, schedule="nope", scorer="adaptinfer")
+
+
+def test_qwen_loglikelihood_matches_a_manual_forward_unpruned_and_differs_pruned(qwen, docs):
+    reqs = [instance("loglikelihood", (d["question"], "red circle", lambda doc: [doc["image"]], i, "toy", "test"), i)
+            for i, d in enumerate(docs)]
+    plain = _adapter(qwen, docs, method="unpruned")
+    got = plain.loglikelihood(reqs)
+    for (logprob, _), doc in zip(got, docs):
+        inputs = plain._encode([doc["question"]], [doc["image"]])
+        cont = plain.tokenizer("red circle", add_special_tokens=False, return_tensors="pt")["input_ids"]
+        n = inputs["input_ids"].shape[1]
+        full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], cont], 1),
+                "attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1),
+                "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(cont)], 1)}  # text: 0
+        with torch.inference_mode():
+            logits = qwen.model(**full).logits
+        want = float(logits[0, n - 1:-1].log_softmax(-1).gather(-1, cont[0][:, None]).sum())
+        assert logprob == pytest.approx(want, abs=1e-4)
+    pruned = _adapter(qwen, docs, schedule="adaptinfer_qwen2vl2b_30", scorer="adaptinfer").loglikelihood(reqs)
+    assert any(abs(a[0] - b[0]) > 1e-4 for a, b in zip(got, pruned))
+
+
+def test_qwen_text_only_request_has_no_vision_tokens(qwen, docs):
+    model = _adapter(qwen, docs, schedule="adaptinfer_qwen2vl2b_10", scorer="adaptinfer")
+    ids = model._encode(["what is two plus two ?"], [None])["input_ids"][0].tolist()
+    special = model.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|vision_end|>"])
+    assert not set(ids) & set(special)
+    req = instance("generate_until", ("what is two plus two ?", {"max_new_tokens": 2}, lambda d: [], 0, "toy", "test"), 0)
+    assert isinstance(model.generate_until([req])[0], str)

@@ -292,3 +292,40 @@ def test_allocate_keep_before_the_lm():
 def test_budget_needs_initial():
     with pytest.raises(ScheduleError, match="initial is needed.*vision_tokens"):
         Schedule([Stage(1, 10)], num_layers=LAYERS_7B).budget()
+
+
+# -- the authors' Qwen2-VL-2B presets: fractions truncated as their code does ------------------------------------
+QWEN_PRESETS = {"10": [0.17, 0.6, 0.3], "30": [0.5, 0.6, 0.3], "50": [0.7, 0.9, 0.3]}  # weiczh02/AdaptInfer-base
+
+
+def _authors_counts(fractions, v):
+    """qwen2_vl/SparseQwen/score.py: keep min(int(frac * v), v - 1) of the v tokens present, stage by stage."""
+    out = []
+    for frac in fractions:
+        v = min(int(frac * v), v - 1)
+        out.append(v)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(QWEN_PRESETS))
+def test_qwen2vl2b_presets_keep_the_authors_counts_for_every_image_size(name):
+    path = Path(__file__).resolve().parents[1] / "configs" / "schedule" / f"adaptinfer_qwen2vl2b_{name}.yaml"
+    schedule = Schedule.from_yaml(path).validate(num_layers=28)
+    assert schedule.layers == [0, 9, 19] and schedule.positions == "keep" and schedule.rounding == "truncate"
+    assert [s.keep for s in schedule.stages] == QWEN_PRESETS[name]
+    for v in range(100, 1501):
+        assert schedule.keep_counts(v) == _authors_counts(QWEN_PRESETS[name], v), v
+    # round half up (the toolkit's default) would keep one token more at some stage for most sizes
+    nearest = Schedule(stages=schedule.stages)
+    assert sum(nearest.keep_counts(v) != schedule.keep_counts(v) for v in range(100, 1501)) > 1000
+
+
+def test_truncate_rounding_drops_one_at_least_and_keeps_one():
+    s = Schedule([Stage(0, 1.0), Stage(1, 0.01)], rounding="truncate")
+    assert s.keep_counts(10) == [9, 1]  # keep 1.0 still drops one (the authors' v - 1); 0.01 * 9 -> 0 -> at least 1
+    assert Schedule([Stage(0, 1.0)]).keep_counts(10) == [10]
+    again = Schedule.from_yaml(s.to_yaml())
+    assert again.rounding == "truncate" and again.keep_counts(10) == [9, 1]
+    assert "rounding" not in Schedule([Stage(0, 0.5)]).to_dict()  # the default is not written
+    with pytest.raises(ScheduleError, match=r"rounding = 'floor'.*\['nearest', 'truncate'\]"):
+        Schedule.from_dict({"stages": [{"layer": 0, "keep": 0.5}], "rounding": "floor"})

@@ -78,7 +78,8 @@ class LoadedModel:
                 f"model {self.name!r} ({self.config.model_type}) gives a vision-token count that varies with the "
                 "image; this step needs a fixed one (analysis.collect, analysis.derive rule=paper and the benchmark "
                 "take counts that vary): resize every image to one size (for Qwen, a processor with min_pixels = "
-                "max_pixels and square images)"
+                "max_pixels and square images; for LLaVA-NeXT / OneVision, a processor with one "
+                "image_grid_pinpoints resolution and images of its aspect ratio)"
             )
         return n
 
@@ -317,21 +318,21 @@ def build_random_model(
     return LoadedModel(model=model, processor=processor, source=f"random:{name}", name=name)
 
 
+# Processors built in code (vlm/shapes/processor.py) by name: the shapes world's words in each family's form.
+BUILT_PROCESSORS: dict[str, str] = {
+    "shapes": "build_processor", "shapes_qwen2_vl": "build_qwen2_vl_processor",
+    "shapes_qwen2_vl_dynamic": "build_qwen2_vl_dynamic_processor",  # each image keeps its size (and token count)
+    "shapes_llava_next": "build_llava_next_processor", "shapes_llava_onevision": "build_llava_onevision_processor",
+}
+
+
 def load_processor(source: str) -> Any:
-    """A processor by name: 'shapes' / 'shapes_qwen2_vl' / 'shapes_qwen2_vl_dynamic' (the demo world's, built in
-    code; the last keeps each image's size), or anything AutoProcessor loads."""
-    if source == "shapes":
-        from vlm.shapes.processor import build_processor
+    """A processor by name: one of BUILT_PROCESSORS (the demo world's, built in code), or anything AutoProcessor
+    loads."""
+    if source in BUILT_PROCESSORS:
+        from vlm.shapes import processor as shapes_processor
 
-        return build_processor()
-    if source == "shapes_qwen2_vl":
-        from vlm.shapes.processor import build_qwen2_vl_processor
-
-        return build_qwen2_vl_processor()
-    if source == "shapes_qwen2_vl_dynamic":  # images keep their size: the vision-token count follows it
-        from vlm.shapes.processor import QWEN_DYNAMIC_PIXELS, build_qwen2_vl_processor
-
-        return build_qwen2_vl_processor(*QWEN_DYNAMIC_PIXELS)
+        return getattr(shapes_processor, BUILT_PROCESSORS[source])()
     return AutoProcessor.from_pretrained(resolve_source(source))
 
 

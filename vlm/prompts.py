@@ -1,4 +1,5 @@
-"""LLaVA-1.5 prompts: the user turn around one image, and left-padded model inputs for a batch of samples."""
+"""Prompts: the user turn around one image (the processor's chat template, else LLaVA-1.5's), and left-padded model
+inputs for a batch of samples."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
@@ -27,18 +28,22 @@ def _chat_template(processor: Any) -> str | None:
     return getattr(tokenizer, "chat_template", None) or None
 
 
-def format_prompt(processor: Any, text: str) -> str:
-    """One user turn with one image before `text`, ending in the assistant prefix.
+def format_prompt(processor: Any, text: str, with_image: bool = True) -> str:
+    """One user turn with one image before `text` (none with with_image=False), ending in the assistant prefix.
 
-    Uses the processor's chat template when it has one (llava-hf checkpoints do), else the LLaVA-1.5
-    literal "USER: <image>\\n{text} ASSISTANT:". The placeholder is the processor's `image_token`.
+    Uses the processor's chat template when it has one (llava-hf and Qwen checkpoints do), else the LLaVA-1.5
+    literal "USER: <image>\\n{text} ASSISTANT:" ("USER: {text} ASSISTANT:" without the image). The placeholder is
+    the processor's `image_token`.
     """
     if _chat_template(processor):
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+        conversation = [{"role": "user", "content": content}]
         prompt = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         if isinstance(prompt, list):  # some processors return one string per conversation
             prompt = prompt[0]
         return str(prompt)
+    if not with_image:
+        return LLAVA_15_TEMPLATE.replace(IMAGE_PLACEHOLDER + "\n", "").format(prompt=text)
     image_token = getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
     return LLAVA_15_TEMPLATE.replace(IMAGE_PLACEHOLDER, image_token).format(prompt=text)
 

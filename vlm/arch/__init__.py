@@ -10,10 +10,11 @@ from torch import nn
 
 from vlm.arch.base import ModelArch, VisionSites
 from vlm.arch.llava import LlavaArch
+from vlm.arch.llava_next import LlavaNextArch, LlavaOnevisionArch
 from vlm.arch.qwen2_vl import Qwen2VLArch
 from vlm.errors import UserError
 
-FAMILIES: tuple[type[ModelArch], ...] = (LlavaArch, Qwen2VLArch)
+FAMILIES: tuple[type[ModelArch], ...] = (LlavaArch, Qwen2VLArch, LlavaNextArch, LlavaOnevisionArch)
 ARCHS: dict[str, type[ModelArch]] = {t: family for family in FAMILIES for t in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHS)
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for family in FAMILIES for a in family.architectures)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from vlm.arch.base import ModelArch, VisionSites
@@ -66,3 +67,27 @@ class LlavaArch(ModelArch):
     def row_images(self, kwargs: Mapping[str, Any], batch: int) -> Tensor | None:
         pixels = kwargs.get("pixel_values")
         return pixels if isinstance(pixels, Tensor) and pixels.shape[0] == batch else None
+
+    def image_grids(self, kwargs: Mapping[str, Any]) -> list[tuple[int, int]] | None:
+        """Every image of pixel_values [n, 3, S, S] gets the tower's fixed grid (24 x 24 on LLaVA-1.5); None when its
+        token count is not a square (a CLS token kept by the 'full' strategy)."""
+        pixels = kwargs.get("pixel_values")
+        grid = self.image_grid()
+        if not isinstance(pixels, Tensor) or pixels.dim() != 4 or grid is None:
+            return None
+        return [grid] * int(pixels.shape[0])
+
+    def tower_grids(self, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[int, int]] | None:
+        return self.image_grids({"pixel_values": args[0] if args else kwargs.get("pixel_values")})
+
+    def random_image_inputs(self, input_ids: Tensor, grid: tuple[int, int] | None = None,
+                            generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+                            ) -> dict[str, Tensor]:
+        """pixel_values [B, 3, S, S] at the tower's image size S; `grid`, when given, must be the tower's own."""
+        fixed = self.image_grid()
+        if grid is not None and tuple(grid) != fixed:
+            raise ValueError(f"{type(self.model).__name__}: every image gives a {fixed} token grid (the tower's "
+                             f"{self.config.vision_config.image_size} px input), not {tuple(grid)}")
+        size = int(self.config.vision_config.image_size)
+        pixels = torch.randn(input_ids.shape[0], 3, size, size, generator=generator)
+        return {"pixel_values": pixels.to(input_ids.device, dtype or torch.float32)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from vlm.arch.base import ModelArch, VisionSites
@@ -24,6 +25,7 @@ class Qwen2VLArch(ModelArch):
     architectures = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     example = "Qwen/Qwen2-VL-2B-Instruct"
     renumber_positions = False  # M-RoPE: the 3-D positions of a kept token are kept
+    vision_depth_key = "depth"
 
     @classmethod
     def model_class(cls, config: Any) -> type:
@@ -87,3 +89,49 @@ class Qwen2VLArch(ModelArch):
         if grid.shape[0] % batch or not bool((per_image == per_image[0]).all()):
             return None
         return pixels.reshape(batch, -1, pixels.shape[-1])
+
+    def image_grids(self, kwargs: Mapping[str, Any]) -> list[tuple[int, int]] | None:
+        """(h, w) / spatial_merge_size per image of image_grid_thw [n_images, 3] (t = 1 for an image): the merged
+        tokens follow in raster order over that grid. None without image_grid_thw or for a multi-frame entry."""
+        grid = kwargs.get("image_grid_thw")
+        if not isinstance(grid, Tensor) or grid.dim() != 2 or grid.shape[-1] != 3:
+            return None
+        merge = int(self.config.vision_config.spatial_merge_size)
+        out = []
+        for t, h, w in grid.tolist():
+            if t != 1:
+                return None
+            out.append((int(h) // merge, int(w) // merge))
+        return out
+
+    def tower_grids(self, args: tuple, kwargs: Mapping[str, Any]) -> list[tuple[int, int]] | None:
+        """The tower is called as visual(pixel_values, grid_thw=image_grid_thw) (images; videos come with t > 1)."""
+        return self.image_grids({"image_grid_thw": kwargs.get("grid_thw", args[1] if len(args) > 1 else None)})
+
+    def random_image_inputs(self, input_ids: Tensor, grid: tuple[int, int] | None = None,
+                            generator: torch.Generator | None = None, dtype: torch.dtype | None = None
+                            ) -> dict[str, Tensor]:
+        """One image per row with `grid` (rows, cols) merged tokens: pixel_values [B * rows * cols * m^2, C*T*P*P]
+        (flattened patches, as the processor gives them), image_grid_thw [B, 3] = (1, rows*m, cols*m) and
+        mm_token_type_ids [B, N] (1 at the image tokens), m = spatial_merge_size."""
+        if grid is None:
+            raise ValueError(f"{self.config.model_type}: the vision-token grid follows the image size; give grid=(rows, "
+                             "cols) of merged tokens, e.g. (24, 24) for a 672 x 672 px image")
+        vc = self.config.vision_config
+        merge, rows, cols = int(vc.spatial_merge_size), int(grid[0]), int(grid[1])
+        batch = input_ids.shape[0]
+        width = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
+        pixels = torch.randn(batch * rows * cols * merge * merge, width, generator=generator)
+        grid_thw = torch.tensor([[1, rows * merge, cols * merge]] * batch, dtype=torch.long)
+        types = (input_ids == self.image_token_id).long()
+        device = input_ids.device
+        return {"pixel_values": pixels.to(device, dtype or torch.float32), "image_grid_thw": grid_thw.to(device),
+                "mm_token_type_ids": types}
+
+    def extend_text(self, inputs: Mapping[str, Any], new_ids: Tensor) -> dict[str, Any]:
+        """As the base, and mm_token_type_ids extended with 0 (text) for the new tokens (M-RoPE reads it)."""
+        out = super().extend_text(inputs, new_ids)
+        types = inputs.get("mm_token_type_ids")
+        if isinstance(types, Tensor):
+            out["mm_token_type_ids"] = torch.cat([types, torch.zeros_like(new_ids, dtype=types.dtype)], dim=1)
+        return out

@@ -4,13 +4,15 @@
 LlavaProcessor to 576 image tokens (336 px, patch 14, CLS dropped), BOS prepended, answers end with `</s>`.
 `build_qwen2_vl_processor`: Qwen2-VL's form (`<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|>...`),
 the same words plus Qwen's special tokens, images resized to a fixed small pixel count (16 vision tokens at 112 px).
+`build_llava_next_processor` / `build_llava_onevision_processor`: LLaVA-1.5's prompt form with anyres tiles of
+56 px on one 112 x 112 grid resolution: 16 base patches + 8 x 8 tile patches + 8 newline tokens = 88 vision tokens.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import LlavaProcessor, PreTrainedTokenizerFast
+from transformers import LlavaNextProcessor, LlavaProcessor, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from vlm.shapes.world import IMAGE_SIZE, PATCH_SIZE, vocabulary_words
@@ -112,6 +114,12 @@ def build_qwen2_vl_processor(pixels: int = QWEN_IMAGE_PIXELS, max_pixels: int | 
     return _image_only_qwen2_vl()(image_processor=image_processor, tokenizer=tokenizer, chat_template=QWEN_CHAT_TEMPLATE)
 
 
+def build_qwen2_vl_dynamic_processor() -> Any:
+    """`build_qwen2_vl_processor` with dynamic resolution (QWEN_DYNAMIC_PIXELS): each image keeps its size, so a
+    batch of images of different sizes holds a different number of vision tokens per row."""
+    return build_qwen2_vl_processor(*QWEN_DYNAMIC_PIXELS)
+
+
 def _image_only_qwen2_vl() -> type:
     """Qwen2VLProcessor without its video processor (whose base class needs torchvision), built on first use."""
     from transformers import ProcessorMixin, Qwen2VLProcessor
@@ -124,3 +132,62 @@ def _image_only_qwen2_vl() -> type:
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
     return ImageOnlyQwen2VLProcessor
+
+
+# LLaVA-NeXT / OneVision over the shapes world: small tiles so the vision-token count stays small on CPU.
+NEXT_TILE = 56  # the tower's input side (configs/model/llava-next-tiny.yaml): 4 x 4 patches of 14 per tile
+NEXT_GRID = 112  # the one grid resolution: a square image becomes 2 x 2 tiles, no unpadding
+VIDEO_TOKEN = "<video>"
+
+
+def _clip_pixels() -> dict[str, Any]:
+    """CLIP's pixel normalisation (as `build_image_processor`), for the anyres image processors."""
+    return dict(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True, do_rescale=True,
+                do_normalize=True, do_pad=True)
+
+
+def build_llava_next_processor(tile: int = NEXT_TILE, grid: int = NEXT_GRID) -> LlavaNextProcessor:
+    """A LLaVA-NeXT processor over the shapes world's words: base tile + tiles of `tile` px on one `grid` x `grid`
+    resolution, CLIP-style tower with CLS (dropped: strategy 'default')."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=[[grid, grid]],
+        do_resize=True, do_center_crop=True, **_clip_pixels())
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE)
+
+
+def build_llava_onevision_processor(tile: int = NEXT_TILE, grid: int = NEXT_GRID) -> Any:
+    """A LLaVA-OneVision processor over the shapes world's words (image-only: no video processor, which needs
+    torchvision): SigLIP-style tower without CLS (strategy 'full'), tiles as `build_llava_next_processor`."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": tile, "width": tile}, image_grid_pinpoints=[[grid, grid]], do_resize=True, **_clip_pixels())
+    return _image_only_llava_onevision()(
+        image_processor=image_processor, tokenizer=build_tokenizer((VIDEO_TOKEN,)),
+        num_image_tokens=(tile // PATCH_SIZE) ** 2, vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE)
+
+
+def _image_only_llava_onevision() -> type:
+    """LlavaOnevisionProcessor without its video processor (whose base class needs torchvision), built on first use."""
+    from transformers import LlavaOnevisionProcessor, ProcessorMixin
+
+    class ImageOnlyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
+        def __init__(self, image_processor: Any = None, tokenizer: Any = None, num_image_tokens: int | None = None,
+                     vision_feature_select_strategy: str | None = None, chat_template: Any = None,
+                     vision_aspect_ratio: str = "anyres_max_9", **kwargs: Any):
+            self.num_image_tokens = num_image_tokens
+            self.vision_feature_select_strategy = vision_feature_select_strategy
+            self.vision_aspect_ratio = vision_aspect_ratio
+            self.image_token, self.video_token = IMAGE_TOKEN, VIDEO_TOKEN
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return ImageOnlyLlavaOnevisionProcessor
