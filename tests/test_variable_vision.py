@@ -1,6 +1,7 @@
-"""A different number of vision tokens per row (Qwen2-VL's dynamic resolution: the count follows the image size), end
-to end: the collector on a padded batch of images of different sizes, records that keep each sample's V, the shift
-analysis and `analysis.derive` on them, schedules of fractions with budgets as a share of each image's tokens."""
+"""A different number of vision tokens per row (Qwen2-VL's dynamic resolution, LLaVA-NeXT's anyres grids: the count
+follows the image size), end to end: the collector on a padded batch of images of different sizes, records that keep
+each sample's V, the shift analysis and `analysis.derive` on them, schedules of fractions with budgets as a share of
+each image's tokens, benchmark rows, and the engine on such a batch (each row as it would run alone)."""
 from __future__ import annotations
 
 import numpy as np
@@ -294,3 +295,40 @@ def test_engine_refuses_what_rows_of_different_sizes_cannot_run(qwen_dynamic, sc
     with pytest.raises(EngineError, match=rf"different numbers of vision tokens \[16, 24, 8\].*{why}"):
         with PruningEngine(qwen_dynamic.model, _fraction_schedule(stages), scorer), torch.no_grad():
             qwen_dynamic.model(**both)
+
+
+def test_llava_next_rows_of_different_aspect_ratios_equal_each_row_alone():
+    """LLaVA-NeXT's anyres count follows the image's aspect ratio (tiles, unpadded grid, newline tokens): the same
+    ragged path, in the engine and the collector."""
+    from analysis.collector import AttentionCollector
+    from pruning.engine import PruningEngine
+    from tests.test_arch_llava_next import _preset as next_preset
+    from vlm.models import build_random_model, match_processor
+    from vlm.shapes.processor import build_llava_next_processor
+
+    processor = build_llava_next_processor()
+    processor.image_processor.image_grid_pinpoints = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+    loaded = build_random_model(match_processor(next_preset("llava-next-tiny")["arch"], processor), dtype="float32",
+                                device="cpu", name="llava-next-tiny", processor=processor)
+    samples = [VQASample(sample_id=str(i), image=render_scene(make_scene(20 + i)).resize(size), question=q, prompt=q,
+                         answers=["x"]) for i, (size, q) in enumerate(zip([(336, 336), (300, 100), (100, 300)],
+                                                                             QUESTIONS))]
+    both = encode_batch(processor, samples)
+    counts = TokenLayout.from_batch(both["input_ids"], both["attention_mask"], loaded.image_token_id).vision_counts
+    assert len(set(counts)) == 3
+    pad = (both["attention_mask"] == 0).sum(1)
+    with torch.no_grad(), PruningEngine(loaded.model, _fraction_schedule(), "adaptinfer") as engine:
+        logits = loaded.model(**both).logits[:, -1]
+        kept_both = [k.clone() for k in engine.record.kept_positions]
+        for row, sample in enumerate(samples):
+            single = loaded.model(**encode_batch(processor, [sample])).logits[:, -1]
+            torch.testing.assert_close(single[0], logits[row], atol=1e-5, rtol=1e-5)
+            for stage, kept in enumerate(engine.record.kept_positions):
+                assert torch.equal(kept[0] + pad[row], kept_both[stage][row, :kept.shape[1]])
+    with torch.no_grad(), AttentionCollector(loaded, reducer="adaptinfer") as collector:
+        loaded.model(**both)
+        records = collector.consume()
+        for row, sample in enumerate(samples):
+            loaded.model(**encode_batch(processor, [sample]))
+            torch.testing.assert_close(collector.consume().t2v[0], records.t2v[row, :, :counts[row]], atol=1e-6,
+                                       rtol=1e-5)
