@@ -302,6 +302,15 @@ class PruningEngine:
         """The largest row's vision count of a batch whose rows hold different counts; EngineError for what such a
         batch cannot run yet."""
         counts = list(layout.vision_counts)
+        why = self.mixed_counts_refusal()
+        if why is not None:
+            raise EngineError(f"the rows of this batch hold different numbers of vision tokens {counts} (images of "
+                              f"different sizes), but {why}; or batch images that give the same count")
+        return max(counts)
+
+    def mixed_counts_refusal(self) -> str | None:
+        """Why this engine cannot take a batch whose rows hold different numbers of vision tokens, or None when it
+        can (the benchmark then runs such a batch in groups of rows that share a count)."""
         why = None
         if self.is_selector:
             why = f"the selector {self.scorer!r} (before the language model) needs one count per batch"
@@ -312,10 +321,7 @@ class PruningEngine:
             why = "positions: renumber needs one count per batch (use positions: keep)"
         elif self._compiled is not None:
             why = "the compiled prefill needs one shape per batch (run eager, compile=False)"
-        if why is not None:
-            raise EngineError(f"the rows of this batch hold different numbers of vision tokens {counts} (images of "
-                              f"different sizes), but {why}; or batch images that give the same count")
-        return max(counts)
+        return why
 
     # -- per layer -------------------------------------------------------------------------------------
     def _make_layer_hook(self, index: int):

@@ -3,10 +3,13 @@
 One run = one model, one list of samples, one schedule + scorer (or none: the unpruned model). Measurements:
 
 * predictions: greedy decoding (`do_sample=False`, one beam) on left-padded batches of `batch_size`, at most
-  `max_new_tokens` new tokens, decoded without special tokens and stripped.
+  `max_new_tokens` new tokens, decoded without special tokens and stripped. A method whose engine takes one
+  vision-token count per batch (`PruningEngine.mixed_counts_refusal`) runs a batch of images of different sizes in
+  groups of rows that share a count; the predictions stay in sample order.
 * `generate_ms`: wall time of all `generate` calls divided by the number of samples (per sample, batched).
 * `prefill_ms`: a prefill-only forward (`use_cache=True, logits_to_keep=1`) on a fixed batch (the first
-  `timing.batch_size` samples, or `timing_samples` when given), `timing.warmup` untimed calls first (at least
+  `timing.batch_size` samples, or of `timing_samples` when given; where the vision count follows the image, the
+  first of them that share the first one's count, the same batch for every method), `timing.warmup` untimed calls first (at least
   one: the first also checks that the logits are finite), then the
   median of `timing.repeats` timed calls; CUDA events with synchronisation on GPU, `time.perf_counter` on CPU.
   With `time_prefill=False` (the other workers of a split run) the batch runs once, untimed, and it is NaN.
@@ -238,6 +241,29 @@ def _vision_counts(loaded: LoadedModel, inputs: dict[str, Any]) -> list[int]:
     return [int(c) for c in image.sum(dim=1).tolist()]
 
 
+def count_groups(counts: Sequence[int]) -> list[list[int]]:
+    """Indices of the rows that share a vision count, in order of first appearance: [[0, 2], [1]] for [16, 24, 16]."""
+    groups: dict[int, list[int]] = {}
+    for i, c in enumerate(counts):
+        groups.setdefault(c, []).append(i)
+    return list(groups.values())
+
+
+def _timing_rows(loaded: LoadedModel, samples: Sequence[VQASample], n: int, count_of) -> list[VQASample]:
+    """The fixed prefill batch: the first `n` samples, or, where the vision count follows the image, the first `n`
+    sharing the first sample's count, so that every method (those that take one count per batch too) times the
+    same batch."""
+    if loaded.arch.vision_tokens_per_image(loaded.processor) is not None:
+        return list(samples[:n])
+    first, rows = count_of(samples[0]), []
+    for sample in samples:
+        if len(rows) == n:
+            break
+        if count_of(sample) == first:
+            rows.append(sample)
+    return rows
+
+
 def _vision_per_layer(loaded: LoadedModel, engine: PruningEngine | None, counts: Sequence[int]) -> list[list[int]]:
     """Vision tokens each decoder layer processed, per row of the last batch: [B][L]."""
     if engine is None:
@@ -299,10 +325,16 @@ def evaluate(
         return pad_to_bucket(encode_batch(processor, batch, device=device, dtype=loaded.dtype), buckets,
                              tokenizer.pad_token_id)
 
+    def count_of(sample: VQASample) -> int:
+        return _vision_counts(loaded, encode_batch(processor, [sample]))[0]
+
     with PeakMemory(device) as memory, pruning(loaded, schedule, scorer, scorer_options, seed, compile) as engine, \
             torch.inference_mode():
-        timed = list(samples[: timing.batch_size] if timing_samples is None else timing_samples)
+        timed = _timing_rows(loaded, samples if timing_samples is None else timing_samples, timing.batch_size,
+                             count_of)
         timing_inputs = encode(timed)
+        # an engine that takes one vision count per batch runs a batch of images of different sizes in groups
+        one_count = engine is not None and engine.mixed_counts_refusal() is not None
 
         def prefill() -> Any:
             return model(**timing_inputs, use_cache=True, logits_to_keep=1)
@@ -316,18 +348,27 @@ def evaluate(
         bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False)
         for batch in _batches(samples, batch_size):
             inputs = encode(batch)
-            t0 = time.perf_counter()
-            out = model.generate(**inputs, **gen_kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            generate_s += time.perf_counter() - t0
-            new_tokens = out[:, inputs["input_ids"].shape[1]:]
-            predictions += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
             counts = _vision_counts(loaded, inputs)
-            rows = _vision_per_layer(loaded, engine, counts)
-            flops_total += _row_flops(loaded, inputs["attention_mask"], rows, counts)
-            vision_rows += rows
-            vision_counts += counts
+            groups = count_groups(counts) if one_count and len(set(counts)) > 1 else [list(range(len(batch)))]
+            done: dict[int, tuple[str, list[int], int]] = {}  # row -> (prediction, vision per layer, vision count)
+            for group in groups:
+                if len(groups) > 1:
+                    inputs = encode([batch[i] for i in group])
+                    counts = _vision_counts(loaded, inputs)
+                t0 = time.perf_counter()
+                out = model.generate(**inputs, **gen_kwargs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                generate_s += time.perf_counter() - t0
+                new_tokens = out[:, inputs["input_ids"].shape[1]:]
+                texts = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+                rows = _vision_per_layer(loaded, engine, counts)
+                flops_total += _row_flops(loaded, inputs["attention_mask"], rows, counts)
+                done.update({i: (text, row, c) for i, text, row, c in zip(group, texts, rows, counts)})
+            for i in range(len(batch)):
+                predictions.append(done[i][0])
+                vision_rows.append(done[i][1])
+                vision_counts.append(done[i][2])
             bar.update(len(batch))
         bar.close()
     n = len(samples)
@@ -348,4 +389,4 @@ def evaluate(
     )
 
 
-__all__ = ["PeakMemory", "mean_per_layer", "RunOutput", "RunnerError", "TimingSpec", "check_finite", "evaluate", "median_ms", "pruning", "time_call"]
+__all__ = ["PeakMemory", "count_groups", "mean_per_layer", "RunOutput", "RunnerError", "TimingSpec", "check_finite", "evaluate", "median_ms", "pruning", "time_call"]

@@ -332,3 +332,21 @@ def test_llava_next_rows_of_different_aspect_ratios_equal_each_row_alone():
             loaded.model(**encode_batch(processor, [sample]))
             torch.testing.assert_close(collector.consume().t2v[0], records.t2v[row, :, :counts[row]], atol=1e-6,
                                        rtol=1e-5)
+
+
+@pytest.mark.parametrize("scorer", ["random", "pyramiddrop"])
+def test_runner_runs_a_mixed_batch_in_groups_for_a_method_of_one_count(qwen_dynamic, scorer):
+    """A method whose engine takes one vision count per batch still runs a batch of images of different sizes: the
+    runner splits it into rows that share a count, and every sample gets what it gets alone, in sample order."""
+    from pruning.runner import TimingSpec, count_groups, evaluate
+
+    assert count_groups([16, 24, 16, 8, 24]) == [[0, 2], [1, 4], [3]]
+    samples = _samples() + _samples(seed=10)  # counts 16, 24, 8, 16, 24, 8
+    kw = dict(schedule=_fraction_schedule([(1, 0.5)]), scorer=scorer, progress=False, max_new_tokens=3,
+              timing=TimingSpec(batch_size=2, warmup=0, repeats=1))
+    mixed = evaluate(qwen_dynamic, samples, batch_size=3, **kw)
+    alone = evaluate(qwen_dynamic, samples, batch_size=1, **kw)
+    assert mixed.vision_counts == alone.vision_counts == [16, 24, 8] * 2
+    assert mixed.predictions == alone.predictions
+    assert mixed.vision_per_layer == alone.vision_per_layer and mixed.flops_total == alone.flops_total
+    assert mixed.timing_batch == 2  # the first two samples with the first one's count (16): samples 0 and 3
