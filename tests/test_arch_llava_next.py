@@ -319,3 +319,20 @@ def test_collect_derive_and_benchmark_from_the_command_line(tmp_path):
     assert fastv["status"] == "ok" and fastv["model"] == "llava-next-tiny"
     visionzip = table[table["method"] == "visionzip"].iloc[0]
     assert visionzip["status"] == "infeasible" and "anyres tile" in visionzip["note"]
+
+
+def test_every_family_module_is_found_without_a_registry_edit():
+    """Adding a family is a module in vlm/arch (and a model preset): the package finds every ModelArch subclass of its
+    modules by itself, each model_type once."""
+    import vlm.arch as arch
+    from vlm.arch.base import ModelArch
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    declared = {c for c in subclasses(ModelArch) if c.model_types and c.__module__.startswith("vlm.arch.")}
+    assert set(arch.FAMILIES) == declared
+    assert {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"} <= set(arch.ARCHS)
+    assert len(arch.SUPPORTED_MODEL_TYPES) == sum(len(f.model_types) for f in arch.FAMILIES)

@@ -1,20 +1,39 @@
 """Model families behind one protocol (`vlm.arch.base.ModelArch`): the only place that names a model's module paths.
 
-Adding a family: a module `vlm/arch/<family>.py` with a `ModelArch` subclass, and its name in `FAMILIES` below.
+Adding a family: a module `vlm/arch/<family>.py` with a `ModelArch` subclass that sets `model_types`; it is found
+here by itself (every module of this package is imported and its families collected), so nothing else is edited.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
 from typing import Any
 
 from torch import nn
 
 from vlm.arch.base import ModelArch, VisionSites
-from vlm.arch.llava import LlavaArch
-from vlm.arch.llava_next import LlavaNextArch, LlavaOnevisionArch
-from vlm.arch.qwen2_vl import Qwen2VLArch
 from vlm.errors import UserError
 
-FAMILIES: tuple[type[ModelArch], ...] = (LlavaArch, Qwen2VLArch, LlavaNextArch, LlavaOnevisionArch)
+
+def _discover() -> tuple[type[ModelArch], ...]:
+    """Every ModelArch subclass with model_types defined in a module of this package, in module-name order."""
+    found: list[type[ModelArch]] = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, ModelArch) and cls.model_types and cls.__module__ == module.__name__:
+                taken = {t: f.__name__ for f in found for t in f.model_types}
+                clash = sorted(set(cls.model_types) & set(taken))
+                if clash:
+                    raise TypeError(f"{cls.__name__} and {taken[clash[0]]} both claim model_type {clash[0]!r}")
+                found.append(cls)
+    return tuple(found)
+
+
+FAMILIES: tuple[type[ModelArch], ...] = _discover()
 ARCHS: dict[str, type[ModelArch]] = {t: family for family in FAMILIES for t in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHS)
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for family in FAMILIES for a in family.architectures)
