@@ -120,21 +120,26 @@ def _topk_sorted(scores, k):
     return scores.topk(k, dim=-1).indices.sort(-1).values
 
 
+def paper_formula_kept(A, layout, k):
+    """The k vision positions per row [B, k] the AdaptInfer formula keeps, computed row by row from eager attention
+    A [B, H, N, N]: T = A[text, text], S = T + T^T - diag(T), s[v] = sum_h sum_j (sum_i S[i, j]) A[j, v]."""
+    expected = []
+    for b in range(A.shape[0]):
+        text = layout.text_index[b][layout.text_mask[b]]
+        T = A[b][:, text][:, :, text]  # [H, t, t]
+        S = T + T.transpose(-1, -2) - torch.diag_embed(torch.diagonal(T, dim1=-2, dim2=-1))
+        s = torch.einsum("hj,hjv->v", S.sum(1), A[b][:, text][:, :, layout.vision_index[b]])
+        expected.append(layout.vision_index[b][_topk_sorted(s, k)])
+    return torch.stack(expected)
+
+
 def test_adaptinfer_first_stage_is_topk_of_the_paper_formula(model6):
     inputs = _inputs([6, 3, 9], seed=4)
     layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
     A = _eager_layer_attention(model6, inputs, 1).double()
-    expected = []
-    for b in range(3):
-        text = layout.text_index[b][layout.text_mask[b]]
-        T = A[b][:, text][:, :, text]  # [H, t, t]
-        S = T + T.transpose(-1, -2) - torch.diag_embed(torch.diagonal(T, dim1=-2, dim2=-1))
-        w = S.sum(1)  # [H, t]: sum over i of S[i, j]
-        s = torch.einsum("hj,hjv->v", w, A[b][:, text][:, :, layout.vision_index[b]])
-        expected.append(layout.vision_index[b][_topk_sorted(s, 6)])
     with PruningEngine(model6, _schedule([(1, 6)]), "adaptinfer") as engine, torch.no_grad():
         model6(**inputs)
-    assert engine.record.kept_positions[0].tolist() == torch.stack(expected).tolist()
+    assert engine.record.kept_positions[0].tolist() == paper_formula_kept(A, layout, 6).tolist()
 
 
 def test_fastv_first_stage_is_topk_of_last_token_attention(model6):
