@@ -329,3 +329,25 @@ def test_every_family_module_is_found_without_a_registry_edit():
     assert set(arch.FAMILIES) == declared
     assert {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"} <= set(arch.ARCHS)
     assert len(arch.SUPPORTED_MODEL_TYPES) == sum(len(f.model_types) for f in arch.FAMILIES)
+
+
+def test_compiled_pruned_prefill_on_llava_next_equals_eager(next_tiny):
+    """The compiled prefill (pruning inside one graph) with anyres tiles and newline tokens: the same logits and kept
+    tokens as eager."""
+    import torch._dynamo
+
+    inputs = _inputs(next_tiny, QUESTIONS)
+    schedule = _schedule([(0, 40), (2, 9)])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            with PruningEngine(next_tiny.model, schedule) as engine:
+                eager = next_tiny.model(**inputs).logits
+                kept = [k.tolist() for k in engine.record.kept_positions]
+            with PruningEngine(next_tiny.model, schedule, compile=True) as engine:
+                compiled = next_tiny.model(**inputs).logits
+                assert engine.compiled and engine.compile_fallback is None
+                assert [k.tolist() for k in engine.record.kept_positions] == kept
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)

@@ -288,3 +288,34 @@ def test_qwen_text_only_request_has_no_vision_tokens(qwen, docs):
     assert not set(ids) & set(special)
     req = instance("generate_until", ("what is two plus two ?", {"max_new_tokens": 2}, lambda d: [], 0, "toy", "test"), 0)
     assert isinstance(model.generate_until([req])[0], str)
+
+
+# -- LLaVA-NeXT (anyres tiles and newline tokens) through the same adapter ------------------------------------------------
+@pytest.fixture(scope="module")
+def llava_next():
+    """llava-next-tiny (88 vision tokens per shapes image: base tile, tile grid and newline tokens)."""
+    from omegaconf import OmegaConf
+
+    from vlm.models import load_from_config
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "llava-next-tiny.yaml"), resolve=True)
+    cfg["device"] = "cpu"
+    return load_from_config(cfg)
+
+
+def test_llava_next_generate_until_prunes_and_batches_like_one_by_one(llava_next, docs):
+    last = llava_next.num_layers - 1
+    lengths = {}
+    for method in ("unpruned", "fastv"):
+        model = _adapter(llava_next, docs, method=method, budget=32, convention="processed", batch_size=3)
+        seen, handles = _seq_lens(llava_next, [last])
+        try:
+            out = model.generate_until(_gen_requests(docs, {"max_new_tokens": 3}))
+        finally:
+            for handle in handles:
+                handle.remove()
+        lengths[method] = max(seen[last])  # the prefill's length at the last layer
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)
+    assert lengths["fastv"] < lengths["unpruned"] - 88 // 2  # more than half of the 88 vision tokens left early
+    single = _adapter(llava_next, docs, method="fastv", budget=32, convention="processed", batch_size=1)
+    assert single.generate_until(_gen_requests(docs, {"max_new_tokens": 3})) == out
