@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from analysis.collector import AttentionCollector
 from pruning.engine import PruningEngine
 from pruning.schedule import MethodInfeasible, Schedule
-from pruning.scorers import register_scorer
+from tests.family_checks import (assert_compiled_equals_eager, assert_generate_uses_the_pruned_cache,
+                                 assert_padded_batch_equals_rows_alone)
 from tests.test_engine import _eager_layer_attention, paper_formula_kept
 from vlm.arch import for_config
 from vlm.arch.llava_next import LlavaNextArch, LlavaOnevisionArch
@@ -165,50 +166,21 @@ def test_adaptinfer_keeps_the_top_k_of_the_paper_formula(family):
 
 @pytest.mark.parametrize("scorer", ["adaptinfer", "fastv"])
 def test_padded_batch_equals_each_row_alone(family, scorer):
-    stages = [(0, 40), (2, 9)]
     both = _inputs(family, QUESTIONS, seed=5)
     assert int(both["attention_mask"].eq(0).sum()) > 0  # the shorter question is padded
-    with PruningEngine(family.model, _schedule(stages), scorer) as engine, torch.no_grad():
-        logits = family.model(**both).logits[:, -1]
-        kept_both = [p.clone() for p in engine.record.kept_positions]
-        pad = (both["attention_mask"] == 0).sum(1)  # left padding per row
-        for row, question in enumerate(QUESTIONS):
-            alone = _inputs(family, [question], seed=5 + row)
-            single = family.model(**alone).logits[:, -1]
-            torch.testing.assert_close(single[0], logits[row], atol=1e-4, rtol=1e-4)
-            for stage, kept in enumerate(engine.record.kept_positions):
-                assert torch.equal(kept[0] + pad[row], kept_both[stage][row])
-
-
-@register_scorer("test_first_vision_next", rows="text", replace=True)
-def _first_vision(ctx):
-    """Prefers the earliest vision tokens, whatever the text: the same picks with or without generated tokens."""
-    v = ctx.vision_index.shape[1]
-    return -torch.arange(v, dtype=torch.float32).expand(ctx.vision_index.shape[0], v)
+    alone = [_inputs(family, [q], seed=5 + row) for row, q in enumerate(QUESTIONS)]
+    assert_padded_batch_equals_rows_alone(family.model, both, alone, _schedule([(0, 40), (2, 9)]), scorer)
 
 
 def test_generate_keep_all_equals_unpruned_and_pruned_uses_the_pruned_cache(next_tiny):
-    model = next_tiny.model
     inputs = _inputs(next_tiny, QUESTIONS, seed=7)
-    gen = dict(max_new_tokens=4, do_sample=False)
-    with torch.no_grad():
-        plain = model.generate(**inputs, **gen)
-        with PruningEngine(model, _schedule([(0, N_VISION), (2, 1.0)])):
-            keep_all = model.generate(**inputs, **gen)
-        assert torch.equal(keep_all, plain)
-        # text-independent picks: every full forward over the tokens so far prunes the same vision tokens, so the
-        # cached, pruned generate must equal greedy decoding by repeated pruned prefills (no cache)
-        with PruningEngine(model, _schedule([(0, 40), (2, 9)]), "test_first_vision_next") as engine:
-            pruned = model.generate(**inputs, **gen)
-            assert engine.record.vision_per_layer == [N_VISION, 40, 40, 9]
-            ids, mask = inputs["input_ids"], inputs["attention_mask"]
-            images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-            for _ in range(gen["max_new_tokens"]):
-                step = model(input_ids=ids, attention_mask=mask, use_cache=False, **images)
-                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
-                ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    assert torch.equal(pruned, ids)
-    assert not torch.equal(pruned, plain)  # the pruning changed the answer tokens: the comparison has teeth
+    images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    assert_generate_uses_the_pruned_cache(next_tiny.model, inputs, _schedule([(0, N_VISION), (2, 1.0)]),
+                                          _schedule([(0, 40), (2, 9)]), [N_VISION, 40, 40, 9], lambda _, ids: images)
+    with torch.no_grad():  # the pruning changed the answer tokens: the comparison has teeth
+        plain = next_tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        with PruningEngine(next_tiny.model, _schedule([(0, 40), (2, 9)]), "test_first_vision"):
+            assert not torch.equal(next_tiny.model.generate(**inputs, max_new_tokens=4, do_sample=False), plain)
 
 
 def test_two_images_in_one_row(family):
@@ -332,22 +304,5 @@ def test_every_family_module_is_found_without_a_registry_edit():
 
 
 def test_compiled_pruned_prefill_on_llava_next_equals_eager(next_tiny):
-    """The compiled prefill (pruning inside one graph) with anyres tiles and newline tokens: the same logits and kept
-    tokens as eager."""
-    import torch._dynamo
-
-    inputs = _inputs(next_tiny, QUESTIONS)
-    schedule = _schedule([(0, 40), (2, 9)])
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            with PruningEngine(next_tiny.model, schedule) as engine:
-                eager = next_tiny.model(**inputs).logits
-                kept = [k.tolist() for k in engine.record.kept_positions]
-            with PruningEngine(next_tiny.model, schedule, compile=True) as engine:
-                compiled = next_tiny.model(**inputs).logits
-                assert engine.compiled and engine.compile_fallback is None
-                assert [k.tolist() for k in engine.record.kept_positions] == kept
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    """The compiled prefill with anyres tiles and newline tokens: the same logits and kept tokens as eager."""
+    assert_compiled_equals_eager(next_tiny.model, _inputs(next_tiny, QUESTIONS), _schedule([(0, 40), (2, 9)]))

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from analysis.collector import AttentionCollector
 from pruning.engine import EngineError, PruningEngine
 from pruning.schedule import MethodInfeasible, Schedule
-from pruning.scorers import register_scorer
+from tests.family_checks import (assert_compiled_equals_eager, assert_generate_uses_the_pruned_cache,
+                                 assert_padded_batch_equals_rows_alone)
 from tests.test_engine import _eager_layer_attention, paper_formula_kept
 from vlm.arch import UnsupportedModelError, for_model
 from vlm.layout import TokenLayout
@@ -104,49 +105,22 @@ def test_adaptinfer_keeps_the_top_k_of_the_paper_formula(qwen):
 
 @pytest.mark.parametrize("scorer", ["adaptinfer", "fastv"])
 def test_padded_batch_equals_each_row_alone(qwen, scorer):
-    stages = [(0, 8), (2, 3)]
-    both = _inputs(qwen, QUESTIONS, seed=5)
-    with PruningEngine(qwen.model, _schedule(stages), scorer) as engine, torch.no_grad():
-        logits = qwen.model(**both).logits[:, -1]
-        kept_both = [p.clone() for p in engine.record.kept_positions]
-        pad = (both["attention_mask"] == 0).sum(1)  # left padding per row
-        for row, question in enumerate(QUESTIONS):
-            alone = _inputs(qwen, [question], seed=5 + row)
-            single = qwen.model(**alone).logits[:, -1]
-            torch.testing.assert_close(single[0], logits[row], atol=1e-4, rtol=1e-4)
-            for stage, kept in enumerate(engine.record.kept_positions):
-                assert torch.equal(kept[0] + pad[row], kept_both[stage][row])
+    alone = [_inputs(qwen, [q], seed=5 + row) for row, q in enumerate(QUESTIONS)]
+    assert_padded_batch_equals_rows_alone(qwen.model, _inputs(qwen, QUESTIONS, seed=5), alone,
+                                          _schedule([(0, 8), (2, 3)]), scorer)
 
 
-@register_scorer("test_first_vision", rows="text", replace=True)
-def _first_vision(ctx):
-    """Prefers the earliest vision tokens, whatever the text: the same picks with or without generated tokens."""
-    v = ctx.vision_index.shape[1]
-    return -torch.arange(v, dtype=torch.float32).expand(ctx.vision_index.shape[0], v)
+def _qwen_step_inputs(inputs, ids):
+    """Qwen's image inputs for a forward over `ids`: the generated tokens are text (mm_token_type_ids 0)."""
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    grown = ids.shape[1] - inputs["input_ids"].shape[1]
+    types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(ids.shape[0], grown, dtype=torch.long)], 1)
+    return {**extra, "mm_token_type_ids": types}
 
 
 def test_generate_keep_all_equals_unpruned_and_pruned_uses_the_pruned_cache(qwen):
-    inputs = _inputs(qwen, QUESTIONS, seed=7)
-    gen = dict(max_new_tokens=4, do_sample=False)
-    with torch.no_grad():
-        plain = qwen.model.generate(**inputs, **gen)
-        with PruningEngine(qwen.model, _schedule([(0, N_VISION), (2, 1.0)])):
-            keep_all = qwen.model.generate(**inputs, **gen)
-        assert torch.equal(keep_all, plain)
-        # text-independent picks: every full forward over the tokens so far prunes the same vision tokens, so the
-        # cached, pruned generate must equal greedy decoding by repeated pruned prefills (no cache)
-        with PruningEngine(qwen.model, _schedule([(0, 8), (2, 3)]), "test_first_vision") as engine:
-            pruned = qwen.model.generate(**inputs, **gen)
-            assert engine.record.vision_per_layer == [16, 8, 8, 3]
-            ids, mask = inputs["input_ids"], inputs["attention_mask"]
-            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-            for _ in range(gen["max_new_tokens"]):
-                types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(2, ids.shape[1] - inputs["input_ids"].shape[1],
-                                                                             dtype=torch.long)], 1)
-                step = qwen.model(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False, **extra)
-                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
-                ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    assert torch.equal(pruned, ids)
+    assert_generate_uses_the_pruned_cache(qwen.model, _inputs(qwen, QUESTIONS, seed=7), _schedule([(0, N_VISION), (2, 1.0)]),
+                                          _schedule([(0, 8), (2, 3)]), [16, 8, 8, 3], _qwen_step_inputs)
 
 
 def test_two_images_in_one_row(qwen):
@@ -321,20 +295,4 @@ def test_qwen2_5_vl_keep_all_and_pruned_prefill():
 
 def test_compiled_pruned_prefill_on_qwen_equals_eager(qwen):
     """The compiled prefill (pruning inside one graph) on the M-RoPE family: the same logits and kept tokens."""
-    import torch._dynamo
-
-    inputs = _inputs(qwen, QUESTIONS)
-    schedule = _schedule([(0, 8), (2, 3)])
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            with PruningEngine(qwen.model, schedule) as engine:
-                eager = qwen.model(**inputs).logits
-                kept = [k.tolist() for k in engine.record.kept_positions]
-            with PruningEngine(qwen.model, schedule, compile=True) as engine:
-                compiled = qwen.model(**inputs).logits
-                assert engine.compiled and engine.compile_fallback is None
-                assert [k.tolist() for k in engine.record.kept_positions] == kept
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert_compiled_equals_eager(qwen.model, _inputs(qwen, QUESTIONS), _schedule([(0, 8), (2, 3)]))

@@ -1,0 +1,73 @@
+"""Checks every model family must pass, shared by tests/test_arch_*.py: a padded batch prunes and predicts what each
+row does alone, the compiled prefill equals eager, and generate with the pruned cache equals greedy decoding by
+repeated pruned prefills."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pruning.engine import PruningEngine
+from pruning.schedule import Schedule
+from pruning.scorers import register_scorer
+
+
+@register_scorer("test_first_vision", rows="text", replace=True)
+def first_vision(ctx):
+    """Prefers the earliest vision tokens, whatever the text: the same picks with or without generated tokens."""
+    v = ctx.vision_index.shape[1]
+    return -torch.arange(v, dtype=torch.float32).expand(ctx.vision_index.shape[0], v)
+
+
+def assert_padded_batch_equals_rows_alone(model, both: dict, alone: list[dict], schedule: Schedule, scorer: str) -> None:
+    """`both`: a left-padded batch; alone[r]: row r by itself. Same next-token logits and kept positions."""
+    with PruningEngine(model, schedule, scorer) as engine, torch.no_grad():
+        logits = model(**both).logits[:, -1]
+        kept_both = [p.clone() for p in engine.record.kept_positions]
+        pad = (both["attention_mask"] == 0).sum(1)  # left padding per row
+        for row, inputs in enumerate(alone):
+            single = model(**inputs).logits[:, -1]
+            torch.testing.assert_close(single[0], logits[row], atol=1e-4, rtol=1e-4)
+            for stage, kept in enumerate(engine.record.kept_positions):
+                assert torch.equal(kept[0] + pad[row], kept_both[stage][row])
+
+
+def assert_compiled_equals_eager(model, inputs: dict, schedule: Schedule) -> None:
+    """The compiled prefill (pruning inside one graph): the same logits and kept tokens as eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            with PruningEngine(model, schedule) as engine:
+                eager = model(**inputs).logits
+                kept = [k.tolist() for k in engine.record.kept_positions]
+            with PruningEngine(model, schedule, compile=True) as engine:
+                compiled = model(**inputs).logits
+                assert engine.compiled and engine.compile_fallback is None
+                assert [k.tolist() for k in engine.record.kept_positions] == kept
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def assert_generate_uses_the_pruned_cache(model, inputs: dict, keep_all: Schedule, pruned: Schedule,
+                                          vision_per_layer: list[int],
+                                          step_inputs: Callable[[dict, torch.Tensor], dict]) -> None:
+    """Keep-all generate equals unpruned generate; with text-independent picks (test_first_vision) every full forward
+    over the tokens so far prunes the same vision tokens, so the cached, pruned generate must equal greedy decoding by
+    repeated pruned prefills (no cache). step_inputs(inputs, ids) -> the image inputs of a forward over `ids`."""
+    gen = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        plain = model.generate(**inputs, **gen)
+        with PruningEngine(model, keep_all):
+            assert torch.equal(model.generate(**inputs, **gen), plain)
+        with PruningEngine(model, pruned, "test_first_vision") as engine:
+            out = model.generate(**inputs, **gen)
+            assert engine.record.vision_per_layer == vision_per_layer
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            for _ in range(gen["max_new_tokens"]):
+                step = model(input_ids=ids, attention_mask=mask, use_cache=False, **step_inputs(inputs, ids))
+                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
+                ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    assert torch.equal(out, ids)
