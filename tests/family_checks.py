@@ -3,6 +3,7 @@ row does alone, the compiled prefill equals eager, and generate with the pruned 
 repeated pruned prefills."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from pruning.engine import PruningEngine
 from pruning.schedule import Schedule
 from pruning.scorers import register_scorer
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @register_scorer("test_first_vision", rows="text", replace=True)
@@ -71,3 +74,36 @@ def assert_generate_uses_the_pruned_cache(model, inputs: dict, keep_all: Schedul
                 nxt = step.logits[:, -1].argmax(-1, keepdim=True)
                 ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     assert torch.equal(out, ids)
+
+
+def assert_collector_records_are_the_adaptinfer_scores(loaded, inputs: dict, n_vision: int, k: int) -> None:
+    """The collector's adaptinfer records of layer 1 rank the vision tokens as the engine's adaptinfer stage there."""
+    from analysis.collector import AttentionCollector
+    from vlm.layout import TokenLayout
+
+    with AttentionCollector(loaded, reducer="adaptinfer") as collector, torch.no_grad():
+        loaded.model(**inputs)
+        records = collector.consume()
+    t2v = records.t2v  # [B, L, V]
+    assert tuple(t2v.shape) == (inputs["input_ids"].shape[0], loaded.num_layers, n_vision)
+    assert torch.isfinite(t2v).all()
+    schedule = Schedule.from_dict({"stages": [{"layer": 1, "keep": k}]})
+    with PruningEngine(loaded.model, schedule, "adaptinfer") as engine, torch.no_grad():
+        loaded.model(**inputs)
+    picks = t2v[:, 1].topk(k, dim=-1).indices.sort(-1).values
+    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], loaded.image_token_id)
+    assert torch.equal(layout.vision_index.gather(1, picks), engine.record.kept_positions[0])
+
+
+def run_module(module: str, args: list[str]) -> "subprocess.CompletedProcess":
+    """`python -m module args` from the repository root (its code first on the path); fails the test on a non-zero
+    exit with the end of stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

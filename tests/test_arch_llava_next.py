@@ -3,20 +3,17 @@ save_pretrained and loaded back through vlm.models with the shapes world's proce
 the engine. Every `<image>` expands to base-tile patches + tile patches + image-newline tokens, all vision tokens."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analysis.collector import AttentionCollector
 from pruning.engine import PruningEngine
 from pruning.schedule import MethodInfeasible, Schedule
-from tests.family_checks import (assert_compiled_equals_eager, assert_generate_uses_the_pruned_cache,
-                                 assert_padded_batch_equals_rows_alone)
+from tests.family_checks import (assert_collector_records_are_the_adaptinfer_scores, assert_compiled_equals_eager,
+                                 assert_generate_uses_the_pruned_cache, assert_padded_batch_equals_rows_alone,
+                                 run_module)
 from tests.test_engine import _eager_layer_attention, paper_formula_kept
 from vlm.arch import for_config
 from vlm.arch.llava_next import LlavaNextArch, LlavaOnevisionArch
@@ -229,17 +226,7 @@ def test_selectors_on_the_lms_own_vision_embeddings_work(family, selector):
 
 
 def test_collector_records_are_the_adaptinfer_scores(family):
-    inputs = _inputs(family, QUESTIONS, seed=9)
-    with AttentionCollector(family, reducer="adaptinfer") as collector, torch.no_grad():
-        family.model(**inputs)
-        records = collector.consume()
-    t2v = records.t2v  # [B, L, V]
-    assert tuple(t2v.shape) == (2, 4, N_VISION) and torch.isfinite(t2v).all()
-    with PruningEngine(family.model, _schedule([(1, 20)]), "adaptinfer") as engine, torch.no_grad():
-        family.model(**inputs)
-    picks = t2v[:, 1].topk(20, dim=-1).indices.sort(-1).values
-    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], family.image_token_id)
-    assert torch.equal(layout.vision_index.gather(1, picks), engine.record.kept_positions[0])
+    assert_collector_records_are_the_adaptinfer_scores(family, _inputs(family, QUESTIONS, seed=9), N_VISION, 20)
 
 
 @pytest.mark.parametrize("name, params, layers", [("llava-v1.6-mistral-7b-arch", (7.5e9, 7.6e9), 32),
@@ -254,27 +241,19 @@ def test_arch_presets_have_the_real_shapes_on_meta(name, params, layers):
     assert type(loaded.arch).image_tokens(loaded.config, sizes[0]) == sizes[1]  # the counts the preset comments give
 
 
-def _run_module(module, args):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_collect_derive_and_benchmark_from_the_command_line(tmp_path):
     """`python -m analysis.collect model=llava-next-tiny`, `analysis.derive rule=paper` on its records, and benchmark
     rows of fastv (ok) and visionzip (infeasible, with the reason) on the shapes task, each in a subprocess."""
     records = tmp_path / "records"
-    _run_module("analysis.collect", ["model=llava-next-tiny", "data=shapes_calibration", "model.device=cpu",
+    run_module("analysis.collect", ["model=llava-next-tiny", "data=shapes_calibration", "model.device=cpu",
                                      "model.arch.text_config.num_hidden_layers=12", "n_samples=6", "batch_size=2",
                                      f"hydra.run.dir={records}"])
-    _run_module("analysis.derive", [f"input={records}", "rule=paper", "budget=30", "n_stages=2", "min_layer=0",
+    run_module("analysis.derive", [f"input={records}", "rule=paper", "budget=30", "n_stages=2", "min_layer=0",
                                     f"output={tmp_path / 'derived'}"])
     schedule = Schedule.from_yaml(str(tmp_path / "derived" / "schedule.yaml"))
     assert len(schedule.stages) == 2
     results = tmp_path / "bench"
-    _run_module("pruning.benchmark", ["model=llava-next-tiny", "methods=[fastv,visionzip]", "budgets=[32]",
+    run_module("pruning.benchmark", ["model=llava-next-tiny", "methods=[fastv,visionzip]", "budgets=[32]",
                                       "data=shapes_test", "data.limit=2", "model.device=cpu",
                                       f"results_dir={results}"])
     import pandas as pd

@@ -2,20 +2,17 @@
 vlm.models with the shapes world's Qwen processor (built in code), pruned by the engine (M-RoPE positions kept)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analysis.collector import AttentionCollector
 from pruning.engine import EngineError, PruningEngine
 from pruning.schedule import MethodInfeasible, Schedule
-from tests.family_checks import (assert_compiled_equals_eager, assert_generate_uses_the_pruned_cache,
-                                 assert_padded_batch_equals_rows_alone)
+from tests.family_checks import (assert_collector_records_are_the_adaptinfer_scores, assert_compiled_equals_eager,
+                                 assert_generate_uses_the_pruned_cache, assert_padded_batch_equals_rows_alone,
+                                 run_module)
 from tests.test_engine import _eager_layer_attention, paper_formula_kept
 from vlm.arch import UnsupportedModelError, for_model
 from vlm.layout import TokenLayout
@@ -229,41 +226,23 @@ def test_pooling_refuses_rows_whose_images_have_different_grids(qwen):
 
 
 def test_collector_records_are_the_adaptinfer_scores(qwen):
-    inputs = _inputs(qwen, QUESTIONS, seed=9)
-    with AttentionCollector(qwen, reducer="adaptinfer") as collector, torch.no_grad():
-        qwen.model(**inputs)
-        records = collector.consume()
-    t2v = records.t2v  # [B, L, V]
-    assert tuple(t2v.shape) == (2, 4, N_VISION) and torch.isfinite(t2v).all()
-    with PruningEngine(qwen.model, _schedule([(1, 6)]), "adaptinfer") as engine, torch.no_grad():
-        qwen.model(**inputs)
-    picks = t2v[:, 1].topk(6, dim=-1).indices.sort(-1).values
-    layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], qwen.image_token_id)
-    assert torch.equal(layout.vision_index.gather(1, picks), engine.record.kept_positions[0])
-
-
-def _run_module(module, args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    assert_collector_records_are_the_adaptinfer_scores(qwen, _inputs(qwen, QUESTIONS, seed=9), N_VISION, 6)
 
 
 def test_collect_derive_and_benchmark_from_the_command_line(tmp_path):
     """`python -m analysis.collect model=qwen2-vl-tiny`, `analysis.derive rule=paper` on its records, and a
     benchmark row of fastv on the shapes task, each in a subprocess."""
     records = tmp_path / "records"
-    _run_module("analysis.collect", ["model=qwen2-vl-tiny", "data=shapes_calibration", "model.device=cpu",
+    run_module("analysis.collect", ["model=qwen2-vl-tiny", "data=shapes_calibration", "model.device=cpu",
                                      "model.arch.text_config.num_hidden_layers=12", "n_samples=6", "batch_size=2",
-                                     f"hydra.run.dir={records}"], tmp_path)
-    _run_module("analysis.derive", [f"input={records}", "rule=paper", "budget=6", "n_stages=2", "min_layer=0",
-                                    f"output={tmp_path / 'derived'}"], tmp_path)
+                                     f"hydra.run.dir={records}"])
+    run_module("analysis.derive", [f"input={records}", "rule=paper", "budget=6", "n_stages=2", "min_layer=0",
+                                    f"output={tmp_path / 'derived'}"])
     schedule = Schedule.from_yaml(str(tmp_path / "derived" / "schedule.yaml"))
     assert len(schedule.stages) == 2 and schedule.positions == "keep"
     results = tmp_path / "bench"
-    _run_module("pruning.benchmark", ["model=qwen2-vl-tiny", "method=fastv", "budgets=[8]", "data=shapes_test",
-                                      "data.limit=2", "model.device=cpu", f"results_dir={results}"], tmp_path)
+    run_module("pruning.benchmark", ["model=qwen2-vl-tiny", "method=fastv", "budgets=[8]", "data=shapes_test",
+                                      "data.limit=2", "model.device=cpu", f"results_dir={results}"])
     import pandas as pd
 
     table = pd.read_csv(results / "results.csv")
