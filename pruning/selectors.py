@@ -230,15 +230,17 @@ class VisionCapture:
                 f"{self.method!r} reads the vision tower's CLS attention, but {type(sites.tower).__name__} has no CLS "
                 "token; use a method that needs none (divprune, cdpruner, pooling, or an in-LM scorer)"
             )
+        # properties of the model, not mistakes of the caller: the method cannot run on it (an `infeasible` row)
         if sites.select_strategy != "default":
-            raise SelectorError(
+            raise MethodInfeasible(
                 f"{self.method!r} needs vision_feature_select_strategy='default' (patch features without CLS), "
-                f"got {sites.select_strategy!r}"
+                f"{type(self.model).__name__} uses {sites.select_strategy!r}"
             )
         try:
             attn = sites.feature_attention()
         except ValueError as err:
-            raise SelectorError(f"{self.method!r}: {err}") from None
+            raise MethodInfeasible(f"{self.method!r} reads the CLS attention of the one tower layer whose output is "
+                                   f"the projector's input: {err}") from None
         if "keys" in self.needs:
             self._handles.append(attn.k_proj.register_forward_hook(self._on_keys))
         zero = torch.zeros(1, 1, dtype=torch.long)  # the CLS row

@@ -440,3 +440,17 @@ def test_two_images_per_prompt_keep_all_paper_formula_and_rows_alone(model6):
             logits = model6(**single).logits
         assert [(p + pad)[0].tolist() for p in engine.record.kept_positions] == [p[b].tolist() for p in batch_kept]
         torch.testing.assert_close(batch_logits[b, -5:], logits[0, -5:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("change, match", [({"vision_feature_layer": [-2, -1]}, "need a single int layer"),
+                                           ({"vision_feature_select_strategy": "full"}, "uses 'full'")])
+def test_a_selector_the_model_cannot_serve_is_infeasible_not_an_error(change, match):
+    """A tower read at several layers (or with its CLS kept) has no one CLS-attention row per vision token: VisionZip
+    is infeasible there (the benchmark writes an `infeasible` row and goes on), the same as on a tower without CLS."""
+    from pruning.schedule import MethodInfeasible
+
+    arch = {**tiny_arch(), **change}
+    model = build_random_model(arch, dtype="float32", device="cpu", seed=0).model
+    with pytest.raises(MethodInfeasible, match=match):
+        with PruningEngine(model, _schedule([(-1, 8)]), "visionzip"):
+            pass
