@@ -137,7 +137,7 @@ def build_manifest(cfg: Mapping[str, Any], loaded: LoadedModel, data: Mapping[st
         "data": {"name": data["name"], "task": data["task"], "split": data["split"], "options": data["options"]},
         "reducer": str(cfg["reducer"]),
         "num_layers": loaded.num_layers,
-        "num_vision": loaded.arch.vision_tokens_per_image(loaded.processor),  # None: it follows each image's size
+        "num_vision": loaded.fixed_vision_tokens,  # None: it follows each image's size
         "layers": list(range(loaded.num_layers)),
         "scalars_doc": {
             "vision_share": "mean over heads and text rows of the attention mass on vision tokens",

@@ -62,6 +62,13 @@ class RecordsError(UserError, RuntimeError):
     """A record store is missing, inconsistent with the caller, or damaged."""
 
 
+def count_range(values) -> str:
+    """Integer counts as 'v' when they are all equal, else 'lo..hi' ('0' for none)."""
+    values = [int(v) for v in values]
+    lo, hi = (min(values), max(values)) if values else (0, 0)
+    return str(lo) if lo == hi else f"{lo}..{hi}"
+
+
 @dataclass
 class Records:
     """All samples of a record store, concatenated in the order the shards were written."""
@@ -126,9 +133,7 @@ class Records:
 
     def vision_range(self) -> str:
         """The samples' vision-token counts as 'V' or 'Vmin..Vmax'."""
-        counts = self.counts()
-        lo, hi = (int(counts.min()), int(counts.max())) if len(counts) else (0, 0)
-        return str(lo) if lo == hi else f"{lo}..{hi}"
+        return count_range(self.counts().tolist())
 
     def vision_mask(self) -> Tensor:
         """[N, Vmax] bool: True where t2v[i, :, v] is a real vision token of sample i."""
@@ -587,6 +592,7 @@ def pad_vision(t2v: Tensor, width: int) -> Tensor:
 
 
 __all__ = [
+    "count_range",
     "DEFAULT_SCALARS",
     "IDENTITY_FIELDS",
     "Records",

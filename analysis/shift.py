@@ -35,7 +35,7 @@ from ruptures.base import BaseCost
 from ruptures.utils import sanity_check
 from scipy.ndimage import gaussian_filter1d
 
-from analysis.records import Records
+from analysis.records import Records, count_range
 from vlm.errors import UserError
 
 ALGORITHMS = {
@@ -100,17 +100,11 @@ class ShiftResult:
             "num_layers": self.num_layers,
             "num_vision": self.num_vision,
             "tokens_per_sample": self.tokens_per_sample,
-            **({} if self.vision_counts is None else {"vision_counts": _range(self.vision_counts)}),
+            **({} if self.vision_counts is None else {"vision_counts": count_range(self.vision_counts)}),
             "histogram": [int(x) for x in self.histogram],
             "density": [float(x) for x in self.density],
             "detector": dict(self.params),
         }
-
-
-def _range(values: np.ndarray) -> str:
-    """'lo..hi' of integer values ('v' when they are all equal)."""
-    lo, hi = int(np.min(values)), int(np.max(values))
-    return str(lo) if lo == hi else f"{lo}..{hi}"
 
 
 def select_tokens(t2v: np.ndarray, k: int) -> np.ndarray:
@@ -368,7 +362,7 @@ class ShiftDetector:
             sample_ids=sample_ids,
             params={**self.get_params(),
                     "tokens_per_sample": k if counts is None else f"round({self.token_fraction} * V) per sample "
-                                                                  f"({_range(np.asarray(per_sample))})"},
+                                                                  f"({count_range(per_sample)})"},
             vision_counts=counts,
         )
         return self

@@ -286,7 +286,7 @@ def make_row(
     status: str = res.STATUS_OK, note: str = "", variant: str = "", settings: str = "",
 ) -> dict[str, Any]:
     """One results row (see pruning.results.COLUMNS)."""
-    n_layers, n_vision = loaded.num_layers, model_vision_tokens(loaded)
+    n_layers, n_vision = loaded.num_layers, loaded.fixed_vision_tokens
     row: dict[str, Any] = dict(key)
     row.update(status=status, variant=variant, model_settings=settings, scorer=method.get("scorer") or "",
                schedule=schedule_string(schedule),
@@ -324,11 +324,6 @@ def _mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values))
 
 
-def model_vision_tokens(loaded: LoadedModel) -> int | None:
-    """Vision tokens one image gives on this model and processor; None when the count follows the image size."""
-    return loaded.arch.vision_tokens_per_image(loaded.processor)
-
-
 def _expected_vision(schedule: Schedule, n_layers: int, n_vision: int) -> list[int]:
     if not schedule.stages:
         return [n_vision] * n_layers
@@ -355,7 +350,7 @@ def plan_runs(methods: Sequence[Mapping[str, Any]], budgets: Sequence[float], lo
     """
     from pruning.engine import PruningEngine
 
-    n_layers, n_vision = loaded.num_layers, model_vision_tokens(loaded)
+    n_layers, n_vision = loaded.num_layers, loaded.fixed_vision_tokens
     if n_vision is None:
         over = [b for b in budgets if not 0 < b <= 1]
         if over:
@@ -436,7 +431,7 @@ def run_benchmark(cfg: Mapping[str, Any] | DictConfig) -> Path:
         raise BenchmarkError(f"task {data['task']!r} split {data['split']!r} gave no samples; check {data['name']}")
     max_new_tokens = int(cfg.get("max_new_tokens") or task.max_new_tokens)
     loaded = load_from_config(cfg["model"])
-    n_layers, n_vision = loaded.num_layers, model_vision_tokens(loaded)
+    n_layers, n_vision = loaded.num_layers, loaded.fixed_vision_tokens
     compile, compile_buckets, execution = execution_setting(cfg)
     settings = model_settings(cfg["model"], loaded, execution)
     setup = {"model": settings, "data": plain(data["options"]), "max_new_tokens": max_new_tokens,

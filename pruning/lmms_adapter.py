@@ -154,7 +154,7 @@ class PrunedVLM(_LMMSBase):
     def _pruning(self, method: str, budget: float | None, convention: str, schedule: Schedule | str | None,
                  scorer: str | None, options: dict) -> tuple[Schedule | None, str | None, dict]:
         n_layers = self.loaded.num_layers
-        n_vision = self.loaded.arch.vision_tokens_per_image(self.processor)  # None: it follows the image size
+        n_vision = self.loaded.fixed_vision_tokens  # None: it follows the image size
         if schedule is not None:
             sched = schedule if isinstance(schedule, Schedule) else Schedule.from_yaml(self._schedule_path(schedule))
             sched.validate(num_layers=n_layers, initial=n_vision)

@@ -253,7 +253,7 @@ def _timing_rows(loaded: LoadedModel, samples: Sequence[VQASample], n: int, coun
     """The fixed prefill batch: the first `n` samples, or, where the vision count follows the image, the first `n`
     sharing the first sample's count, so that every method (those that take one count per batch too) times the
     same batch."""
-    if loaded.arch.vision_tokens_per_image(loaded.processor) is not None:
+    if loaded.fixed_vision_tokens is not None:
         return list(samples[:n])
     first, rows = count_of(samples[0]), []
     for sample in samples:

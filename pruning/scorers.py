@@ -167,6 +167,15 @@ def score(name: str, ctx: ScoringContext) -> Tensor:
     return out.float()
 
 
+def _ranking(scores: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Slots of scores [B, V] best first: NaN ranks lowest, equal scores keep index order (a stable sort); slots where
+    valid [B, V] is False come after every real slot, even a NaN one (a row's real slots are packed first)."""
+    clean = torch.nan_to_num(scores.float(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    if valid is not None:
+        clean = torch.where(valid, clean, torch.full_like(clean, -math.inf))
+    return torch.sort(clean, dim=-1, descending=True, stable=True).indices
+
+
 def select(scores: Tensor, k: int) -> Tensor:
     """Top-k indices [B, k] into the vision axis of `scores` [B, V], ascending; ties go to the earlier token.
 
@@ -177,9 +186,7 @@ def select(scores: Tensor, k: int) -> Tensor:
     v = scores.shape[1]
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= v:
         raise ValueError(f"k = {k!r}: must be an int in 0..{v} (the number of vision tokens)")
-    clean = torch.nan_to_num(scores.float(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    order = torch.sort(clean, dim=-1, descending=True, stable=True).indices  # [B, V] equal scores keep index order
-    return order[:, :k].sort(dim=-1).values
+    return _ranking(scores)[:, :k].sort(dim=-1).values
 
 
 def select_rows(scores: Tensor, keep: Sequence[int], valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -188,12 +195,8 @@ def select_rows(scores: Tensor, keep: Sequence[int], valid: Tensor | None = None
     the real picks. Each row's picks equal `select` on that row alone (its real slots, in order)."""
     if scores.dim() != 2 or len(keep) != scores.shape[0]:
         raise ValueError(f"scores {tuple(scores.shape)} and keep {list(keep)}: need [B, V] and one count per row")
-    clean = torch.nan_to_num(scores.float(), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    if valid is not None:
-        # after every real slot, even a NaN (-inf) one: a row's invalid slots follow its real ones (packed)
-        clean = torch.where(valid, clean, torch.full_like(clean, -math.inf))
     width = max(keep)
-    order = torch.sort(clean, dim=-1, descending=True, stable=True).indices[:, :width]  # [B, Kmax]
+    order = _ranking(scores, valid)[:, :width]  # [B, Kmax]
     picked = torch.arange(width, device=scores.device)[None, :] < torch.tensor(list(keep), device=scores.device)[:, None]
     big = torch.iinfo(order.dtype).max
     ascending = torch.where(picked, order, torch.full_like(order, big)).sort(dim=-1).values

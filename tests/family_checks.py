@@ -4,8 +4,6 @@ repeated pruned prefills."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from pruning.engine import PruningEngine
@@ -54,12 +52,12 @@ def assert_compiled_equals_eager(model, inputs: dict, schedule: Schedule) -> Non
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-def assert_generate_uses_the_pruned_cache(model, inputs: dict, keep_all: Schedule, pruned: Schedule,
-                                          vision_per_layer: list[int],
-                                          step_inputs: Callable[[dict, torch.Tensor], dict]) -> None:
+def assert_generate_uses_the_pruned_cache(loaded, inputs: dict, keep_all: Schedule, pruned: Schedule,
+                                          vision_per_layer: list[int]) -> None:
     """Keep-all generate equals unpruned generate; with text-independent picks (test_first_vision) every full forward
     over the tokens so far prunes the same vision tokens, so the cached, pruned generate must equal greedy decoding by
-    repeated pruned prefills (no cache). step_inputs(inputs, ids) -> the image inputs of a forward over `ids`."""
+    repeated pruned prefills (no cache), each over the prompt extended by the family (`ModelArch.extend_text`)."""
+    model, prompt_len = loaded.model, inputs["input_ids"].shape[1]
     gen = dict(max_new_tokens=4, do_sample=False)
     with torch.no_grad():
         plain = model.generate(**inputs, **gen)
@@ -68,11 +66,10 @@ def assert_generate_uses_the_pruned_cache(model, inputs: dict, keep_all: Schedul
         with PruningEngine(model, pruned, "test_first_vision") as engine:
             out = model.generate(**inputs, **gen)
             assert engine.record.vision_per_layer == vision_per_layer
-            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            ids = inputs["input_ids"]
             for _ in range(gen["max_new_tokens"]):
-                step = model(input_ids=ids, attention_mask=mask, use_cache=False, **step_inputs(inputs, ids))
-                nxt = step.logits[:, -1].argmax(-1, keepdim=True)
-                ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+                step = model(**loaded.arch.extend_text(inputs, ids[:, prompt_len:]), use_cache=False)
+                ids = torch.cat([ids, step.logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, ids)
 
 

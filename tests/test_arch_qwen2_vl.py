@@ -107,17 +107,9 @@ def test_padded_batch_equals_each_row_alone(qwen, scorer):
                                           _schedule([(0, 8), (2, 3)]), scorer)
 
 
-def _qwen_step_inputs(inputs, ids):
-    """Qwen's image inputs for a forward over `ids`: the generated tokens are text (mm_token_type_ids 0)."""
-    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    grown = ids.shape[1] - inputs["input_ids"].shape[1]
-    types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(ids.shape[0], grown, dtype=torch.long)], 1)
-    return {**extra, "mm_token_type_ids": types}
-
-
 def test_generate_keep_all_equals_unpruned_and_pruned_uses_the_pruned_cache(qwen):
-    assert_generate_uses_the_pruned_cache(qwen.model, _inputs(qwen, QUESTIONS, seed=7), _schedule([(0, N_VISION), (2, 1.0)]),
-                                          _schedule([(0, 8), (2, 3)]), [16, 8, 8, 3], _qwen_step_inputs)
+    assert_generate_uses_the_pruned_cache(qwen, _inputs(qwen, QUESTIONS, seed=7), _schedule([(0, N_VISION), (2, 1.0)]),
+                                          _schedule([(0, 8), (2, 3)]), [16, 8, 8, 3])
 
 
 def test_two_images_in_one_row(qwen):

@@ -180,7 +180,6 @@ class TokenLayout:
             _host={"vision_index": vision_index, "valid": valid, "is_system": is_system},
         )
 
-
     @classmethod
     def _one_row(cls, ids: np.ndarray, image_token_id: int, tokens_per_image: int | None, static: bool,
                  device: torch.device) -> "TokenLayout":

@@ -70,9 +70,14 @@ class LoadedModel:
         return len(self.decoder_layers)
 
     @property
+    def fixed_vision_tokens(self) -> int | None:
+        """Vision tokens one image gives on this model and processor; None when the count follows the image size."""
+        return self.arch.vision_tokens_per_image(self.processor)
+
+    @property
     def vision_tokens_per_image(self) -> int:
         """Vision tokens one image gives; ModelConfigError when the family's count varies with the image."""
-        n = self.arch.vision_tokens_per_image(self.processor)
+        n = self.fixed_vision_tokens
         if n is None:
             raise ModelConfigError(
                 f"model {self.name!r} ({self.config.model_type}) gives a vision-token count that varies with the "

@@ -165,7 +165,7 @@ class LlavaOnevisionArch(LlavaNextArch):
     @classmethod
     def shrink_grid(cls, config: Any, rows: int, cols: int) -> tuple[int, int]:
         """anyres_max_N: a grid above 1.1 x the patches of N tiles is shrunk by that ratio (floored per side)."""
-        max_tiles = int(str(config.vision_aspect_ratio).strip("anyres_max_"))
+        max_tiles = int(str(config.vision_aspect_ratio).removeprefix("anyres_max_"))
         side = config.vision_config.image_size // config.vision_config.patch_size
         ratio = math.sqrt(rows * cols / (max_tiles * side * side))
         if ratio > 1.1:
