@@ -3,17 +3,20 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: $OUT if set (the device tool), else benchmarks/results
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # the same steps on the CPU with 4-layer tiny models (a minute or two)
 # Measured: prefill of the LLaVA-1.5-7B architecture (random fp16 weights): vision tower, decoder (language model) and
-# time to first token, unpruned, keep-all and the AdaptInfer "64" / "128" presets,
+# time to first token, unpruned, keep-all and the AdaptInfer "64" / "128" presets, in this order of priority:
 #   1. eager at batch 1 and 8, SDPA and (when installed) FlashAttention-2;
-#   2. compiled (pruning inside one graph, CUDA graphs: `PruningEngine(compile=True)`), SDPA: unpruned, "64" and
-#      keep-all at batch 1, unpruned and "64" at batch 8 (each compiled variant builds its own graph: about a minute
-#      each); every compiled row also compares its next-token logits with the eager forward's (last column);
-#   3. the Qwen2.5-VL-7B architecture (random bf16 weights, 28 layers, M-RoPE, windowed ViT), eager, SDPA, batch 1
+#   2. compiled (pruning inside one graph, CUDA graphs: `PruningEngine(compile=True)`), SDPA, batch 1: unpruned, "64",
+#      "128" and keep-all (each compiled variant builds its own graph: about a minute each); every compiled row also
+#      compares its next-token logits with the eager forward's (last column);
+#   3. compiled, batch 8: unpruned and "64";
+#   4. the Qwen2.5-VL-7B architecture (random bf16 weights, 28 layers, M-RoPE, windowed ViT), eager, SDPA, batch 1
 #      and 8, one 672 x 672 px image per row (24 x 24 = 576 merged tokens, LLaVA-1.5's count, so the same presets
 #      apply, their stage layers scaled to 28 layers): about a minute, 10 repeats.
 # Goals (issue 17): batch-1 decoder "64" <= 0.35x unpruned compiled against compiled; batch 8 <= 0.30x.
-# Budget: about 8 minutes on an H100/H200 (the compiles dominate: five graphs; the compiled "128" row was dropped to
-# make room for part 3); set COMPILE=0 to skip part 2, QWEN=0 to skip part 3.
+# Time: the whole script stays within BUDGET_S seconds (default 470, under the 8 minutes issue 17 allows one call):
+# a part that would not fit (its estimate: GRAPH_S = 75 s per compiled graph, 90 s for part 4) is skipped, and one
+# that runs past the budget is stopped; either is said in the table, so a run always returns its table. COMPILE=0
+# skips parts 2 and 3, QWEN=0 part 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results}}"
@@ -23,7 +26,7 @@ COMPILE="${COMPILE:-1}"
 QWEN="${QWEN:-1}"
 if [ "${DRY_RUN:-0}" = "1" ]; then
   MODELS="tiny"; QWEN_MODEL="qwen2-vl-tiny"; LAYERS="--layers 4"; BATCHES="1 2"; BIG=2; REPEATS=1; QWEN_REPEATS=1
-  WARMUP=0; DEVICE=cpu
+  WARMUP=0; DEVICE=cpu; BUDGET_S="${BUDGET_S:-3600}"; GRAPH_S="${GRAPH_S:-30}"
 else
   MODELS="llava-1.5-7b-arch"; QWEN_MODEL="qwen2.5-vl-7b-arch"; LAYERS=""; BATCHES="1 8"; BIG=8; REPEATS=20
   QWEN_REPEATS=10; WARMUP=3; DEVICE=cuda
@@ -36,21 +39,43 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 PYEOF
 COMMON="--models $MODELS $LAYERS --repeats $REPEATS --warmup $WARMUP --device $DEVICE"
-"$PY" benchmarks/prefill_latency.py $COMMON --batch $BATCHES --attn $ATTN --out "$OUT_DIR/gpu_check_eager.md"
+BUDGET_S="${BUDGET_S:-470}"
+GRAPH_S="${GRAPH_S:-75}"
 OUT_FILE="$OUT_DIR/gpu_check_prefill.md"
+SECONDS=0
+# part NAME ESTIMATE_S COMMAND...: run COMMAND (which writes $OUT_DIR/NAME.md) if ESTIMATE_S still fits in the budget,
+# stopped at the budget; then append its table, or the reason it has none, to $OUT_FILE
+part() {
+  local name="$1" estimate="$2"; shift 2
+  local left=$((BUDGET_S - SECONDS)) status=0
+  { echo; echo "## $name"; echo; } >> "$OUT_FILE"
+  if [ "$estimate" -gt "$left" ]; then
+    echo "skipped: ${SECONDS} s of the ${BUDGET_S} s budget used, and this part needs about ${estimate} s" \
+      "(raise BUDGET_S, or run it alone)" | tee -a "$OUT_FILE"
+    return 0
+  fi
+  timeout "$left" "$@" || status=$?
+  if [ "$status" = 124 ]; then
+    echo "stopped: it ran past the ${BUDGET_S} s budget; no rows" | tee -a "$OUT_FILE"
+  elif [ "$status" != 0 ]; then
+    echo "failed with exit status $status (see the log)" | tee -a "$OUT_FILE"
+    return "$status"
+  else
+    cat "$OUT_DIR/$name.md" >> "$OUT_FILE"
+  fi
+}
+"$PY" benchmarks/prefill_latency.py $COMMON --batch $BATCHES --attn $ATTN --out "$OUT_DIR/gpu_check_eager.md"
 cp "$OUT_DIR/gpu_check_eager.md" "$OUT_FILE"
 if [ "$COMPILE" = "1" ]; then
-  "$PY" benchmarks/prefill_latency.py $COMMON --batch 1 --attn sdpa --compile \
-    --compile-variants unpruned adaptinfer_7b_64 keep-all --out "$OUT_DIR/gpu_check_compiled_b1.md"
-  "$PY" benchmarks/prefill_latency.py $COMMON --batch "$BIG" --attn sdpa --compile \
-    --compile-variants unpruned adaptinfer_7b_64 --out "$OUT_DIR/gpu_check_compiled_big.md"
-  for part in gpu_check_compiled_b1 gpu_check_compiled_big; do
-    { echo; echo "## $part"; echo; cat "$OUT_DIR/$part.md"; } >> "$OUT_FILE"
-  done
+  part gpu_check_compiled_b1 $((4 * GRAPH_S)) "$PY" benchmarks/prefill_latency.py $COMMON --batch 1 --attn sdpa \
+    --compile --compile-variants unpruned adaptinfer_7b_64 adaptinfer_7b_128 keep-all \
+    --out "$OUT_DIR/gpu_check_compiled_b1.md"
+  part gpu_check_compiled_big $((2 * GRAPH_S)) "$PY" benchmarks/prefill_latency.py $COMMON --batch "$BIG" \
+    --attn sdpa --compile --compile-variants unpruned adaptinfer_7b_64 --out "$OUT_DIR/gpu_check_compiled_big.md"
 fi
 if [ "$QWEN" = "1" ]; then
-  "$PY" benchmarks/prefill_latency.py --models $QWEN_MODEL $LAYERS --repeats $QWEN_REPEATS --warmup $WARMUP \
-    --device $DEVICE --batch $BATCHES --attn sdpa --image-grid 24 24 --out "$OUT_DIR/gpu_check_qwen_eager.md"
-  { echo; echo "## gpu_check_qwen_eager"; echo; cat "$OUT_DIR/gpu_check_qwen_eager.md"; } >> "$OUT_FILE"
+  part gpu_check_qwen_eager 90 "$PY" benchmarks/prefill_latency.py --models $QWEN_MODEL $LAYERS \
+    --repeats $QWEN_REPEATS --warmup $WARMUP --device $DEVICE --batch $BATCHES --attn sdpa --image-grid 24 24 \
+    --out "$OUT_DIR/gpu_check_qwen_eager.md"
 fi
-echo "wrote $OUT_FILE"
+echo "wrote $OUT_FILE (${SECONDS} s)"

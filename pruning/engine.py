@@ -1,11 +1,13 @@
 """The pruning engine: drop vision tokens inside the language model during prefill, on stock transformers.
 
-Mechanism (DESIGN.md "Dropping tokens on stock transformers"): forward pre-hooks (with_kwargs) on the
-decoder layers. After a stage layer l has run, the pre-hook of layer l+1 gathers the kept positions of
-the hidden states; every later layer's pre-hook slices `position_embeddings`, `position_ids` and both
-axes of a 4-D mask to the tokens that layer holds. Decode steps (one query token) pass through, with the
-decode mask's columns remapped to the keys each layer's cache really holds. Attention rows for scoring
-come from `vlm.probe.AttentionProbe` at the stage layers only; SDPA/flash compute every output.
+Mechanism (DESIGN.md "Dropping tokens on stock transformers"): a step before each decoder layer's own forward,
+installed as a wrapper of it (`_LayerWrap`: an instance attribute, like a with_kwargs forward pre-hook but without
+nn.Module's hook path, which costs a few microseconds a layer in host-bound batch-1 prefill; hooks registered on a
+layer still run before the step). After a stage layer l has run, the step of layer l+1 gathers the kept positions of
+the hidden states; every later layer's step slices `position_embeddings`, `position_ids` and both axes of a 4-D mask
+to the tokens that layer holds (once per stage, then passed on). Decode steps (one query token) pass through, with
+the decode mask's columns remapped to the keys each layer's cache really holds. Attention rows for scoring come from
+`vlm.probe.AttentionProbe` at the stage layers only; SDPA/flash compute every output.
 
 Schedule semantics: a stage {layer: l, keep: k} scores with layer l's attention over the tokens present
 at l; the dropped vision tokens leave after layer l, so layers l+1... see k vision tokens. A stage at
@@ -93,10 +95,12 @@ class _RowState:
     layout: TokenLayout
     cur_idx: Tensor  # [B, N'] indices into the original sequence of the tokens currently present
     is_vision: Tensor | None  # [B, N'] bool: current token is a vision token (None on the vision-run path)
-    vision_cur: Tensor  # [B, V'] current positions of the vision tokens, ascending
-    text_cur: Tensor  # [B, T] current positions of the text tokens (layout.text_index shifted by the drops)
-    valid_cur: Tensor  # [B, N'] bool: current token is real (not padding)
+    # (vision-run path: vision_cur, text_cur and valid_cur are None after a drop until `PruningEngine._current`)
+    vision_cur: Tensor | None  # [B, V'] current positions of the vision tokens, ascending
+    text_cur: Tensor | None  # [B, T] current positions of the text tokens (layout.text_index shifted by the drops)
+    valid_cur: Tensor | None  # [B, N'] bool: current token is real (not padding)
     positions: Tensor | None = None  # [B, N] 0..N-1 (the first cur_idx); its slices index the current sequence
+    head: Tensor | None = None  # positions[:, :vision_run], taken at the first drop (vision-run path)
     vision_run: int | None = None  # layout.vision_run: every row's vision tokens are one run starting here (host)
     pos_full: Tensor | None = None  # [B, N] original position ids (from layer 0's kwargs)
     cos_sin_full: tuple[Tensor, Tensor] | None = None  # original (cos, sin) [B|1, N, hd]
@@ -119,8 +123,8 @@ class _RowState:
 class PruningEngine:
     """Context manager: prune vision tokens in prefill by a `Schedule` and a named scorer.
 
-    Inside it, plain `model(**inputs)` and `model.generate(**inputs)` run pruned; on exit every hook is
-    removed and the model is exactly as before. `engine.record` describes the last prefill.
+    Inside it, plain `model(**inputs)` and `model.generate(**inputs)` run pruned; on exit every hook and layer
+    wrapper is removed and the model is exactly as before. `engine.record` describes the last prefill.
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class PruningEngine:
                 "authors' Qwen code does)"
             )
         self.stage_layers = [s.layer for s in schedule.stages]
+        self._stage_of = {layer: i for i, layer in enumerate(self.stage_layers)}  # stage layer -> its stage number
         self.is_selector = is_selector(scorer)
         self._merge = None
         if self.is_selector:
@@ -182,7 +187,11 @@ class PruningEngine:
         if self.is_selector and schedule.vision_tokens is not None:
             check_budget(scorer, schedule.keep_counts()[0], schedule.vision_tokens, self.scorer_options)
         self.seeded = not self.is_selector and spec.seeded
+        # the scorer's function and its options, resolved once (`_score`; scorers.score re-checks them per call)
+        self._scorer_fn = None if self.is_selector else spec.fn
+        self._scorer_kwargs = {} if self.is_selector else {**spec.options, **self.scorer_options}
         self._widths = self.arch.text_widths(self.config)
+        self._final_norm = self.arch.final_norm  # read once: every stage's context holds it
         self.record = PrefillRecord()
         self._handles: list[Any] = []
         self._probe: AttentionProbe | None = None
@@ -198,6 +207,7 @@ class PruningEngine:
         self._row_keeps: list[list[int]] | None = None  # per row, per stage: its keep count (rows that differ)
         self._layer_fill: list[Tensor | None] = [None] * self.num_layers  # filler mask of each layer's tokens
         self._layer_rows: list[list[int] | None] = [None] * self.num_layers  # vision tokens per row at each layer
+        self._keep_cache: dict[int, list[int]] = {}  # keep counts per initial vision count (`_counts_for`)
 
     # -- attach / detach ------------------------------------------------------------------------------
     def __enter__(self) -> "PruningEngine":
@@ -206,7 +216,7 @@ class PruningEngine:
             self._handles.append(self.arch.multimodal_model.register_forward_pre_hook(self._on_model_start,
                                                                                       with_kwargs=True))
             for i, layer in enumerate(self.layers):
-                self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+                self._handles.append(_LayerWrap(layer, lambda inner, i=i, layer=layer: self._make_layer_forward(i, layer, inner)))
             probe_layers = [l for l in self.stage_layers if l >= 0] if self.rows_kind != "none" else []
             if self.is_selector:
                 self._capture = VisionCapture(self.model, get_selector(self.scorer).needs, self.scorer)
@@ -238,8 +248,12 @@ class PruningEngine:
         return self._compiled.fallback_reason if self._compiled is not None else None
 
     def _detach(self) -> None:
+        errors = []
         for handle in self._handles:
-            handle.remove()
+            try:
+                handle.remove()
+            except EngineError as err:  # remove the rest first, then say what was wrong
+                errors.append(err)
         self._handles.clear()
         if self._probe is not None:
             self._probe.__exit__(None, None, None)
@@ -247,6 +261,8 @@ class PruningEngine:
         self._state = None
         self._capture = None
         self._stage_input = None
+        if errors:
+            raise errors[0]
 
     # -- prefill start ---------------------------------------------------------------------------------
     def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -271,7 +287,8 @@ class PruningEngine:
             self.arch.check_vision_inputs(kwargs, 1, sum(layout.vision_counts))
         if mismatch is not None:
             raise EngineError(mismatch)
-        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        positions = layout.positions if layout.positions is not None else \
+            torch.arange(seq, device=input_ids.device).expand(batch, seq)
         # One shared vision run without padding (batch 1, or identical layouts): a drop keeps the run contiguous at
         # the same start, so the kept tokens' places follow from host numbers (slices, no masks to gather). Not when
         # compiled: a graph would then be specialised on where the image starts, not just on the bucket.
@@ -290,13 +307,20 @@ class PruningEngine:
             st = self._state
             st.vision_valid_cur, st.filler_cur = layout.vision_valid, torch.zeros_like(layout.valid)
             st.row_vision, st.row_filler = list(layout.vision_counts), [0] * batch
-            self._row_keeps = [self.schedule.keep_counts(v) for v in layout.vision_counts]
+            self._row_keeps = [self._counts_for(v) for v in layout.vision_counts]
             self._keep_counts = [max(ks) for ks in zip(*self._row_keeps)]
             self._layer_fill = [None] * self.num_layers
             self._layer_rows = [None] * self.num_layers
         else:
             self._row_keeps = None
-            self._keep_counts = self.schedule.keep_counts(layout.num_vision)
+            self._keep_counts = self._counts_for(layout.num_vision)
+
+    def _counts_for(self, n_vision: int) -> list[int]:
+        """The schedule's keep counts from n_vision tokens, resolved once per count (the schedule is fixed)."""
+        counts = self._keep_cache.get(n_vision)
+        if counts is None:
+            counts = self._keep_cache[n_vision] = self.schedule.keep_counts(n_vision)
+        return counts
 
     def _check_ragged(self, layout: TokenLayout) -> int:
         """The largest row's vision count of a batch whose rows hold different counts; EngineError for what such a
@@ -324,28 +348,32 @@ class PruningEngine:
         return why
 
     # -- per layer -------------------------------------------------------------------------------------
-    def _make_layer_hook(self, index: int):
+    def _make_layer_forward(self, index: int, layer: nn.Module, inner: Any):
+        """Decoder layer `index`'s forward under the engine: the engine's step, then the layer's own forward `inner`."""
         stages = set(self.stage_layers)
         special = index in (0, self.num_layers - 1) or index in stages or (index - 1) in stages
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
+        def forward(*args: Any, **kwargs: Any) -> Any:
             if self._decoding:
-                return self._decode_step(index, args, kwargs)
-            st = self._state
-            if st is None:
-                return None
-            if not special:  # a layer between stages: the slices of the stage's first layer, in place, or nothing
-                self._layer_cols[index] = st.cur_idx
-                self._layer_vision[index] = st.n_vision
-                if st.sliced is None:
-                    return None
-                if _same_objects(st.slice_src, _slice_sources(kwargs)):
-                    kwargs.update(st.sliced)  # the dict forward receives: nothing else to build
-                    return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            return self._prefill_step(index, module, hidden, args, kwargs)
+                changed = self._decode_step(index, args, kwargs)
+            else:
+                st = self._state
+                if st is None:
+                    return inner(*args, **kwargs)
+                if not special:  # a layer between stages: the slices of the stage's first layer, in place, or nothing
+                    # (it holds the tokens the layer before it holds: `_finish_record` writes them down)
+                    if st.sliced is None:
+                        return inner(*args, **kwargs)
+                    if _same_objects(st.slice_src, _slice_sources(kwargs)):
+                        kwargs.update(st.sliced)  # the dict forward receives: nothing else to build
+                        return inner(*args, **kwargs)
+                hidden = args[0] if args else kwargs["hidden_states"]
+                changed = self._prefill_step(index, layer, hidden, args, kwargs)
+            if changed is not None:
+                args, kwargs = changed
+            return inner(*args, **kwargs)
 
-        return hook
+        return forward
 
     def _prefill_step(self, index: int, module: nn.Module, hidden: Tensor, args: tuple, kwargs: dict):
         st = self._state
@@ -370,17 +398,15 @@ class PruningEngine:
         if st.pending is not None:
             keep = st.pending  # [B, N'] indices into the previous sequence
             hidden = _gather_seq(hidden, keep)
-            st.cur_idx = st.cur_idx.gather(1, keep)
+            # the first drop keeps indices into 0..N-1 itself: they are the original positions
+            st.cur_idx = keep if st.cur_idx is st.positions else st.cur_idx.gather(1, keep)
             if st.vision_run is None:
                 st.is_vision = st.is_vision.gather(1, keep)
                 st.valid_cur = st.valid_cur.gather(1, keep)
-            else:  # no padding: every kept token is real
-                st.valid_cur = st.layout.valid[:, :keep.shape[1]]
-            # every row drops the same number of vision tokens, all before its text: the text moves by that many
-            if st.layout.text_tail:  # still every row's last T tokens
-                st.text_cur = st.positions[:, keep.shape[1] - st.layout.text_index.shape[1]:keep.shape[1]]
-            else:
+                # every row drops the same number of vision tokens, all before its text: the text moves by that many
                 st.text_cur = st.layout.text_index - (st.layout.seq_len - keep.shape[1])
+            else:  # one vision run, no padding: the current indices are slices of 0..N-1, taken when read (`_current`)
+                st.vision_cur = st.text_cur = st.valid_cur = None
             st.n_vision = st.pending_vision
             st.pending = None
             if st.pending_filler is not None:  # rows with different counts: their filler leaves the vision tokens
@@ -428,7 +454,11 @@ class PruningEngine:
             kwargs["position_embeddings"] = self.arch.rotary_embedding(hidden, position_ids=pos)
         elif st.cos_sin_full is not None:
             cos, sin = st.cos_sin_full
-            kwargs["position_embeddings"] = (_gather_seq(cos, idx), _gather_seq(sin, idx))
+            if batch == 1 and cos.shape[0] == 1:  # one index row for both tables
+                flat = idx[0]
+                kwargs["position_embeddings"] = (cos.index_select(1, flat), sin.index_select(1, flat))
+            else:
+                kwargs["position_embeddings"] = (_gather_seq(cos, idx), _gather_seq(sin, idx))
         if "position_ids" in kwargs and kwargs["position_ids"] is not None:
             kwargs["position_ids"] = pos
         if kwargs.get("cache_position") is not None:
@@ -492,7 +522,7 @@ class PruningEngine:
         if self.rows_kind == "last":  # the last real token follows every vision token: it moves like the text
             shift = lay.seq_len - st.cur_idx.shape[1]
             return (lay.last_index[:, None] - shift) if shift else lay.last_index[:, None], None
-        return st.text_cur, None if lay.text_full else lay.text_mask  # no filler rows: nothing to mask
+        return self._current().text_cur, None if lay.text_full else lay.text_mask  # no filler rows: nothing to mask
 
     def _text_slice(self) -> slice:
         """The text tokens' current positions as one slice (when layout.text_tail: every row's last T tokens)."""
@@ -511,10 +541,31 @@ class PruningEngine:
             if mask is None:
                 mask = torch.ones_like(index, dtype=torch.bool)
             ctx = self._context(attn=rows, query_index=index, query_mask=mask, stage=call.site)
-        self._apply_selection(call.site, run_scorer(self.scorer, ctx))
+        self._apply_selection(call.site, self._score(ctx))
+
+    def _score(self, ctx: ScoringContext) -> Tensor:
+        """`scorers.score` for a context the engine built (consistent by construction, options checked on entry):
+        the scorer's function and the shape of what it returns, [B, V] float32."""
+        out = self._scorer_fn(ctx, **self._scorer_kwargs)
+        if out.shape != ctx.vision_index.shape:
+            raise RuntimeError(f"scorer {self.scorer!r} returned shape {tuple(out.shape)}, expected [B, V] = "
+                               f"{tuple(ctx.vision_index.shape)}")
+        return out if out.dtype == torch.float32 else out.float()
+
+    def _current(self) -> _RowState:
+        """The row state with vision_cur, text_cur and valid_cur in place: on the vision-run path a drop leaves them
+        unset, and they are taken here, when a stage reads them, as slices of 0..N-1 (the vision run keeps its start,
+        the text stays every row's last T tokens, every token is real); none are made after the last stage."""
+        st = self._state
+        if st.vision_cur is None:
+            n_cur, start = st.cur_idx.shape[1], st.vision_run
+            st.vision_cur = st.positions[:, start:start + st.n_vision]
+            st.text_cur = st.positions[:, n_cur - st.layout.text_index.shape[1]:n_cur]
+            st.valid_cur = st.layout.valid[:, :n_cur]
+        return st
 
     def _context(self, **kw: Any) -> ScoringContext:
-        st = self._state
+        st = self._current()
         vision_cur, text_cur, key_mask = st.vision_cur, st.text_cur, st.valid_cur
         return ScoringContext(
             attn=kw.get("attn"),
@@ -531,26 +582,26 @@ class PruningEngine:
             hidden_states=kw.get("hidden_states"),
             next_layer=kw.get("next_layer"),
             position_embeddings=kw.get("position_embeddings"),
-            keep=self._keep_counts[self.stage_layers.index(kw["stage"])] if "stage" in kw else None,
+            keep=self._keep_counts[self._stage_of[kw["stage"]]] if "stage" in kw else None,
             stage_input=kw.get("stage_input"),
             stage_layer=kw.get("stage_layer"),
             stage_position_embeddings=kw.get("stage_position_embeddings"),
-            final_norm=self.arch.final_norm,
+            final_norm=self._final_norm,
             options=self.scorer_options,
             vision_mask=st.vision_valid_cur,
         )
 
     def _apply_selection(self, stage_layer: int, scores: Tensor) -> None:
-        """Top-k of `scores` [B, V_cur]; the drop happens at the next layer's pre-hook.
+        """Top-k of `scores` [B, V_cur]; the drop happens at the next layer's step.
 
-        With a MergeRule, the top k - m by score are kept and the m merged tokens are made at the next pre-hook
+        With a MergeRule, the top k - m by score are kept and the m merged tokens are made at the next layer's step
         from that layer's output (`_merge_dropped`), so the stage still leaves exactly k vision tokens.
         """
         st = self._state
         if self._row_keeps is not None:
             return self._apply_row_selection(stage_layer, scores)
-        k = self._keep_counts[self.stage_layers.index(stage_layer)]
-        vision_cur = st.vision_cur  # [B, V_cur]
+        k = self._keep_counts[self._stage_of[stage_layer]]
+        vision_cur = self._current().vision_cur  # [B, V_cur]
         n_merged = self._merge.split(st.n_vision, k, **self._merge_options()) if self._merge is not None else 0
         kept_v = select(scores, k - n_merged)  # [B, k'] indices into the vision axis, ascending
         kept_pos = vision_cur.gather(1, kept_v) if st.vision_run is None else kept_v + st.vision_run  # current positions
@@ -565,7 +616,7 @@ class PruningEngine:
         """`_apply_selection` for rows with different vision counts: row b keeps its own top k_b of its real slots;
         the rows are then padded to the longest with some of their dropped vision tokens as (masked) filler."""
         st = self._state
-        stage = self.stage_layers.index(stage_layer)
+        stage = self._stage_of[stage_layer]
         keeps = [row[stage] for row in self._row_keeps]  # host
         kept_v, picked = select_rows(scores, keeps, st.vision_valid_cur)  # [B, Kmax], repeats after a row's own
         kept_pos = st.vision_cur.gather(1, kept_v)  # [B, Kmax] current positions
@@ -591,14 +642,15 @@ class PruningEngine:
 
     def _keep_vision(self, kept_pos: Tensor, k: int) -> None:
         """Record and schedule the drop: keep the non-vision tokens and the vision tokens at kept_pos [B, k]
-        (ascending current positions); the gather happens at the next layer's pre-hook."""
+        (ascending current positions); the gather happens at the next layer's step."""
         st = self._state
         self.record.stage_picks.append((st.cur_idx, kept_pos))
         st.pending_vision = k
         if st.vision_run is not None:  # [before the run][kept][after the run], as slices of 0..N-1
             start, pos = st.vision_run, st.positions
-            st.pending = torch.cat([pos[:, :start], kept_pos, pos[:, start + st.n_vision:st.cur_idx.shape[1]]], dim=1)
-            st.vision_cur = pos[:, start:start + k]
+            if st.head is None:
+                st.head = pos[:, :start]
+            st.pending = torch.cat([st.head, kept_pos, pos[:, start + st.n_vision:st.cur_idx.shape[1]]], dim=1)
             return
         drop_mask = st.is_vision.scatter(1, kept_pos, False)
         st.pending = _false_positions(drop_mask, st.cur_idx.shape[1] - st.n_vision + k)
@@ -627,8 +679,12 @@ class PruningEngine:
         return hidden
 
     def _finish_record(self) -> None:
-        self.record.layer_tokens = self._layer_cols  # fresh lists every prefill: no copy needed
-        self.record.vision_per_layer = self._layer_vision
+        cols, vision = self._layer_cols, self._layer_vision  # fresh lists every prefill: no copy needed
+        for i in range(1, self.num_layers):  # the layers between stages hold what the layer before them holds
+            if cols[i] is None:
+                cols[i], vision[i] = cols[i - 1], vision[i - 1]
+        self.record.layer_tokens = cols
+        self.record.vision_per_layer = vision
         self.record.widths = self._widths
         if self._row_keeps is not None:  # rows with different counts: the layers between stages hold what the
             for i in range(1, self.num_layers):  # stage's first layer holds (the same tokens)
@@ -705,6 +761,29 @@ def refuse_compiled(model: nn.Module) -> None:
         )
 
 
+class _LayerWrap:
+    """Replaces a decoder layer's forward with `make_forward(inner)`, a function that does the engine's step and then
+    calls `inner`, the forward found (an instance attribute, as pruning.compiled does for the language model). Unlike a
+    with_kwargs forward pre-hook, this keeps nn.Module's call on its fast path: a few microseconds less per layer,
+    which counts at batch 1, where the host is the bottleneck. Hooks registered on the layer still run first.
+    `remove` puts back the forward found (the class's, or another wrapper's such as accelerate's)."""
+
+    def __init__(self, module: nn.Module, make_forward: Any) -> None:
+        self.module = module
+        self.saved = vars(module).get("forward")  # an instance forward set by someone else, or None
+        self.installed = make_forward(module.forward)
+        module.forward = self.installed
+
+    def remove(self) -> None:
+        if vars(self.module).get("forward") is not self.installed:
+            raise EngineError(f"the forward of {type(self.module).__name__} was replaced while the pruning engine was "
+                              "attached; detach in the reverse order of attaching")
+        if self.saved is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.saved
+
+
 class _Closer:
     """Adapts a context manager to the removable-handle protocol used for hooks."""
 
@@ -716,15 +795,15 @@ class _Closer:
 
 
 def _slice_sources(kwargs: dict) -> tuple:
-    """The layer inputs the engine slices (mask, position ids, cache position, RoPE tables), to compare by identity."""
-    pe = kwargs.get("position_embeddings")
+    """The layer inputs the engine slices (mask, position ids, cache position, the RoPE tables' tuple), to compare by
+    identity (a model that passes its layers one tuple of tables passes the same object to each)."""
     return (kwargs.get("attention_mask"), kwargs.get("position_ids"), kwargs.get("cache_position"),
-            *(pe if isinstance(pe, tuple) else (pe,)))
+            kwargs.get("position_embeddings"))
 
 
 def _same_objects(a: tuple | None, b: tuple) -> bool:
     """Identity, element by element (`==` on tensors would compare values, on the device)."""
-    return a is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return a is not None and a[0] is b[0] and a[1] is b[1] and a[2] is b[2] and a[3] is b[3]
 
 
 def _mask_keys(mask: Tensor | None, masked: Tensor, idx: Tensor | None, decode: bool = False) -> Tensor:
@@ -748,7 +827,7 @@ def _mask_keys(mask: Tensor | None, masked: Tensor, idx: Tensor | None, decode: 
 def _expand_batch(t: Tensor | None, batch: int) -> Tensor | None:
     if t is None:
         return None
-    return t.expand(batch, t.shape[-1]) if t.shape[0] == 1 else t
+    return t.expand(batch, t.shape[-1]) if t.shape[0] == 1 and batch != 1 else t
 
 
 def _gather_seq(t: Tensor, idx: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 vlm.models with the shapes world's Qwen processor (built in code), pruned by the engine (M-RoPE positions kept)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -157,26 +158,19 @@ def test_image_grids_come_from_image_grid_thw(qwen):
 
 
 def _layer0_input(loaded, inputs, engine=None):
+    """The hidden states decoder layer 0 processes: saved by a pre-hook on its input_layernorm, inside the layer's
+    forward (after the engine's step, which runs as the layer's forward)."""
     seen = {}
 
     def save(module, args, kwargs):
         seen.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
 
-    layer0 = loaded.arch.decoder_layers[0]
-    with torch.no_grad():
-        if engine is None:
-            handle = layer0.register_forward_pre_hook(save, with_kwargs=True)
-            try:
-                loaded.model(**inputs)
-            finally:
-                handle.remove()
-        else:
-            with engine:
-                handle = layer0.register_forward_pre_hook(save, with_kwargs=True)  # after the engine's: its output
-                try:
-                    loaded.model(**inputs)
-                finally:
-                    handle.remove()
+    handle = loaded.arch.decoder_layers[0].input_layernorm.register_forward_pre_hook(save, with_kwargs=True)
+    try:
+        with torch.no_grad(), engine if engine is not None else contextlib.nullcontext():
+            loaded.model(**inputs)
+    finally:
+        handle.remove()
     return seen["h"]
 
 

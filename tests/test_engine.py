@@ -277,11 +277,43 @@ def test_engine_detaches_and_model_is_exactly_as_before(model6):
             raise RuntimeError("stop")
     hooks_after = {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model6.named_modules()}
     assert hooks_after == hooks_before
+    assert not [name for name, m in model6.named_modules() if "forward" in vars(m)]  # no layer wrapper left
     assert model6.config.text_config._attn_implementation == impl
     for k, v in model6.state_dict().items():
         assert torch.equal(v, state[k])
     with torch.no_grad():
         assert torch.equal(model6(**inputs).logits, before)
+
+
+def test_engine_wraps_a_forward_set_by_another_library_and_puts_it_back(model6):
+    """A decoder layer whose forward is already an instance attribute (as accelerate's device-map hooks set it) is
+    pruned through it and gets it back on exit; a layer whose forward is replaced while the engine is attached makes
+    the exit fail with a clear message, after every other layer is restored."""
+    from pruning.engine import EngineError
+
+    layers = model6.model.language_model.layers
+    calls = []
+    own = layers[3].forward
+
+    def outside(*args, **kwargs):
+        calls.append(args[0].shape[1] if args else kwargs["hidden_states"].shape[1])
+        return own(*args, **kwargs)
+
+    layers[3].forward = outside
+    try:
+        inputs = _inputs([4, 6], seed=2)
+        with PruningEngine(model6, _schedule([(1, 4)]), "adaptinfer") as engine, torch.no_grad():
+            model6(**inputs)
+        assert vars(layers[3])["forward"] is outside
+        assert calls == [engine.record.tokens_per_layer[3]]  # it ran with the pruned sequence
+    finally:
+        del layers[3].forward
+    engine = PruningEngine(model6, _schedule([(1, 4)]), "adaptinfer")
+    with pytest.raises(EngineError, match="replaced while the pruning engine was attached"):
+        with engine:
+            layers[2].forward = outside  # someone else wraps a layer after the engine did
+    del layers[2].forward
+    assert not [name for name, m in model6.named_modules() if "forward" in vars(m)]
 
 
 def test_visionzip_keeps_dominant_plus_merged_contextual(model6):
@@ -369,9 +401,9 @@ def test_a_compiled_model_is_refused_not_silently_unpruned(compile_what):
             pass
 
 
-def test_engine_extra_ops_on_the_batch1_proxy_stay_within_140():
-    """On the 32-layer proxy of batch-1 prefill (benchmarks/engine_overhead.py) the engine adds at most 140 aten ops
-    to a forward with 3 stages (issue 17's budget was 150; the one-run fast path needs 134 for "64", 119 for
+def test_engine_extra_ops_on_the_batch1_proxy_stay_within_120():
+    """On the 32-layer proxy of batch-1 prefill (benchmarks/engine_overhead.py) the engine adds at most 120 aten ops
+    to a forward with 3 stages (issue 17's budget was 150; the one-run fast path needs 113 for "64", 101 for
     keep-all), and reads no tensor value on the host beyond the model's own."""
     bench = _engine_overhead()
     model = bench.proxy_model(32)
@@ -379,7 +411,7 @@ def test_engine_extra_ops_on_the_batch1_proxy_stay_within_140():
     plain_ops, plain_reads = bench.count_ops(model, inputs, None)
     for name, schedule in bench.schedules().items():
         ops, reads = bench.count_ops(model, inputs, schedule)
-        assert ops - plain_ops <= 140, f"{name}: the engine adds {ops - plain_ops} ops (budget 140)"
+        assert ops - plain_ops <= 120, f"{name}: the engine adds {ops - plain_ops} ops (budget 120)"
         assert reads == plain_reads, f"{name}: {reads - plain_reads} extra host reads of tensor values"
 
 

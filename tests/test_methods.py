@@ -65,7 +65,9 @@ def _ctx(projected, text=None, text_mask=None, **kw):
 
 
 def _saver(seen: dict):
-    """A decoder-layer pre-hook that saves the layer's input hidden states (the first call's) in seen["h"]."""
+    """A pre-hook for a decoder layer's input_layernorm that saves the hidden states the layer processes (the first
+    call's) in seen["h"]: inside the layer's forward, so after the engine's step (which runs as the layer's forward,
+    after the layer's own pre-hooks)."""
     def hook(module, args, kwargs):
         seen.setdefault("h", (args[0] if args else kwargs["hidden_states"]).clone())
 
@@ -229,7 +231,7 @@ def test_pooling_feeds_the_pooled_grid_to_layer_zero(model6):
     layout = TokenLayout.from_batch(inputs["input_ids"], inputs["attention_mask"], model6.config.image_token_id)
     seen = {}
     layer0 = model6.model.language_model.layers[0]
-    hook = layer0.register_forward_pre_hook(_saver(seen), with_kwargs=True)
+    hook = layer0.input_layernorm.register_forward_pre_hook(_saver(seen), with_kwargs=True)
     try:
         with torch.no_grad():
             model6(**inputs)
@@ -237,7 +239,7 @@ def test_pooling_feeds_the_pooled_grid_to_layer_zero(model6):
         hook.remove()
     full = seen.pop("h")
     with PruningEngine(model6, _schedule([(-1, 4)]), "pooling") as engine, torch.no_grad():
-        hook = layer0.register_forward_pre_hook(_saver(seen), with_kwargs=True)  # after the engine's: sees its output
+        hook = layer0.input_layernorm.register_forward_pre_hook(_saver(seen), with_kwargs=True)  # sees its output
         try:
             model6(**inputs)
         finally:
@@ -284,7 +286,8 @@ def test_recycled_token_is_the_mean_of_its_members_at_the_first_members_slot(mod
     engine = PruningEngine(model6, _schedule([(0, 10)]), "sparsevlm_recycle",
                            scorer_options={"recycle_ratio": 1.0, "tokens_per_cluster": 1000})
     with engine, torch.no_grad():
-        hook = model6.model.language_model.layers[1].register_forward_pre_hook(_saver(seen), with_kwargs=True)
+        hook = model6.model.language_model.layers[1].input_layernorm.register_forward_pre_hook(_saver(seen),
+                                                                                    with_kwargs=True)
         try:
             model6(**inputs)
         finally:

@@ -27,19 +27,38 @@ class TokenLayout:
     text_index: Tensor  # [B, T] long: positions of the text tokens, ascending; filler = last real token
     text_mask: Tensor  # [B, T] bool: True where text_index is a real text token
     last_index: Tensor  # [B] long: position of the last real token (the one that predicts the next)
-    vision_mask: Tensor | None = None  # [B, N] bool: True at the vision tokens
     text_full: bool = False  # every entry of text_mask is True (no filler), known on the host
     text_tail: bool = False  # no padding and no filler: every row's text is its last T positions (host)
     vision_run: int | None = None  # no padding and every row's vision tokens are one run starting here (host)
     vision_valid: Tensor | None = None  # [B, Vmax] bool: True where vision_index is a real vision token; None when
     # every row holds the same count (then every entry is real: nothing to mask, nothing built)
     vision_counts: tuple[int, ...] = ()  # vision tokens per row, on the host
+    positions: Tensor | None = None  # [1, N] long 0..N-1 when the layout made it (the batch-1 path), else None
+    _vision: Tensor | None = field(default=None, repr=False)  # vision_mask, or None until first read (batch-1 path)
     _host: dict | None = field(default=None, repr=False)  # host arrays behind the lazily built fields below
+
+    @property
+    def vision_mask(self) -> Tensor:
+        """[B, N] bool: True at the vision tokens."""
+        if self._vision is None:
+            self._vision = torch.from_numpy(self._arrays()["is_image"]).to(self.valid.device)
+        return self._vision
+
+    def _arrays(self) -> dict:
+        """The host arrays (vision_index, valid, is_system, is_image), built from the run when the batch-1 path
+        skipped them."""
+        host = self._host
+        if "run" in host and "valid" not in host:
+            seq, first, end = host["run"]
+            positions = np.arange(seq)[None]
+            host.update(vision_index=positions[:, first:end], valid=np.ones((1, seq), dtype=bool),
+                        is_system=positions < first, is_image=(positions >= first) & (positions < end))
+        return host
 
     @property
     def vision_spans(self) -> list[list[tuple[int, int]]]:
         """Per row, [start, end) of each contiguous run of image tokens."""
-        return [_runs(row[:count].tolist()) for row, count in zip(self._host["vision_index"], self.vision_counts)]
+        return [_runs(row[:count].tolist()) for row, count in zip(self._arrays()["vision_index"], self.vision_counts)]
 
     @property
     def ragged(self) -> bool:
@@ -48,7 +67,7 @@ class TokenLayout:
 
     @property
     def _system(self) -> tuple[np.ndarray, np.ndarray]:
-        host = self._host
+        host = self._arrays()
         if "system" not in host:
             seq = host["valid"].shape[1]
             first_real = np.where(host["valid"], np.arange(seq), seq).min(-1)
@@ -132,12 +151,16 @@ class TokenLayout:
                 f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
             )
         device = input_ids.device
+        if input_ids.shape[0] == 1 and not static:  # the batch-1 prefill: host lists, no numpy (see `_one_row`)
+            row = input_ids.tolist()[0]
+            if attention_mask is None or all(attention_mask.tolist()[0]):
+                one = cls._one_row(row, image_token_id, tokens_per_image, device)
+                if one is not None:
+                    return one
         ids = input_ids.cpu().numpy()  # integer ids never require grad
         batch, seq = ids.shape
         valid = np.ones(ids.shape, dtype=bool) if attention_mask is None else \
             attention_mask.cpu().numpy().astype(bool)
-        if batch == 1 and valid.all():
-            return cls._one_row(ids[0], image_token_id, tokens_per_image, static, device)
         is_image = (ids == image_token_id) & valid
         counts = is_image.sum(-1)  # [B]
         for row in range(batch):
@@ -171,7 +194,7 @@ class TokenLayout:
             text_index=dev(text_index),
             text_mask=dev(text_mask),
             last_index=dev(last_index.astype(np.int64)),
-            vision_mask=dev(is_image),
+            _vision=dev(is_image),
             text_full=bool(text_mask.all()),
             text_tail=bool(text_mask.all()) and bool(valid.all()),
             vision_run=_shared_run(vision_index) if equal and valid.all() else None,
@@ -181,49 +204,29 @@ class TokenLayout:
         )
 
     @classmethod
-    def _one_row(cls, ids: np.ndarray, image_token_id: int, tokens_per_image: int | None, static: bool,
-                 device: torch.device) -> "TokenLayout":
-        """`from_batch` of one row without padding (the batch-1 prefill), in a few host operations: the text is
-        every token after the last image token, the system part every token before the first."""
-        seq = ids.shape[0]
-        is_image = ids == image_token_id
-        vision_index = np.flatnonzero(is_image)
-        n_vision = vision_index.size
-        if n_vision == 0:
-            raise _no_image(0, image_token_id)
+    def _one_row(cls, ids: list[int], image_token_id: int, tokens_per_image: int | None,
+                 device: torch.device) -> "TokenLayout | None":
+        """`from_batch` of one unpadded row whose image tokens are one run with text after it (the batch-1 prefill),
+        from the ids as a Python list: a few list methods and three tensor ops (0..N-1, a bool row and their views),
+        since the host work of every prefill delays the forward. None when the row is laid out otherwise (several
+        image runs): the general path then lays it out. The host arrays are built when first read."""
+        try:
+            first = ids.index(image_token_id)
+        except ValueError:
+            raise _no_image(0, image_token_id) from None
+        n_vision = ids.count(image_token_id)
+        end, seq = first + n_vision, len(ids)
+        if ids[first:end].count(image_token_id) != n_vision:
+            return None  # several runs
         _check_multiple(n_vision, tokens_per_image)
-        first, end = int(vision_index[0]), int(vision_index[-1]) + 1
         if end == seq:
             raise _no_text(0)
-        n_text = seq - end
-        width = seq - n_vision if static else n_text
-        host = {"vision_index": vision_index[None], "is_system": np.arange(seq)[None] < first}
-        if not static and end - first == n_vision:  # one run, text after it: views of one 0..N-1 (fewest copies)
-            positions = torch.arange(seq, device=device)[None]
-            valid = torch.ones(1, seq, dtype=torch.bool, device=device)
-            return cls(valid=valid, vision_index=positions[:, first:end], text_index=positions[:, end:],
-                       text_mask=valid[:, end:], last_index=positions[0, -1:],
-                       vision_mask=_to_device(device)(is_image[None]), text_full=True, text_tail=True,
-                       vision_run=first, vision_counts=(n_vision,),
-                       _host={**host, "valid": np.ones((1, seq), dtype=bool)})
-        text_index = np.full((1, width), seq - 1, dtype=np.int64)
-        text_index[0, :n_text] = np.arange(end, seq)
-        valid = np.ones((1, seq), dtype=bool)
-        dev = _to_device(device)
-        return cls(
-            valid=dev(valid),
-            vision_index=dev(vision_index.astype(np.int64)[None]),
-            text_index=dev(text_index),
-            text_mask=dev(np.arange(width)[None] < n_text),
-            last_index=dev(np.array([seq - 1], dtype=np.int64)),
-            vision_mask=dev(is_image[None]),
-            text_full=width == n_text,
-            text_tail=width == n_text,
-            vision_run=first if end - first == n_vision else None,
-            vision_counts=(n_vision,),
-            _host={**host, "valid": valid},
-        )
-
+        positions = torch.arange(seq, device=device).view(1, seq)
+        valid = torch.ones(1, seq, dtype=torch.bool, device=device)
+        return cls(valid=valid, vision_index=positions[:, first:end], text_index=positions[:, end:],
+                   text_mask=valid[:, end:], last_index=positions[0, -1:], text_full=True, text_tail=True,
+                   vision_run=first, vision_counts=(n_vision,), positions=positions,
+                   _host={"run": (seq, first, end)})
 
 def _shared_run(vision_index: np.ndarray) -> int | None:
     """The start of the vision tokens when every row holds them as one contiguous run at the same positions."""

@@ -1,6 +1,7 @@
 """LLaVA (LlavaForConditionalGeneration): CLIP/SigLIP tower, MLP projector, Llama-style 1-D RoPE decoder."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -53,11 +54,16 @@ class LlavaArch(ModelArch):
             has_cls=embeddings is not None and hasattr(embeddings, "class_embedding"),
         )
 
+    @functools.cached_property
+    def _per_image(self) -> int:
+        """tokens_per_image of the bound model, read once (every prefill checks its pixel_values against it)."""
+        return self.tokens_per_image(self.config)
+
     def check_vision_inputs(self, kwargs: Mapping[str, Any], batch: int, n_vision: int) -> str | None:
         pixels = kwargs.get("pixel_values")
         if not (isinstance(pixels, Tensor) and pixels.dim() == 4 and n_vision > 0):
             return None
-        per_image = self.tokens_per_image(self.config)
+        per_image = self._per_image
         if pixels.shape[0] * per_image == batch * n_vision:
             return None
         return (f"input_ids holds {batch} rows with {n_vision} image tokens each ({batch * n_vision} in all) but "
