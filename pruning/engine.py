@@ -190,6 +190,8 @@ class PruningEngine:
         # the scorer's function and its options, resolved once (`_score`; scorers.score re-checks them per call)
         self._scorer_fn = None if self.is_selector else spec.fn
         self._scorer_kwargs = {} if self.is_selector else {**spec.options, **self.scorer_options}
+        # the scorer on one text slice and one vision run (the batch-1 path of `_on_rows`), when it has that form
+        self._on_slices = None if self.is_selector or self._merge is not None else spec.on_slices
         self._widths = self.arch.text_widths(self.config)
         self._final_norm = self.arch.final_norm  # read once: every stage's context holds it
         self.record = PrefillRecord()
@@ -534,7 +536,15 @@ class PruningEngine:
             return None
         return self._query_rows()
 
-    def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor, mask: Tensor | None) -> None:
+    def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor | slice, mask: Tensor | None) -> None:
+        st = self._state
+        if self._on_slices is not None and st.vision_run is not None and isinstance(index, slice):
+            # batch 1 (or identical rows) with one vision run: the scorer's slice form, the top-k, the drop; no
+            # ScoringContext, no index tensors (the same selection as below, in the fewest host steps)
+            start, k = st.vision_run, self._keep_counts[self._stage_of[call.site]]
+            scores = self._on_slices(rows, index, slice(start, start + st.n_vision), **self._scorer_kwargs)
+            self._keep_vision(select(scores, k) + start, k)
+            return
         if self.rows_kind == "text":  # the probe's rows are the text rows `_context` computes: pass that very tensor,
             ctx = self._context(attn=rows, stage=call.site)  # so the scorer's consistency check needs no device round trip
         else:

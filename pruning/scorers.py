@@ -8,6 +8,10 @@ A new scorer is one function and one registration::
 `rows` tells the engine which query rows to probe: "text" (ctx.query_index == ctx.text_index), "last"
 (R = 1, the last real token) or "none" (no attention rows; the scorer uses hidden states or nothing).
 `options` declares the scorer's options and their defaults; unknown options are an error.
+`on_slices` (optional) is the same scorer on the batch-1 shape of a stage, where the engine knows on the host that every
+row's text is its last T tokens and its vision tokens one run: `on_slices(attn, text_slice, vision_slice, **options)`
+-> [B, V], from the text rows' attention alone, without a ScoringContext (the engine then skips building one; host
+time is what batch-1 prefill waits on). It must give what `fn` gives on that shape: `fn` may call it.
 Selection (`select`) is top-k, returned in original order. Methods that choose before the language model
 (VisionZip, DivPrune, ...) are selectors, not scorers: pruning/selectors.py.
 """
@@ -82,6 +86,7 @@ class ScorerSpec:
     options: dict
     seeded: bool = False  # draws random numbers: the engine gives it ctx.generators, one per row
     merge: MergeRule | None = None
+    on_slices: ScorerFn | None = None  # the scorer on one text slice and one vision run (see the module docstring)
 
 
 _REGISTRY: dict[str, ScorerSpec] = {}
@@ -89,7 +94,7 @@ _REGISTRY: dict[str, ScorerSpec] = {}
 
 def register_scorer(
     name: str, rows: str, options: dict[str, Any] | None = None, replace: bool = False, seeded: bool = False,
-    merge: MergeRule | None = None,
+    merge: MergeRule | None = None, on_slices: ScorerFn | None = None,
 ) -> Callable[[ScorerFn], ScorerFn]:
     """Decorator: register `fn(ctx, **options) -> [B, V]` under `name`, needing query rows `rows`.
 
@@ -103,7 +108,7 @@ def register_scorer(
         if name in _REGISTRY and not replace:
             raise ValueError(f"scorer {name!r} is already registered (pass replace=True to override it)")
         _REGISTRY[name] = ScorerSpec(name=name, fn=fn, rows=rows, options=dict(options or {}), seeded=seeded,
-                                     merge=merge)
+                                     merge=merge, on_slices=on_slices)
         return fn
 
     return decorate
@@ -261,7 +266,28 @@ def prior_weighted_vision(attn: Tensor, prior: Tensor, vision_index: Tensor) -> 
 
 
 # ------------------------------------------------------------------------- scorers
-@register_scorer("adaptinfer", rows="text", options={"text_weight_blend": 1.0})
+def _blend(text_weight_blend: float) -> float:
+    lb = float(text_weight_blend)
+    if not 0.0 <= lb <= 1.0:
+        raise ValueError(f"text_weight_blend = {text_weight_blend!r}: must lie in [0, 1]")
+    return lb
+
+
+def adaptinfer_on_slices(attn: Tensor, text_slice: slice, vision_slice: slice, text_weight_blend: float = 1.0) -> Tensor:
+    """`adaptinfer` where every row's text is the key slice `text_slice` (its last T tokens, no filler) and its vision
+    tokens the run `vision_slice`: views instead of gathers, and the products over the V vision columns only.
+    attn [B, H, T, K] -> [B, V]."""
+    lb = _blend(text_weight_blend)
+    attn = attn.float()
+    weight = text_prior(attn, None, None, full=True, text_slice=text_slice)  # [B, H, T]
+    if lb != 1.0:  # every text token is real here: n = T
+        n_text, heads = weight.shape[-1], weight.shape[1]
+        mean = weight.sum(dim=(1, 2)) / max(n_text * n_text * heads, 1)  # [B]: mean of S
+        weight = (1.0 - lb) * (n_text * mean)[:, None, None] + lb * weight
+    return (weight[..., None] * attn[..., vision_slice]).sum(dim=(1, 2))
+
+
+@register_scorer("adaptinfer", rows="text", options={"text_weight_blend": 1.0}, on_slices=adaptinfer_on_slices)
 def adaptinfer(ctx: ScoringContext, text_weight_blend: float) -> Tensor:
     """AdaptInfer: vision attention of text rows, weighted by each text token's symmetrised text-text attention.
 
@@ -270,15 +296,13 @@ def adaptinfer(ctx: ScoringContext, text_weight_blend: float) -> Tensor:
     valid text pairs, the mean over the row's heads and valid pairs: w[j] <- (1 - lb) n mean(S) + lb w[j] (n real text
     tokens), since the weights sum S over its rows.
     """
-    lb = float(text_weight_blend)
-    if not 0.0 <= lb <= 1.0:
-        raise ValueError(f"text_weight_blend = {text_weight_blend!r}: must lie in [0, 1]")
+    lb = _blend(text_weight_blend)
     tm = ctx.text_mask  # [B, T]
+    if ctx.text_full and ctx.text_slice is not None and ctx.vision_slice is not None:  # one text slice, one vision run
+        return adaptinfer_on_slices(ctx.attn, ctx.text_slice, ctx.vision_slice, lb)
     if lb == 1.0 and ctx.text_full:  # no filler rows or columns (known on the host): the same sums in fewer ops
         attn = ctx.attn.float()
         weight = text_prior(attn, ctx.text_index, tm, full=True, text_slice=ctx.text_slice)  # [B, H, T]
-        if ctx.vision_slice is not None:  # the vision columns are one shared run: a view, and only V products
-            return (weight[..., None] * attn[..., ctx.vision_slice]).sum(dim=(1, 2))
         return (weight[..., None] * attn).sum(dim=(1, 2)).gather(1, ctx.vision_index)  # [B, K] -> [B, V]
     attn = _valid_rows(ctx.attn, tm)  # [B, H, T, K], rows are the text tokens
     weight = text_prior(attn, ctx.text_index, tm)  # [B, H, T]

@@ -285,6 +285,35 @@ def test_engine_detaches_and_model_is_exactly_as_before(model6):
         assert torch.equal(model6(**inputs).logits, before)
 
 
+@pytest.mark.parametrize("blend", [1.0, 0.5])
+def test_batch1_slice_path_selects_what_the_general_path_selects(model6, blend):
+    """At batch 1 the engine scores through the scorer's slice form (`on_slices`: no ScoringContext, no index
+    tensors); the same prefill through the general path (ScoringContext, the scorer's function) keeps the same
+    tokens and gives the same logits."""
+    inputs = _inputs([5], seed=4)
+    inputs = {k: v[:, -int(inputs["attention_mask"].sum()):] if k in ("input_ids", "attention_mask") else v
+              for k, v in inputs.items()}  # one row, no padding
+    runs = []
+    for general in (False, True):
+        engine = PruningEngine(model6, _schedule([(1, 6), (3, 2)]), "adaptinfer",
+                               scorer_options={"text_weight_blend": blend})
+        sliced = []
+        if general:
+            engine._on_slices = None
+        else:
+            on_slices = engine._on_slices
+            engine._on_slices = lambda *a, **kw: (sliced.append(1), on_slices(*a, **kw))[1]
+        calls = []
+        with engine, torch.no_grad():
+            original = engine._keep_vision
+            engine._keep_vision = lambda kept, k: (calls.append(k), original(kept, k))
+            logits = model6(**inputs).logits
+        assert calls == [6, 2] and engine._state is None and len(sliced) == (0 if general else 2)
+        runs.append(([p.tolist() for p in engine.record.kept_positions], logits))
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=1e-5)
+
+
 def test_engine_wraps_a_forward_set_by_another_library_and_puts_it_back(model6):
     """A decoder layer whose forward is already an instance attribute (as accelerate's device-map hooks set it) is
     pruned through it and gets it back on exit; a layer whose forward is replaced while the engine is attached makes

@@ -9,6 +9,7 @@ import torch
 from pruning.scorers import (
     ScoringContext,
     available_scorers,
+    get_scorer,
     register_scorer,
     score,
     scorer_rows,
@@ -354,6 +355,13 @@ def test_adaptinfer_with_shared_slices_equals_the_gathered_columns():
                          vision_index=torch.arange(v0, v1).expand(b, -1), text_index=text_index,
                          text_mask=torch.ones(b, n - v1, dtype=torch.bool), key_mask=torch.ones(b, n, dtype=torch.bool),
                          text_full=True)
-    gathered = score("adaptinfer", ctx)
-    ctx.text_slice, ctx.vision_slice = slice(v1, n), slice(v0, v1)
-    torch.testing.assert_close(score("adaptinfer", ctx), gathered, rtol=1e-6, atol=1e-7)
+    for lb in (1.0, 0.4):  # with a blend too: the slice form (the engine's batch-1 entry, on_slices) blends as well
+        ctx.text_slice = ctx.vision_slice = None
+        ctx.options = {"text_weight_blend": lb}
+        gathered = score("adaptinfer", ctx)
+        ctx.text_slice, ctx.vision_slice = slice(v1, n), slice(v0, v1)
+        torch.testing.assert_close(score("adaptinfer", ctx), gathered, rtol=1e-6, atol=1e-7)
+        on_slices = get_scorer("adaptinfer").on_slices(attn, slice(v1, n), slice(v0, v1), text_weight_blend=lb)
+        torch.testing.assert_close(on_slices, gathered, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="text_weight_blend = 2"):
+        get_scorer("adaptinfer").on_slices(attn, slice(v1, n), slice(v0, v1), text_weight_blend=2)
