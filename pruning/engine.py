@@ -102,7 +102,8 @@ class _RowState:
     positions: Tensor | None = None  # [B, N] 0..N-1 (the first cur_idx); its slices index the current sequence
     head: Tensor | None = None  # positions[:, :vision_run], taken at the first drop (vision-run path)
     vision_run: int | None = None  # layout.vision_run: every row's vision tokens are one run starting here (host)
-    pos_full: Tensor | None = None  # [B, N] original position ids (from layer 0's kwargs)
+    captured: bool = False  # pos_full and cos_sin_full were read (at the prefill's first layer step)
+    pos_full: Tensor | None = None  # [B, N] original position ids (the model's, as every layer receives them)
     cos_sin_full: tuple[Tensor, Tensor] | None = None  # original (cos, sin) [B|1, N, hd]
     n_vision: int = 0  # vision tokens each row currently holds (the same in every row), kept on the host
     pending: Tensor | None = None  # [B, N''] keep-index into the current sequence, applied at the next layer
@@ -301,8 +302,8 @@ class PruningEngine:
         self._generators = row_generators(input_ids, kwargs.get("attention_mask"), self.arch.row_images(kwargs, batch),
                                           self.seed) \
             if self.seeded else None
-        self._layer_cols = [None] * self.num_layers
-        self._layer_vision = [0] * self.num_layers
+        self._layer_cols = [positions] + [None] * (self.num_layers - 1)  # layer 0 holds every token (unless a
+        self._layer_vision = [n_vision] + [0] * (self.num_layers - 1)  # selector's step at layer 0 says otherwise)
         self._dropped = [None] * self.num_layers
         self.record = PrefillRecord(batch_size=batch)
         if layout.ragged:
@@ -312,7 +313,7 @@ class PruningEngine:
             self._row_keeps = [self._counts_for(v) for v in layout.vision_counts]
             self._keep_counts = [max(ks) for ks in zip(*self._row_keeps)]
             self._layer_fill = [None] * self.num_layers
-            self._layer_rows = [None] * self.num_layers
+            self._layer_rows = [st.row_vision] + [None] * (self.num_layers - 1)
         else:
             self._row_keeps = None
             self._keep_counts = self._counts_for(layout.num_vision)
@@ -353,7 +354,10 @@ class PruningEngine:
     def _make_layer_forward(self, index: int, layer: nn.Module, inner: Any):
         """Decoder layer `index`'s forward under the engine: the engine's step, then the layer's own forward `inner`."""
         stages = set(self.stage_layers)
-        special = index in (0, self.num_layers - 1) or index in stages or (index - 1) in stages
+        # layers with work of their own: the one after a stage (the drop), the last (the record), layer 0 for a
+        # selector (its stage before the language model) and a stage layer whose scorer reads that layer's input
+        special = (index == self.num_layers - 1 or (index - 1) in stages or (index == 0 and self.is_selector)
+                   or (index in stages and self.rows_kind == "none"))
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self._decoding:
@@ -379,11 +383,13 @@ class PruningEngine:
 
     def _prefill_step(self, index: int, module: nn.Module, hidden: Tensor, args: tuple, kwargs: dict):
         st = self._state
-        if index == 0:
+        if not st.captured:  # the first step of this prefill: the model's own position ids and RoPE tables (every
+            # layer receives the same ones from the model until the engine slices them)
             st.pos_full = _expand_batch(kwargs.get("position_ids"), hidden.shape[0])
             st.cos_sin_full = kwargs.get("position_embeddings")
-            if self.is_selector:
-                hidden = self._before_lm_stage(hidden)
+            st.captured = True
+        if index == 0 and self.is_selector:
+            hidden = self._before_lm_stage(hidden)
         if index >= 1 and self.rows_kind == "none" and not self.is_selector and (index - 1) in self.stage_layers:
             # Scorers that read the stage layer's output (PyramidDrop with the next layer's modules, DART).
             cur_kwargs = self._sliced_kwargs(kwargs, st, hidden) if st.cur_idx.shape[1] != st.layout.seq_len else kwargs

@@ -224,7 +224,7 @@ class TokenLayout:
         positions = torch.arange(seq, device=device).view(1, seq)
         valid = torch.ones(1, seq, dtype=torch.bool, device=device)
         return cls(valid=valid, vision_index=positions[:, first:end], text_index=positions[:, end:],
-                   text_mask=valid[:, end:], last_index=positions[0, -1:], text_full=True, text_tail=True,
+                   text_mask=valid[:, end:], last_index=positions[:, -1], text_full=True, text_tail=True,
                    vision_run=first, vision_counts=(n_vision,), positions=positions,
                    _host={"run": (seq, first, end)})
 
