@@ -218,8 +218,11 @@ class PruningEngine:
         try:
             self._handles.append(self.arch.multimodal_model.register_forward_pre_hook(self._on_model_start,
                                                                                       with_kwargs=True))
-            for i, layer in enumerate(self.layers):
-                self._handles.append(_LayerWrap(layer, lambda inner, i=i, layer=layer: self._make_layer_forward(i, layer, inner)))
+            first = min(self.stage_layers, default=self.num_layers)
+            for i, layer in enumerate(self.layers):  # no step before the first stage's drop, except a layer's own work
+                if i > first or self._has_work(i):
+                    self._handles.append(_LayerWrap(layer, lambda inner, i=i, layer=layer:
+                                                    self._make_layer_forward(i, layer, inner)))
             probe_layers = [l for l in self.stage_layers if l >= 0] if self.rows_kind != "none" else []
             if self.is_selector:
                 self._capture = VisionCapture(self.model, get_selector(self.scorer).needs, self.scorer)
@@ -351,13 +354,17 @@ class PruningEngine:
         return why
 
     # -- per layer -------------------------------------------------------------------------------------
+    def _has_work(self, index: int) -> bool:
+        """Whether decoder layer `index` has a step of its own in prefill: the layer after a stage (the drop), the last
+        (the record), layer 0 for a selector (its stage before the language model) and a stage layer whose scorer
+        reads that layer's input. The other layers only take on the slices of the layer after the last stage."""
+        stages = self.stage_layers
+        return (index == self.num_layers - 1 or (index - 1) in stages or (index == 0 and self.is_selector)
+                or (index in stages and self.rows_kind == "none"))
+
     def _make_layer_forward(self, index: int, layer: nn.Module, inner: Any):
         """Decoder layer `index`'s forward under the engine: the engine's step, then the layer's own forward `inner`."""
-        stages = set(self.stage_layers)
-        # layers with work of their own: the one after a stage (the drop), the last (the record), layer 0 for a
-        # selector (its stage before the language model) and a stage layer whose scorer reads that layer's input
-        special = (index == self.num_layers - 1 or (index - 1) in stages or (index == 0 and self.is_selector)
-                   or (index in stages and self.rows_kind == "none"))
+        special = self._has_work(index)
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self._decoding:
@@ -538,8 +545,12 @@ class PruningEngine:
         return slice(n_cur - self._state.layout.text_index.shape[1], n_cur)
 
     def _probe_rows(self, call: ProbeCall):
-        if self._state is None or call.q_len == 1:
+        st = self._state
+        if st is None or call.q_len == 1:
             return None
+        if st.vision_run is not None and self.rows_kind == "text":  # the text: every row's last T tokens
+            n_cur = st.cur_idx.shape[1]
+            return slice(n_cur - st.layout.text_index.shape[1], n_cur), None
         return self._query_rows()
 
     def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor | slice, mask: Tensor | None) -> None:
