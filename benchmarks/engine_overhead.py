@@ -6,10 +6,10 @@ time is the host's (Python and op dispatch), as in a batch-1 forward of the 7B m
 unpruned; keep-all (the "64" preset's stage layers 1, 10, 20 keeping every token: scoring and gathering, nothing
 dropped); "64" (the adaptinfer_7b_64 preset's keep counts scaled to 16 vision tokens: 4, 1, 1). Reported per
 variant: the aten ops one forward dispatches (and its host reads of tensor values), and the median wall time of the
-full forward (interleaved repeats), as a ratio to unpruned: the ratio of the medians, and the median (with quartiles) of
-each repeat's ratio to the unpruned forward of the same round (paired: steadier when the machine's speed drifts). With --compile the same variants also run with the
-language model compiled (`PruningEngine(..., compile=True)`, and `compiled_prefill` for unpruned), ratios taken
-compiled against compiled.
+full forward (interleaved repeats), as a ratio to unpruned: the ratio of the medians, and the median (with quartiles)
+of each repeat's ratio to the unpruned forward of the same round (paired: steadier when the machine's speed drifts).
+With --compile the same variants also run with the language model compiled (`PruningEngine(..., compile=True)`, and
+`compiled_prefill` for unpruned), ratios taken compiled against compiled.
 
     python benchmarks/engine_overhead.py --repeats 30 --out benchmarks/results/engine_overhead_cpu.md
     python benchmarks/engine_overhead.py --repeats 30 --compile --out benchmarks/results/engine_overhead_cpu.md

@@ -2,11 +2,12 @@
 
 At batch 1 on a GPU an eager forward is host-bound: the host issues every kernel of the model (and the engine's), and
 dropping tokens only shortens GPU work the host is already waiting behind. Compiling the language model's forward
-with the engine's hooks and layer wrappers in place (torch.compile inlines them) turns the pruned prefill into one graph:
-scoring, top-k and the gathers are part of it, and with `mode="reduce-overhead"` on CUDA the graph is replayed as
-a CUDA graph, one launch for the whole decoder.
+with the engine's hooks and layer wrappers in place (torch.compile inlines them) turns the pruned prefill into one
+graph: scoring, top-k and the gathers are part of it, and with `mode="reduce-overhead"` on CUDA the graph is replayed
+as a CUDA graph, one launch for the whole decoder.
 
-`CompiledPrefill(model)` (and `PruningEngine(..., compile=True)`, which opens one after attaching its hooks and wrappers):
+`CompiledPrefill(model)` (and `PruningEngine(..., compile=True)`, which opens one after attaching its hooks and
+wrappers):
 
 * compiles the language model's forward with static shapes (`dynamic=False`, `fullgraph=True`): one graph per
   (schedule, batch shape); pad prompts to a few lengths (`pad_to_bucket`) so that prompts of one bucket share it;

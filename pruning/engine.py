@@ -357,7 +357,7 @@ class PruningEngine:
     def _has_work(self, index: int) -> bool:
         """Whether decoder layer `index` has a step of its own in prefill: the layer after a stage (the drop), the last
         (the record), layer 0 for a selector (its stage before the language model) and a stage layer whose scorer
-        reads that layer's input. The other layers only take on the slices of the layer after the last stage."""
+        reads that layer's input. The others only take on the slices made at the layer after the latest drop."""
         stages = self.stage_layers
         return (index == self.num_layers - 1 or (index - 1) in stages or (index == 0 and self.is_selector)
                 or (index in stages and self.rows_kind == "none"))
@@ -549,8 +549,7 @@ class PruningEngine:
         if st is None or call.q_len == 1:
             return None
         if st.vision_run is not None and self.rows_kind == "text":  # the text: every row's last T tokens
-            n_cur = st.cur_idx.shape[1]
-            return slice(n_cur - st.layout.text_index.shape[1], n_cur), None
+            return self._text_slice(), None
         return self._query_rows()
 
     def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor | slice, mask: Tensor | None) -> None:

@@ -273,7 +273,8 @@ def _blend(text_weight_blend: float) -> float:
     return lb
 
 
-def adaptinfer_on_slices(attn: Tensor, text_slice: slice, vision_slice: slice, text_weight_blend: float = 1.0) -> Tensor:
+def adaptinfer_on_slices(attn: Tensor, text_slice: slice, vision_slice: slice,
+                         text_weight_blend: float = 1.0) -> Tensor:
     """`adaptinfer` where every row's text is the key slice `text_slice` (its last T tokens, no filler) and its vision
     tokens the run `vision_slice`: views instead of gathers, and the products over the V vision columns only.
     attn [B, H, T, K] -> [B, V]."""

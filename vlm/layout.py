@@ -228,6 +228,7 @@ class TokenLayout:
                    vision_run=first, vision_counts=(n_vision,), positions=positions,
                    _host={"run": (seq, first, end)})
 
+
 def _shared_run(vision_index: np.ndarray) -> int | None:
     """The start of the vision tokens when every row holds them as one contiguous run at the same positions."""
     first = vision_index[0]
