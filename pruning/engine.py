@@ -188,9 +188,7 @@ class PruningEngine:
         if self.is_selector and schedule.vision_tokens is not None:
             check_budget(scorer, schedule.keep_counts()[0], schedule.vision_tokens, self.scorer_options)
         self.seeded = not self.is_selector and spec.seeded
-        # the scorer's function and its options, resolved once (`_score`; scorers.score re-checks them per call)
-        self._scorer_fn = None if self.is_selector else spec.fn
-        self._scorer_kwargs = {} if self.is_selector else {**spec.options, **self.scorer_options}
+        self._scorer_kwargs = {} if self.is_selector else {**spec.options, **self.scorer_options}  # resolved once
         # the scorer on one text slice and one vision run (the batch-1 path of `_on_rows`), when it has that form
         self._on_slices = None if self.is_selector or self._merge is not None else spec.on_slices
         self._widths = self.arch.text_widths(self.config)
@@ -545,11 +543,8 @@ class PruningEngine:
         return slice(n_cur - self._state.layout.text_index.shape[1], n_cur)
 
     def _probe_rows(self, call: ProbeCall):
-        st = self._state
-        if st is None or call.q_len == 1:
+        if self._state is None or call.q_len == 1:
             return None
-        if st.vision_run is not None and self.rows_kind == "text":  # the text: every row's last T tokens
-            return self._text_slice(), None
         return self._query_rows()
 
     def _on_rows(self, call: ProbeCall, rows: Tensor, index: Tensor | slice, mask: Tensor | None) -> None:
@@ -567,16 +562,7 @@ class PruningEngine:
             if mask is None:
                 mask = torch.ones_like(index, dtype=torch.bool)
             ctx = self._context(attn=rows, query_index=index, query_mask=mask, stage=call.site)
-        self._apply_selection(call.site, self._score(ctx))
-
-    def _score(self, ctx: ScoringContext) -> Tensor:
-        """`scorers.score` for a context the engine built (consistent by construction, options checked on entry):
-        the scorer's function and the shape of what it returns, [B, V] float32."""
-        out = self._scorer_fn(ctx, **self._scorer_kwargs)
-        if out.shape != ctx.vision_index.shape:
-            raise RuntimeError(f"scorer {self.scorer!r} returned shape {tuple(out.shape)}, expected [B, V] = "
-                               f"{tuple(ctx.vision_index.shape)}")
-        return out if out.dtype == torch.float32 else out.float()
+        self._apply_selection(call.site, run_scorer(self.scorer, ctx))
 
     def _current(self) -> _RowState:
         """The row state with vision_cur, text_cur and valid_cur in place: on the vision-run path a drop leaves them

@@ -144,13 +144,17 @@ def _scaled_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """q [B, H, R, D] float32 against k [B, Hkv, K, D] (GQA keys repeated to H heads): [B, H, R, K] * scale, as one
     batched matmul over (B * H), which dispatches fewer ops than a 4-D matmul."""
     batch, heads, rows_n, dim = q.shape
-    k = k.float() if k.dtype != torch.float32 else k
-    if k.shape[1] != heads:
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)  # [B, H, K, D]
+    k = _head_keys(k, heads)
     kv_len = k.shape[2]
     scores = torch.bmm(q.reshape(batch * heads, rows_n, dim), k.reshape(batch * heads, kv_len, dim).transpose(1, 2))
     scores = scores.view(batch, heads, rows_n, kv_len)
     return scores * scale if scale != 1.0 else scores
+
+
+def _head_keys(key: Tensor, heads: int) -> Tensor:
+    """key [B, Hkv, K, D] in float32, GQA keys repeated to `heads` heads: [B, H, K, D]."""
+    k = key.float() if key.dtype != torch.float32 else key
+    return k.repeat_interleave(heads // k.shape[1], dim=1) if k.shape[1] != heads else k
 
 
 def _slice_rows(query: Tensor, key: Tensor, rows: slice, scale: float) -> Tensor:
@@ -160,9 +164,7 @@ def _slice_rows(query: Tensor, key: Tensor, rows: slice, scale: float) -> Tensor
     batch, heads, q_len, dim = query.shape
     q = query[:, :, rows]  # [B, H, R, D]
     q = q.float() if q.dtype != torch.float32 else q
-    k = key.float() if key.dtype != torch.float32 else key
-    if k.shape[1] != heads:
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)  # [B, H, K, D]
+    k = _head_keys(key, heads)
     rows_n, kv_len = q.shape[2], k.shape[2]
     start = range(q_len)[rows].start + kv_len - q_len  # the first row's key position (queries end the key axis)
     future = torch.full((rows_n, kv_len), float("-inf"), device=q.device).triu_(start + 1)  # 0 at allowed keys
