@@ -430,17 +430,18 @@ def test_a_compiled_model_is_refused_not_silently_unpruned(compile_what):
             pass
 
 
-def test_engine_extra_ops_on_the_batch1_proxy_stay_within_120():
-    """On the 32-layer proxy of batch-1 prefill (benchmarks/engine_overhead.py) the engine adds at most 120 aten ops
-    to a forward with 3 stages (issue 17's budget was 150; the one-run fast path needs 106 for "64", 94 for
-    keep-all), and reads no tensor value on the host beyond the model's own."""
+def test_engine_extra_ops_on_the_batch1_proxy_stay_within_110():
+    """On the 32-layer proxy of batch-1 prefill (benchmarks/engine_overhead.py) the engine adds at most 110 aten ops
+    to a forward with 3 stages (issue 17's budget was 150; the one-run fast path needs 102 for "64", 88 for
+    keep-all, with the probe's causal bias kept from the warm-up forward), and reads no tensor value on the host
+    beyond the model's own."""
     bench = _engine_overhead()
     model = bench.proxy_model(32)
     inputs = bench.proxy_inputs(model)
     plain_ops, plain_reads = bench.count_ops(model, inputs, None)
     for name, schedule in bench.schedules().items():
         ops, reads = bench.count_ops(model, inputs, schedule)
-        assert ops - plain_ops <= 120, f"{name}: the engine adds {ops - plain_ops} ops (budget 120)"
+        assert ops - plain_ops <= 110, f"{name}: the engine adds {ops - plain_ops} ops (budget 110)"
         assert reads == plain_reads, f"{name}: {reads - plain_reads} extra host reads of tensor values"
 
 

@@ -124,3 +124,23 @@ def test_rows_given_as_a_slice_equal_rows_given_as_an_index(masked):
     index = torch.arange(6, 10).expand(2, -1)
     want = attention_rows(query, key, mask, index, 0.3)
     torch.testing.assert_close(attention_rows(query, key, mask, slice(6, 10), 0.3), want, rtol=1e-6, atol=1e-7)
+
+
+def test_slice_rows_reuse_one_causal_bias_as_the_sequence_shrinks():
+    """The stages of one prefill ask for the same text rows over fewer and fewer keys (and other prompts for other
+    row counts): the causal bias kept from the widest call must mask exactly what a fresh one would, at every width,
+    whichever width came first."""
+    from vlm.probe import _BIASES, attention_rows
+
+    g = torch.Generator().manual_seed(3)
+    query, key = torch.randn(1, 4, 30, 8, generator=g), torch.randn(1, 4, 30, 8, generator=g)
+    for order in ([30, 22, 17, 25], [12, 30]):
+        _BIASES.clear()
+        for n in order:
+            for rows in (slice(n - 5, n), slice(n - 7, n - 2)):  # text at the end, and rows that stop short of it
+                q, k = query[:, :, :n], key[:, :, :n]
+                want = attention_rows(q, k, None, torch.arange(n)[rows].expand(1, -1), 0.4)  # a masked_fill, no bias
+                torch.testing.assert_close(attention_rows(q, k, None, rows, 0.4), want, rtol=1e-6, atol=1e-7)
+        # one bias per kind of rows (5 at the end, 5 ending 2 short of it), as wide as the widest call
+        assert sorted(_BIASES) == [(5, -7, torch.device("cpu")), (5, -5, torch.device("cpu"))]
+        assert {bias.shape for bias in _BIASES.values()} == {(5, max(order))}

@@ -167,10 +167,34 @@ def _slice_rows(query: Tensor, key: Tensor, rows: slice, scale: float) -> Tensor
     k = _head_keys(key, heads)
     rows_n, kv_len = q.shape[2], k.shape[2]
     start = range(q_len)[rows].start + kv_len - q_len  # the first row's key position (queries end the key axis)
-    future = torch.full((rows_n, kv_len), float("-inf"), device=q.device).triu_(start + 1)  # 0 at allowed keys
+    future = _causal_bias(rows_n, kv_len, start, q.device)
     scores = torch.baddbmm(future, q.reshape(batch * heads, rows_n, dim),
                            k.reshape(batch * heads, kv_len, dim).transpose(1, 2), alpha=scale)
     return torch.softmax(scores, dim=-1).view(batch, heads, rows_n, kv_len)  # key 0 is always allowed: no NaN
+
+
+_BIASES: dict[tuple, Tensor] = {}  # (rows, first row's key position - keys, device) -> the widest bias made so far
+_MAX_BIASES = 16
+
+
+def _causal_bias(rows_n: int, kv_len: int, start: int, device: torch.device) -> Tensor:
+    """[rows_n, kv_len] float32: 0 where key j <= start + r (row r may attend), -inf after.
+
+    Kept per (rows_n, start - kv_len, device) at the widest kv_len seen, and sliced: a bias W wide made for a first row
+    at W - kv_len + start gives this one as its last kv_len columns. The stages of one prefill (the same text rows at
+    the end of a sequence that shrinks), and prompts with the same text length, share one tensor: two kernels fewer a
+    stage, which counts where batch-1 prefill waits for the host. Not cached inside torch.compile (the graph makes
+    it)."""
+    if torch.compiler.is_compiling():
+        return torch.full((rows_n, kv_len), float("-inf"), device=device).triu_(start + 1)
+    key = (rows_n, start - kv_len, device)
+    bias = _BIASES.get(key)
+    if bias is None or bias.shape[1] < kv_len:
+        if len(_BIASES) >= _MAX_BIASES:
+            _BIASES.pop(next(iter(_BIASES)))  # the oldest
+        bias = _BIASES[key] = torch.full((rows_n, kv_len), float("-inf"), device=device).triu_(start + 1)
+    width = bias.shape[1]
+    return bias if width == kv_len else bias[:, width - kv_len:]
 
 
 class AttentionProbe:
