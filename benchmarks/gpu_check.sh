@@ -7,7 +7,8 @@
 #   1. eager at batch 1 and 8, SDPA and (when installed) FlashAttention-2;
 #   2. compiled (pruning inside one graph, CUDA graphs: `PruningEngine(compile=True)`), SDPA, batch 1: unpruned, "64",
 #      "128" and keep-all (each compiled variant builds its own graph: about a minute each); every compiled row also
-#      compares its next-token logits with the eager forward's (last column);
+#      compares its next-token logits with the eager forward's (last column), and its mode cell says whether the
+#      graph really replayed as a CUDA graph ("compiled, CUDA graphs") or not, with inductor's reason;
 #   3. compiled, batch 8: unpruned and "64";
 #   4. the Qwen2.5-VL-7B architecture (random bf16 weights, 28 layers, M-RoPE, windowed ViT), eager, SDPA, batch 1
 #      and 8, one 672 x 672 px image per row (24 x 24 = 576 merged tokens, LLaVA-1.5's count, so the same presets

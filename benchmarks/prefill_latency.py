@@ -163,6 +163,18 @@ def keep_all(schedule: Schedule) -> Schedule:
                                "positions": schedule.positions})
 
 
+def _compiled_status(loaded: LoadedModel) -> str:
+    """The `mode` cell of a compiled variant: compiled (with or without CUDA graph replay), or the eager fallback."""
+    from pruning.compiled import active
+
+    prefill = active(loaded.model)
+    if not prefill.compiled:
+        return f"eager (fallback: {prefill.fallback_reason})"
+    if prefill.cudagraphs is None:
+        return "compiled"
+    return "compiled, CUDA graphs" if prefill.cudagraphs else f"compiled, no CUDA graphs ({prefill.cudagraph_skip})"
+
+
 def _variant_context(loaded: LoadedModel, schedule: Schedule | None, scorer: str, compiled: bool):
     """The engine for a schedule (compiled or not), or, unpruned, the compiled prefill / nothing."""
     from contextlib import nullcontext
@@ -231,7 +243,7 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
                             forward(name)()
                         for _ in range(repeats):
                             timer.run(forward(name))
-                        status[name] = "compiled" if ctx.compiled else f"eager (fallback: {ctx.compile_fallback if schedule is not None else ctx.fallback_reason})"
+                        status[name] = _compiled_status(loaded)
                     times[name] = timer.times_ms
         if "unpruned" not in times:
             raise SystemExit("--compile-variants must include unpruned (the ratios' base)")

@@ -310,6 +310,8 @@ def make_row(
                    device=output.device, execution=output.extras.get("execution", "eager"))
         if output.extras.get("compile_fallback"):
             row["note"] = "; ".join(filter(None, [row["note"], f"compile fell back to eager: {output.extras['compile_fallback']}"]))
+        if output.extras.get("cudagraph_skip"):
+            row["note"] = "; ".join(filter(None, [row["note"], f"no CUDA graphs: {output.extras['cudagraph_skip']}"]))
     if metrics is not None:
         if "score" not in metrics:
             raise BenchmarkError(f"the task's score() returned {sorted(metrics)} without the headline key 'score'")

@@ -16,6 +16,10 @@ wrappers):
 * falls back to the eager forward, once and with a warning naming the reason, when the forward cannot be captured
   (a graph break under `fullgraph`, a backend that fails to build); `fallback_reason` keeps it, `compiled` says
   whether the last prefill ran compiled;
+* says when a mode that replays CUDA graphs (`reduce-overhead`, `max-autotune`) could not use them for a graph
+  (inductor then runs the compiled kernels without a graph, one launch each, and only logs why): a warning, once,
+  and `cudagraph_skip` with inductor's reason (`cudagraphs` is True / False, None for modes without CUDA graphs), so
+  that a batch-1 timing labelled "compiled" is not read as a CUDA-graph replay when it was not one;
 * restores the model's own forward on exit; the compiled function is dropped with it.
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ from vlm.errors import UserError
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 
 class CompileError(UserError, ValueError):
@@ -79,9 +84,19 @@ class CompiledPrefill:
         self.mode = check_mode(mode) or default_mode(device)
         self.compiled = False  # the last prefill ran the compiled graph
         self.fallback_reason: str | None = None
+        self.cudagraph_skip: str | None = None  # why a graph does not replay as a CUDA graph (modes that would)
         self._fn = None
         self._original = None
         self._installed = None
+        self._skip_log: _SkipLog | None = None
+
+    @property
+    def cudagraphs(self) -> bool | None:
+        """Whether the compiled prefills replay as CUDA graphs: None for a mode without them, False once inductor
+        skipped them for a graph (`cudagraph_skip` says why)."""
+        if self.mode not in CUDAGRAPH_MODES:
+            return None
+        return self.cudagraph_skip is None
 
     def __enter__(self) -> "CompiledPrefill":
         if "forward" in vars(self.lm):
@@ -91,20 +106,28 @@ class CompiledPrefill:
         self._fn = torch.compile(self._original, dynamic=False, fullgraph=True, mode=self.mode)
         self._installed = self._forward  # one bound-method object, to recognise it on exit
         self.lm.forward = self._installed  # instance attribute: nn.Module.__call__ finds it first
+        if self.mode in CUDAGRAPH_MODES:
+            self._skip_log = _SkipLog.attach()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._installed is not None and vars(self.lm).get("forward") is self._installed:
             del self.lm.forward
         self._fn = self._installed = None
+        if self._skip_log is not None:
+            self._skip_log.detach()
+            self._skip_log = None
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if not _is_prefill(args, kwargs):
             return self._original(*args, **kwargs)
         if self.fallback_reason is None:
             try:
+                skips = _cudagraph_skips() if self._skip_log is not None else 0
                 out = self._fn(*args, **kwargs)
                 self.compiled = True
+                if self._skip_log is not None and _cudagraph_skips() > skips:  # a graph built now, without CUDA graphs
+                    self._note_cudagraph_skip(args, kwargs)
                 return out
             except torch._dynamo.exc.RecompileError:
                 raise  # asked for by the caller (error_on_recompile): not a capture failure
@@ -115,6 +138,49 @@ class CompiledPrefill:
                               "it eager from now on", RuntimeWarning, stacklevel=2)
         self.compiled = False
         return self._original(*args, **kwargs)
+
+    def _note_cudagraph_skip(self, args: tuple, kwargs: dict) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        ids = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+        reason = self._skip_log.reasons[-1] if self._skip_log.reasons else (
+            f"the graph runs on {ids.device.type}, not CUDA" if ids is not None and ids.device.type != "cuda"
+            else "inductor gave no reason; run with TORCH_LOGS=cudagraphs to see it")
+        if self.cudagraph_skip is None:
+            warnings.warn(f"compile: mode {self.mode!r} replays CUDA graphs, but this prefill's graph does not ({reason});"
+                          " it runs compiled, one kernel launch at a time", RuntimeWarning, stacklevel=3)
+        self.cudagraph_skip = reason
+
+
+def _cudagraph_skips() -> int:
+    """Inductor's count of graphs it did not wrap in CUDA graphs, in this process."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+class _SkipLog(logging.Handler):
+    """Collects inductor's "skipping cudagraphs due to ..." messages while a CompiledPrefill that wants CUDA graphs is
+    open (inductor logs them and runs on; it raises nothing)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logging.WARNING)
+        self.logger = logger
+        self.reasons: list[str] = []
+
+    @classmethod
+    def attach(cls) -> "_SkipLog":
+        from torch._inductor import cudagraph_utils
+
+        handler = cls(cudagraph_utils.cudagraphs_log)
+        handler.logger.addHandler(handler)
+        return handler
+
+    def detach(self) -> None:
+        self.logger.removeHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.reasons.append(message.removeprefix("skipping cudagraphs due to ").strip())
 
 
 def active(model: nn.Module) -> CompiledPrefill | None:

@@ -251,6 +251,11 @@ class PruningEngine:
         """Why the compiled prefill fell back to eager, or None."""
         return self._compiled.fallback_reason if self._compiled is not None else None
 
+    @property
+    def cudagraph_skip(self) -> str | None:
+        """Why the compiled prefill does not replay as a CUDA graph although its mode would (see pruning.compiled)."""
+        return self._compiled.cudagraph_skip if self._compiled is not None else None
+
     def _detach(self) -> None:
         errors = []
         for handle in self._handles:

@@ -16,7 +16,8 @@ One run = one model, one list of samples, one schedule + scorer (or none: the un
   With `compile` the prefill (timed and generating, pruned or not) runs compiled (`pruning.compiled`), every batch
   left-padded to its `compile_buckets` length so that prompts of one bucket share a graph; `extras["execution"]`
   says whether the timed prefill really ran compiled ("compiled") or fell back ("eager", with the reason in
-  `extras["compile_fallback"]`).
+  `extras["compile_fallback"]`); where a CUDA-graph mode could not replay a graph, `extras["cudagraph_skip"]` says
+  why (the row's note repeats it).
 * `tflops`: analytic prefill TFLOPs per sample (`pruning.flops`, 4nd^2 + 2n^2d + 3ndm per layer) from each
   row's real (unpadded) token count and the vision tokens each layer processed (`engine.record.vision_per_layer`),
   averaged over the samples; padding does not count, so the number does not depend on batching. Each row counts
@@ -193,13 +194,16 @@ def pruning(
 
 
 def _execution(loaded: LoadedModel) -> dict[str, Any]:
-    """How the last prefill ran: {"execution": "compiled" | "eager"} and the fallback reason, if any."""
+    """How the last prefill ran: {"execution": "compiled" | "eager"}, the fallback reason and why CUDA graphs were
+    skipped, if so."""
     ctx = active_compiled(loaded.model)
     if ctx is None:
         return {"execution": "eager"}
     out = {"execution": "compiled" if ctx.compiled else "eager"}
     if ctx.fallback_reason:
         out["compile_fallback"] = ctx.fallback_reason
+    if ctx.cudagraph_skip:
+        out["cudagraph_skip"] = ctx.cudagraph_skip
     return out
 
 

@@ -93,6 +93,49 @@ def test_compiled_unpruned_prefill_and_generation(model):
     assert torch.equal(got, expected)
 
 
+def test_a_mode_that_replays_cuda_graphs_says_when_a_graph_does_not(model):
+    """reduce-overhead on a CPU: inductor compiles the graph but cannot replay it as a CUDA graph and only logs (on a
+    GPU, e.g. for a CPU tensor in the graph); the prefill warns once and says why, instead of being timed as a
+    replay. A mode without CUDA graphs says nothing."""
+    inputs = _inputs([7])
+    with torch.no_grad():
+        with PruningEngine(model, SCHEDULE, "adaptinfer"):
+            eager = model(**inputs).logits
+        with PruningEngine(model, SCHEDULE, "adaptinfer", compile="reduce-overhead") as engine:
+            with pytest.warns(RuntimeWarning, match="replays CUDA graphs, but this prefill's graph does not"):
+                out = model(**inputs).logits
+            assert engine.compiled and "not CUDA" in engine.cudagraph_skip and active(model).cudagraphs is False
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # warned once
+                model(**inputs)
+        torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+        with compiled_prefill(model) as ctx, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model(**inputs)
+            assert ctx.compiled and ctx.cudagraphs is None and ctx.cudagraph_skip is None
+
+
+def test_the_reason_inductor_logs_for_skipping_cuda_graphs_is_kept(model):
+    """On a GPU inductor logs why it skipped CUDA graphs (`log_cudagraph_skip_and_bump_counter`); that reason, not a
+    guess, reaches `cudagraph_skip`, and the handler is gone once the prefill closes."""
+    from torch._inductor.cudagraph_utils import cudagraphs_log, log_cudagraph_skip_and_bump_counter
+
+    inputs = _inputs([7])
+    handlers = list(cudagraphs_log.handlers)
+    with torch.no_grad(), compiled_prefill(model, "reduce-overhead") as ctx:
+        compiled = ctx._fn
+
+        def skipping(*args, **kwargs):  # what inductor does when a graph cannot be a CUDA graph
+            log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+            return compiled(*args, **kwargs)
+
+        ctx._fn = skipping
+        with pytest.warns(RuntimeWarning, match=r"\(mutated inputs \(1 instances\)\)"):
+            model(**inputs)
+        assert ctx.cudagraph_skip == "mutated inputs (1 instances)" and ctx.cudagraphs is False
+    assert cudagraphs_log.handlers == handlers
+
+
 @register_scorer("test_host_read", rows="last", replace=True)
 def _host_read(ctx):
     """A scorer with code dynamo cannot trace (an explicit graph break stands for it): no single graph."""
@@ -141,12 +184,18 @@ def test_a_compiled_benchmark_row_says_so_and_its_baseline_is_compiled(tmp_path)
 
     processor_dir = save_processor(tmp_path / "processor")
     tables = {}
-    for name, extra in (("compiled", {"compile": True, "compile_buckets": 32}), ("eager", {})):
+    for name, extra in (("compiled", {"compile": True, "compile_buckets": 32}), ("eager", {}),
+                        ("graphs", {"compile": True, "compile_buckets": 32, "compile_mode": "reduce-overhead"})):
         cfg = bench_cfg(processor_dir, tmp_path / name, ["fastv"], [320], limit=2, **extra)
         cfg["model"]["arch"]["text_config"]["num_hidden_layers"] = 2
-        run_benchmark(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "graphs": no CUDA graphs on a CPU (its own test)
+            run_benchmark(cfg)
         tables[name] = read_table(tmp_path / name)
     compiled, eager = tables["compiled"], tables["eager"]
+    assert not compiled["note"].fillna("").str.contains("CUDA graphs").any()
+    # a mode that replays CUDA graphs, on a device that has none: the rows say their graphs were not replayed
+    assert tables["graphs"]["note"].str.contains("no CUDA graphs: the graph runs on cpu, not CUDA").all()
     assert sorted(compiled["method"]) == ["fastv", "unpruned"]
     assert set(compiled["execution"]) == {"compiled"} and set(eager["execution"]) == {"eager"}
     assert compiled["model_settings"].str.contains("execution=compiled").all()
