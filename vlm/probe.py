@@ -185,14 +185,14 @@ def _causal_bias(rows_n: int, kv_len: int, start: int, device: torch.device) -> 
     the end of a sequence that shrinks), and prompts with the same text length, share one tensor: two kernels fewer a
     stage, which counts where batch-1 prefill waits for the host. Not cached inside torch.compile (the graph makes
     it)."""
-    if torch.compiler.is_compiling():
-        return torch.full((rows_n, kv_len), float("-inf"), device=device).triu_(start + 1)
-    key = (rows_n, start - kv_len, device)
-    bias = _BIASES.get(key)
+    key, cached = (rows_n, start - kv_len, device), not torch.compiler.is_compiling()
+    bias = _BIASES.get(key) if cached else None
     if bias is None or bias.shape[1] < kv_len:
-        if len(_BIASES) >= _MAX_BIASES:
-            _BIASES.pop(next(iter(_BIASES)))  # the oldest
-        bias = _BIASES[key] = torch.full((rows_n, kv_len), float("-inf"), device=device).triu_(start + 1)
+        bias = torch.full((rows_n, kv_len), float("-inf"), device=device).triu_(start + 1)
+        if cached:
+            if len(_BIASES) >= _MAX_BIASES:
+                _BIASES.pop(next(iter(_BIASES)))  # the oldest
+            _BIASES[key] = bias
     width = bias.shape[1]
     return bias if width == kv_len else bias[:, width - kv_len:]
 
