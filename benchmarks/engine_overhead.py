@@ -14,6 +14,12 @@ With --compile the same variants also run with the language model compiled (`Pru
     python benchmarks/engine_overhead.py --repeats 30 --out benchmarks/results/engine_overhead_cpu.md
     python benchmarks/engine_overhead.py --repeats 30 --compile --out benchmarks/results/engine_overhead_cpu.md
 
+With --parts, where keep-all's cost goes: the engine with parts switched off (a diagnostic, not a way to run it):
+"start + steps" (the layout, the layer steps and the probe's dispatch, no attention rows), "+ rows" (the attention
+rows too, no scoring), then the whole keep-all; the differences between the rows are each part's share.
+
+    python benchmarks/engine_overhead.py --repeats 300 --parts
+
 Targets (issue 17): keep-all <= 1.05x, "64" <= 1.00x unpruned (eager); the engine's extra ops <= 150 (pinned at 110 by
 tests/test_engine.py).
 """
@@ -87,11 +93,14 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(model: torch.nn.Module, inputs: dict, schedule: Schedule | None, scorer: str = "adaptinfer"):
-    """(aten ops, host reads) of one eager forward, unpruned (schedule None) or under the engine."""
+def count_ops(model: torch.nn.Module, inputs: dict, schedule: Schedule | tuple | None, scorer: str = "adaptinfer"):
+    """(aten ops, host reads) of one eager forward, unpruned (schedule None) or under the engine (a schedule, or
+    (schedule, PartialEngine options))."""
     with torch.no_grad():
         with ExitStack() as stack:
-            if schedule is not None:
+            if isinstance(schedule, tuple):
+                stack.enter_context(PartialEngine(model, schedule[0], scorer, **schedule[1]))
+            elif schedule is not None:
                 stack.enter_context(PruningEngine(model, schedule, scorer))
             model(**inputs)  # warm: lazy initialisation is not the engine's cost
             counter = OpCounter()
@@ -100,14 +109,39 @@ def count_ops(model: torch.nn.Module, inputs: dict, schedule: Schedule | None, s
     return counter.ops, counter.host_reads
 
 
+class PartialEngine(PruningEngine):
+    """A diagnostic for --parts: the engine with its attention rows (`rows=False`) or its scoring, selection and drop
+    (`score=False`) switched off, the rest as it is."""
+
+    def __init__(self, *args, rows: bool = True, score: bool = True, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows_on, self.score_on = rows, score
+
+    def _probe_rows(self, call):
+        return super()._probe_rows(call) if self.rows_on else None
+
+    def _on_rows(self, call, rows, index, mask) -> None:
+        if self.score_on:
+            super()._on_rows(call, rows, index, mask)
+
+
+def part_variants(keep_all: Schedule) -> dict[str, tuple[Schedule, dict]]:
+    """--parts: keep-all with parts switched off, then whole (name -> (schedule, PartialEngine options))."""
+    return {"keep-all: start + steps": (keep_all, {"rows": False}), "keep-all: + rows": (keep_all, {"score": False}),
+            "keep-all": (keep_all, {})}
+
+
 def time_variants(model, inputs, variants: dict, repeats: int, warmup: int, compile: bool) -> dict[str, list[float]]:
-    """Wall ms of the full forward per variant, interleaved round-robin (each variant's engine stays open)."""
+    """Wall ms of the full forward per variant, interleaved round-robin (each variant's engine stays open). A variant
+    is a schedule (None: unpruned) or (schedule, PartialEngine options)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
         for step in range(warmup + repeats):
             for name, schedule in variants.items():
                 with ExitStack() as run:
-                    if schedule is not None:
+                    if isinstance(schedule, tuple):
+                        run.enter_context(PartialEngine(model, schedule[0], "adaptinfer", **schedule[1]))
+                    elif schedule is not None:
                         options = {"compile": True} if compile else {}
                         run.enter_context(PruningEngine(model, schedule, "adaptinfer", **options))
                     elif compile:
@@ -130,14 +164,20 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the compiled forward (minutes on a CPU)")
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="wall (perf_counter) or process (this process's CPU time, steadier on a shared machine)")
+    parser.add_argument("--parts", action="store_true",
+                        help="only the breakdown of keep-all's cost (parts of the engine switched off), eager")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.parts and args.compile:
+        parser.error("--parts breaks down the eager engine's cost; run it without --compile")
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     torch.set_num_threads(1)
     model = proxy_model(args.layers)
     inputs = proxy_inputs(model)
     variants = {"unpruned": None, **schedules()}
+    if args.parts:
+        variants = {"unpruned": None, **part_variants(variants["keep-all"])}
     lines = [
         "# Engine overhead, CPU proxy of batch-1 GPU prefill",
         "",
@@ -157,6 +197,7 @@ def main() -> None:
         base = statistics.median(times["unpruned"])
         for name, schedule in variants.items():
             ms = statistics.median(times[name])
+            schedule = schedule[0] if isinstance(schedule, tuple) else schedule
             stages = " ".join(f"{s.layer}:{s.keep:g}" for s in schedule.stages) if schedule is not None else "-"
             n_ops, reads = ops[name] if mode == "eager" else ("-", "-")
             extra = n_ops - ops["unpruned"][0] if mode == "eager" else "-"

@@ -516,3 +516,22 @@ def test_a_selector_the_model_cannot_serve_is_infeasible_not_an_error(change, ma
     with pytest.raises(MethodInfeasible, match=match):
         with PruningEngine(model, _schedule([(-1, 8)]), "visionzip"):
             pass
+
+
+def test_the_overhead_breakdown_switches_off_what_it_says():
+    """benchmarks/engine_overhead.py --parts: with the attention rows off the engine adds only the layout's ops and
+    prunes nothing; with the scoring off it adds the rows' ops and still prunes nothing; whole, it is the keep-all
+    the op-count test measures."""
+    bench = _engine_overhead()
+    model = bench.proxy_model(32)
+    inputs = bench.proxy_inputs(model)
+    plain_ops, _ = bench.count_ops(model, inputs, None)
+    parts = bench.part_variants(bench.schedules()["keep-all"])
+    extra = {name: bench.count_ops(model, inputs, variant)[0] - plain_ops for name, variant in parts.items()}
+    assert 0 < extra["keep-all: start + steps"] < extra["keep-all: + rows"] < extra["keep-all"]
+    assert extra["keep-all"] == bench.count_ops(model, inputs, parts["keep-all"][0])[0] - plain_ops
+    with torch.no_grad():
+        for name, (schedule, options) in parts.items():
+            with bench.PartialEngine(model, schedule, "adaptinfer", **options) as engine:
+                model(**inputs)
+            assert len(engine.record.stage_picks) == (3 if name == "keep-all" else 0), name  # only whole, it selects
