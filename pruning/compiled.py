@@ -146,8 +146,8 @@ class CompiledPrefill:
             f"the graph runs on {ids.device.type}, not CUDA" if ids is not None and ids.device.type != "cuda"
             else "inductor gave no reason; run with TORCH_LOGS=cudagraphs to see it")
         if self.cudagraph_skip is None:
-            warnings.warn(f"compile: mode {self.mode!r} replays CUDA graphs, but this prefill's graph does not ({reason});"
-                          " it runs compiled, one kernel launch at a time", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"compile: mode {self.mode!r} replays CUDA graphs, but this prefill's graph does not "
+                          f"({reason}); it runs compiled, one kernel launch at a time", RuntimeWarning, stacklevel=3)
         self.cudagraph_skip = reason
 
 

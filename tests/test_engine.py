@@ -519,9 +519,9 @@ def test_a_selector_the_model_cannot_serve_is_infeasible_not_an_error(change, ma
 
 
 def test_the_overhead_breakdown_switches_off_what_it_says():
-    """benchmarks/engine_overhead.py --parts: with the attention rows off the engine adds only the layout's ops and
-    prunes nothing; with the scoring off it adds the rows' ops and still prunes nothing; whole, it is the keep-all
-    the op-count test measures."""
+    """benchmarks/engine_overhead.py --parts: with the attention rows off the engine adds the fewest ops and selects
+    nothing; with the scoring off it adds the rows' ops and still selects nothing; whole, it is the keep-all the
+    op-count test measures."""
     bench = _engine_overhead()
     model = bench.proxy_model(32)
     inputs = bench.proxy_inputs(model)
