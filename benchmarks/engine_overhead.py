@@ -29,7 +29,7 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import ExitStack
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -97,11 +97,7 @@ def count_ops(model: torch.nn.Module, inputs: dict, schedule: Schedule | tuple |
     """(aten ops, host reads) of one eager forward, unpruned (schedule None) or under the engine (a schedule, or
     (schedule, PartialEngine options))."""
     with torch.no_grad():
-        with ExitStack() as stack:
-            if isinstance(schedule, tuple):
-                stack.enter_context(PartialEngine(model, schedule[0], scorer, **schedule[1]))
-            elif schedule is not None:
-                stack.enter_context(PruningEngine(model, schedule, scorer))
+        with open_variant(model, schedule, scorer):
             model(**inputs)  # warm: lazy initialisation is not the engine's cost
             counter = OpCounter()
             with counter:
@@ -131,6 +127,20 @@ def part_variants(keep_all: Schedule) -> dict[str, tuple[Schedule, dict]]:
             "keep-all": (keep_all, {})}
 
 
+def open_variant(model, variant: Schedule | tuple | None, scorer: str = "adaptinfer", compile: bool = False):
+    """The context a variant runs in: nothing (None: unpruned; compiled: `compiled_prefill`), the engine on a schedule,
+    or (schedule, PartialEngine options) for --parts."""
+    if isinstance(variant, tuple):
+        return PartialEngine(model, variant[0], scorer, **variant[1])
+    if variant is not None:
+        return PruningEngine(model, variant, scorer, **({"compile": True} if compile else {}))
+    if compile:
+        from pruning.compiled import compiled_prefill
+
+        return compiled_prefill(model)
+    return nullcontext()
+
+
 def time_variants(model, inputs, variants: dict, repeats: int, warmup: int, compile: bool) -> dict[str, list[float]]:
     """Wall ms of the full forward per variant, interleaved round-robin (each variant's engine stays open). A variant
     is a schedule (None: unpruned) or (schedule, PartialEngine options)."""
@@ -138,16 +148,7 @@ def time_variants(model, inputs, variants: dict, repeats: int, warmup: int, comp
     with torch.no_grad():
         for step in range(warmup + repeats):
             for name, schedule in variants.items():
-                with ExitStack() as run:
-                    if isinstance(schedule, tuple):
-                        run.enter_context(PartialEngine(model, schedule[0], "adaptinfer", **schedule[1]))
-                    elif schedule is not None:
-                        options = {"compile": True} if compile else {}
-                        run.enter_context(PruningEngine(model, schedule, "adaptinfer", **options))
-                    elif compile:
-                        from pruning.compiled import compiled_prefill
-
-                        run.enter_context(compiled_prefill(model))
+                with open_variant(model, schedule, compile=compile):
                     start = CLOCK()
                     model(**inputs)
                     elapsed = (CLOCK() - start) * 1e3

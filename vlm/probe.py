@@ -140,14 +140,17 @@ def attention_rows(
     return torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
 
 
-def _scaled_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+def _scaled_scores(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
     """q [B, H, R, D] float32 against k [B, Hkv, K, D] (GQA keys repeated to H heads): [B, H, R, K] * scale, as one
-    batched matmul over (B * H), which dispatches fewer ops than a 4-D matmul."""
+    batched matmul over (B * H), which dispatches fewer ops than a 4-D matmul; with `bias` [R, K], bias + that, in the
+    same op (`baddbmm`)."""
     batch, heads, rows_n, dim = q.shape
     k = _head_keys(k, heads)
     kv_len = k.shape[2]
-    scores = torch.bmm(q.reshape(batch * heads, rows_n, dim), k.reshape(batch * heads, kv_len, dim).transpose(1, 2))
-    scores = scores.view(batch, heads, rows_n, kv_len)
+    q3, k3 = q.reshape(batch * heads, rows_n, dim), k.reshape(batch * heads, kv_len, dim).transpose(1, 2)
+    if bias is not None:
+        return torch.baddbmm(bias, q3, k3, alpha=scale).view(batch, heads, rows_n, kv_len)
+    scores = torch.bmm(q3, k3).view(batch, heads, rows_n, kv_len)
     return scores * scale if scale != 1.0 else scores
 
 
@@ -161,16 +164,12 @@ def _slice_rows(query: Tensor, key: Tensor, rows: slice, scale: float) -> Tensor
     """`attention_rows` for one slice of query rows shared by the batch, causal masking only (no padding): one
     batched matmul over (B * H) that adds the causal mask as a 0 / -inf bias (`baddbmm`, cheaper than a
     `masked_fill` of the scores), then the softmax."""
-    batch, heads, q_len, dim = query.shape
+    q_len, kv_len = query.shape[2], key.shape[2]
     q = query[:, :, rows]  # [B, H, R, D]
     q = q.float() if q.dtype != torch.float32 else q
-    k = _head_keys(key, heads)
-    rows_n, kv_len = q.shape[2], k.shape[2]
     start = range(q_len)[rows].start + kv_len - q_len  # the first row's key position (queries end the key axis)
-    future = _causal_bias(rows_n, kv_len, start, q.device)
-    scores = torch.baddbmm(future, q.reshape(batch * heads, rows_n, dim),
-                           k.reshape(batch * heads, kv_len, dim).transpose(1, 2), alpha=scale)
-    return torch.softmax(scores, dim=-1).view(batch, heads, rows_n, kv_len)  # key 0 is always allowed: no NaN
+    future = _causal_bias(q.shape[2], kv_len, start, q.device)
+    return torch.softmax(_scaled_scores(q, key, scale, future), dim=-1)  # key 0 is always allowed: no NaN
 
 
 _BIASES: dict[tuple, Tensor] = {}  # (rows, first row's key position - keys, device) -> the widest bias made so far
