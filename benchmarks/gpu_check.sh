@@ -2,6 +2,12 @@
 # One call on a lent GPU gives this session's GPU figures (one markdown file, the commands inside):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: $OUT if set (the device tool), else benchmarks/results
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # the same steps on the CPU with 4-layer tiny models (a minute or two)
+#   CHECK_ONLY=1 bash benchmarks/gpu_check.sh      # only the preflight below: can this Python run the rest?
+# On a lent GPU machine (the device tool): its image holds torch, transformers and the rest, but not omegaconf, which
+# the benchmark scripts import. Here, once: `bash benchmarks/gpu_wheels.sh` (writes .whl/, git-ignored); then the
+# device call runs `bash benchmarks/gpu_check.sh` with `.whl` in its carry. The preflight installs the carried wheels
+# into a private folder (WHEEL_SITE, default /tmp/gpu_check_site) only when a module is missing, and with a module
+# still missing it stops at once (exit 2, nothing written), naming the module and this fix.
 # Measured: prefill of the LLaVA-1.5-7B architecture (random fp16 weights): vision tower, decoder (language model) and
 # time to first token, unpruned, keep-all and the AdaptInfer "64" / "128" presets, in this order of priority:
 #   1. eager at batch 1 and 8, SDPA and (when installed) FlashAttention-2;
@@ -20,9 +26,42 @@
 # skips parts 2 and 3, QWEN=0 part 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the Python: $PYTHON, else `python`, else `python3` (the one a lent machine's image holds PyTorch in)
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
+NEEDS="torch transformers omegaconf yaml numpy PIL safetensors tokenizers"  # what benchmarks/prefill_latency.py imports
+missing_modules() {
+  "$PY" - $NEEDS <<'PYEOF'
+import importlib, sys
+gone = []
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception:  # ImportError, or a broken install that fails on import
+        gone.append(name)
+print(" ".join(gone))
+PYEOF
+}
+WHEELS="${WHEELS:-.whl}"
+MISSING="$(missing_modules)"
+if [ -n "$MISSING" ] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  SITE="${WHEEL_SITE:-/tmp/gpu_check_site}"
+  echo "$PY cannot import: $MISSING; installing the wheels in $WHEELS into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  MISSING="$(missing_modules)"
+fi
+if [ -n "$MISSING" ]; then
+  echo "gpu_check.sh: $PY cannot import: $MISSING (nothing was run or written). On a lent GPU machine: run" \
+    "'bash benchmarks/gpu_wheels.sh' here, then name .whl in the device call's carry; elsewhere install them" \
+    "('make venv' and PYTHON=.venv/bin/python), or set WHEELS to a folder of wheels that provide them" >&2
+  exit 2
+fi
+if [ "${CHECK_ONLY:-0}" = "1" ]; then
+  echo "preflight ok: $PY imports $NEEDS"
+  exit 0
+fi
 OUT_DIR="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python}"
 COMPILE="${COMPILE:-1}"
 QWEN="${QWEN:-1}"
 if [ "${DRY_RUN:-0}" = "1" ]; then

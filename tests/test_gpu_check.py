@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 from pathlib import Path
@@ -45,3 +46,84 @@ def test_gpu_check_dry_run_with_compiled_rows(tmp_path):
     assert compiled_rows and all(line.endswith(", 100% |") for line in compiled_rows)  # same next token as eager
     assert "| tiny | sdpa | 2 | compiled | adaptinfer_7b_64" in table  # the large batch: unpruned and "64"
     assert "| tiny | sdpa | 2 | eager |" in table
+
+
+def _hide(tmp_path, *modules: str) -> str:
+    """A folder that, first on PYTHONPATH, makes `import <module>` fail (as on a machine without it)."""
+    shim = tmp_path / "shim"
+    for name in modules:
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    return str(shim)
+
+
+def _preflight(tmp_path, hidden: str, wheels: Path, out: Path | None = None, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": hidden, "WHEELS": str(wheels),
+           "WHEEL_SITE": str(tmp_path / "site"), **extra}
+    argv = ["bash", str(REPO / "benchmarks" / "gpu_check.sh")] + ([str(out)] if out is not None else [])
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _fake_wheel(folder: Path, module: str) -> Path:
+    """A minimal pure-Python wheel that provides `module` (a stand-in: no network here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{module}-0.0.1-py3-none-any.whl"
+    info = f"{module}-0.0.1.dist-info"
+    files = {
+        f"{module}/__init__.py": "PROVIDED_BY = 'a carried wheel'\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.0.1\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return path
+
+
+def test_a_python_that_lacks_a_module_stops_at_once_and_writes_nothing(tmp_path):
+    """On a lent GPU machine's image omegaconf is missing: the script must not spend the lease failing later, nor
+    leave a half-written table; it names the module and the fix."""
+    out = tmp_path / "out"
+    proc = _preflight(tmp_path, _hide(tmp_path, "omegaconf"), tmp_path / "no-wheels", out)
+    assert proc.returncode == 2
+    assert "cannot import: omegaconf" in proc.stderr and "bash benchmarks/gpu_wheels.sh" in proc.stderr
+    assert "carry" in proc.stderr and not out.exists() and not (tmp_path / "site").exists()
+
+
+def test_carried_wheels_supply_a_missing_module_before_anything_runs(tmp_path):
+    wheels = tmp_path / "wheels"
+    _fake_wheel(wheels, "omegaconf")
+    proc = _preflight(tmp_path, _hide(tmp_path, "omegaconf"), wheels, CHECK_ONLY="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cannot import: omegaconf; installing the wheels" in proc.stdout and "preflight ok" in proc.stdout
+    assert (tmp_path / "site" / "omegaconf" / "__init__.py").read_text() == "PROVIDED_BY = 'a carried wheel'\n"
+
+
+def test_nothing_is_installed_when_every_module_imports(tmp_path):
+    wheels = tmp_path / "wheels"
+    _fake_wheel(wheels, "omegaconf")
+    proc = _preflight(tmp_path, "", wheels, CHECK_ONLY="1")
+    assert proc.returncode == 0 and "installing" not in proc.stdout and not (tmp_path / "site").exists()
+
+
+@pytest.mark.slow
+def test_gpu_wheels_writes_what_a_machine_without_omegaconf_needs(tmp_path):
+    """benchmarks/gpu_wheels.sh (pip: PyPI, or its cache) writes pure-Python wheels of the versions installed here,
+    and with them a Python that lacks omegaconf and its ANTLR runtime passes the preflight and parses a config."""
+    wheels = tmp_path / "wheels"
+    made = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_wheels.sh"), str(wheels)], cwd=REPO,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    from importlib.metadata import version
+    names = sorted(p.name for p in wheels.glob("*.whl"))
+    assert names == [f"antlr4_python3_runtime-{version('antlr4-python3-runtime')}-py3-none-any.whl",
+                     f"omegaconf-{version('omegaconf')}-py3-none-any.whl"]
+    hidden = _hide(tmp_path, "omegaconf", "antlr4")
+    proc = _preflight(tmp_path, hidden, wheels, CHECK_ONLY="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{hidden}"}
+    parsed = subprocess.run([sys.executable, "-c", "from omegaconf import OmegaConf; "
+                             "print(OmegaConf.to_container(OmegaConf.create({'a': 2, 'b': '${a}'}), resolve=True))"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert parsed.stdout.strip() == "{'a': 2, 'b': 2}", parsed.stderr[-2000:]
