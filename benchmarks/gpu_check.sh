@@ -2,12 +2,16 @@
 # One call on a lent GPU gives this session's GPU figures (one markdown file, the commands inside):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: $OUT if set (the device tool), else benchmarks/results
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh /tmp/x  # the same steps on the CPU with 4-layer tiny models (a minute or two)
-#   CHECK_ONLY=1 bash benchmarks/gpu_check.sh      # only the preflight below: can this Python run the rest?
+#   CHECK_ONLY=1 bash benchmarks/gpu_check.sh      # only the preflight below: can this Python run the rest, and
+#                                                 # does its torch see a CUDA device (unless DRY_RUN=1)?
 # On a lent GPU machine (the device tool): its image holds torch, transformers and the rest, but not omegaconf, which
 # the benchmark scripts import. Here, once: `bash benchmarks/gpu_wheels.sh` (writes .whl/, git-ignored); then the
 # device call runs `bash benchmarks/gpu_check.sh` with `.whl` in its carry. The preflight installs the carried wheels
 # into a private folder (WHEEL_SITE, default /tmp/gpu_check_site) only when a module is missing, and with a module
-# still missing it stops at once (exit 2, nothing written), naming the module and this fix.
+# still missing it stops at once (exit 2, nothing written), naming the module and this fix; so does a real run
+# whose torch sees no CUDA device. Checked on the CPU under that image's versions (torch 2.11.0, transformers 5.17.0,
+# huggingface-hub 1.33.0, tokenizers 0.23.2, no omegaconf; 2026-11-30): DRY_RUN=1 passed end to end, compiled
+# rows included, with the wheels carried.
 # Measured: prefill of the LLaVA-1.5-7B architecture (random fp16 weights): vision tower, decoder (language model) and
 # time to first token, unpruned, keep-all and the AdaptInfer "64" / "128" presets, in this order of priority:
 #   1. eager at batch 1 and 8, SDPA and (when installed) FlashAttention-2;
@@ -26,6 +30,15 @@
 # skips parts 2 and 3, QWEN=0 part 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+COMPILE="${COMPILE:-1}"
+QWEN="${QWEN:-1}"
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  MODELS="tiny"; QWEN_MODEL="qwen2-vl-tiny"; LAYERS="--layers 4"; BATCHES="1 2"; BIG=2; REPEATS=1; QWEN_REPEATS=1
+  WARMUP=0; DEVICE=cpu; BUDGET_S="${BUDGET_S:-3600}"; GRAPH_S="${GRAPH_S:-30}"
+else
+  MODELS="llava-1.5-7b-arch"; QWEN_MODEL="qwen2.5-vl-7b-arch"; LAYERS=""; BATCHES="1 8"; BIG=8; REPEATS=20
+  QWEN_REPEATS=10; WARMUP=3; DEVICE=cuda
+fi
 # the Python: $PYTHON, else `python`, else `python3` (the one a lent machine's image holds PyTorch in)
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
 NEEDS="torch transformers omegaconf yaml numpy PIL safetensors tokenizers"  # what benchmarks/prefill_latency.py imports
@@ -56,21 +69,17 @@ if [ -n "$MISSING" ]; then
     "('make venv' and PYTHON=.venv/bin/python), or set WHEELS to a folder of wheels that provide them" >&2
   exit 2
 fi
+if [ "$DEVICE" = cuda ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check.sh: $PY's torch sees no CUDA device (nothing was run or written); on a CPU, DRY_RUN=1 runs the" \
+    "same steps with tiny models" >&2
+  exit 2
+fi
 if [ "${CHECK_ONLY:-0}" = "1" ]; then
-  echo "preflight ok: $PY imports $NEEDS"
+  echo "preflight ok: $PY imports $NEEDS; device $DEVICE"
   exit 0
 fi
 OUT_DIR="${1:-${OUT:-benchmarks/results}}"
 mkdir -p "$OUT_DIR"
-COMPILE="${COMPILE:-1}"
-QWEN="${QWEN:-1}"
-if [ "${DRY_RUN:-0}" = "1" ]; then
-  MODELS="tiny"; QWEN_MODEL="qwen2-vl-tiny"; LAYERS="--layers 4"; BATCHES="1 2"; BIG=2; REPEATS=1; QWEN_REPEATS=1
-  WARMUP=0; DEVICE=cpu; BUDGET_S="${BUDGET_S:-3600}"; GRAPH_S="${GRAPH_S:-30}"
-else
-  MODELS="llava-1.5-7b-arch"; QWEN_MODEL="qwen2.5-vl-7b-arch"; LAYERS=""; BATCHES="1 8"; BIG=8; REPEATS=20
-  QWEN_REPEATS=10; WARMUP=3; DEVICE=cuda
-fi
 ATTN="sdpa"
 if "$PY" -c "import flash_attn" 2>/dev/null && [ "$DEVICE" = cuda ]; then ATTN="sdpa flash_attention_2"; fi
 "$PY" - <<'PYEOF'

@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
-from pathlib import Path
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def _hide(tmp_path, *modules: str) -> str:
 
 def _preflight(tmp_path, hidden: str, wheels: Path, out: Path | None = None, **extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": hidden, "WHEELS": str(wheels),
-           "WHEEL_SITE": str(tmp_path / "site"), **extra}
+           "WHEEL_SITE": str(tmp_path / "site"), "DRY_RUN": "1", **extra}
     argv = ["bash", str(REPO / "benchmarks" / "gpu_check.sh")] + ([str(out)] if out is not None else [])
     return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -105,6 +106,14 @@ def test_nothing_is_installed_when_every_module_imports(tmp_path):
     _fake_wheel(wheels, "omegaconf")
     proc = _preflight(tmp_path, "", wheels, CHECK_ONLY="1")
     assert proc.returncode == 0 and "installing" not in proc.stdout and not (tmp_path / "site").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the stop on a machine without a GPU")
+def test_without_a_gpu_the_real_run_stops_at_once_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = _preflight(tmp_path, "", tmp_path / "no-wheels", out, DRY_RUN="0")
+    assert proc.returncode == 2 and "sees no CUDA device" in proc.stderr and "DRY_RUN=1" in proc.stderr
+    assert not out.exists()
 
 
 @pytest.mark.slow
