@@ -445,6 +445,32 @@ def test_engine_extra_ops_on_the_batch1_proxy_stay_within_110():
         assert reads == plain_reads, f"{name}: {reads - plain_reads} extra host reads of tensor values"
 
 
+def test_kept_open_timing_runs_each_variant_pruned_on_its_own_copy(monkeypatch):
+    """benchmarks/engine_overhead.py --kept-open: each variant's engine is entered once, on its own copy of the model,
+    and prunes every timed forward; the model passed in is left as it was."""
+    bench = _engine_overhead()
+    model = bench.proxy_model(8)
+    inputs = bench.proxy_inputs(model)
+    with torch.no_grad():
+        before = model(**inputs).logits
+    opened, original = [], bench.open_variant
+
+    def spy(target, variant, **kw):
+        opened.append((target, original(target, variant, **kw)))
+        return opened[-1][1]
+
+    monkeypatch.setattr(bench, "open_variant", spy)
+    schedule = _schedule([(1, 4), (3, 1)])
+    times = bench.time_variants(model, inputs, {"unpruned": None, "pruned": schedule}, repeats=3, warmup=1,
+                                compile=False, kept_open=True)
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert len(opened) == 2 and all(target is not model for target, _ in opened)  # entered once each, on copies
+    engine = opened[1][1]
+    assert engine.record.vision_per_layer == [N_VISION, N_VISION, 4, 4, 1, 1, 1, 1]  # its last forward was pruned
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
 def _two_image_inputs(text_lengths, seed=0):
     """Rows [system 3][image 16][2 tokens][image 16][text], left-padded; pixel_values holds 2 images per row."""
     from tests.conftest import IMAGE_TOKEN_ID, PAD_TOKEN_ID
