@@ -11,25 +11,29 @@ cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 DEST="${1:-.whl}"
 PACKAGES="omegaconf antlr4-python3-runtime"
-SPECS=""
+SPECS="" PREFIXES=""  # a wheel's file name starts with its name, '-' written '_'
 for name in $PACKAGES; do
   version="$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null)" || {
     echo "gpu_wheels.sh: $name is not installed for $PY; run 'make venv' first (or set PYTHON)" >&2
     exit 2
   }
   SPECS="$SPECS $name==$version"
+  PREFIXES="$PREFIXES ${name//-/_}"
 done
 mkdir -p "$DEST"
-rm -f "$DEST"/omegaconf-*.whl "$DEST"/antlr4_python3_runtime-*.whl  # one version of each: two stop the install there
+for prefix in $PREFIXES; do rm -f "$DEST/$prefix"-*.whl; done  # one version of each: two stop the install there
 # shellcheck disable=SC2086
 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$DEST" $SPECS
-for wheel in "$DEST"/omegaconf-*.whl "$DEST"/antlr4_python3_runtime-*.whl; do
-  case "$wheel" in
-    *-none-any.whl) ;;
-    *) echo "gpu_wheels.sh: $wheel is not a pure-Python wheel; it may not fit the machine's Python" >&2; exit 1 ;;
-  esac
+WROTE=""
+for prefix in $PREFIXES; do
+  for wheel in "$DEST/$prefix"-*.whl; do
+    case "$wheel" in
+      *-none-any.whl) WROTE="$WROTE $wheel" ;;
+      *) echo "gpu_wheels.sh: $wheel is not a pure-Python wheel; it may not fit the machine's Python" >&2; exit 1 ;;
+    esac
+  done
 done
-echo "wrote$(for w in "$DEST"/omegaconf-*.whl "$DEST"/antlr4_python3_runtime-*.whl; do printf ' %s' "$w"; done)"
+echo "wrote$WROTE"
 if [ "$DEST" = ".whl" ]; then
   echo "the device call: command 'bash benchmarks/gpu_check.sh', carry [\".whl\"]"
 else  # the device call carries only paths of this repository that git ignores, such as .whl

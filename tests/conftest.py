@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random-weight LLaVA models (no downloads) and hand-built prompts."""
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +75,12 @@ def eager_cls_attention(model, pixel_values: torch.Tensor, layer: int = -2) -> t
     finally:
         model.set_attn_implementation("sdpa")
     return out.attentions[layer][:, :, 0, 1:].mean(1)
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module (the hand-run scripts there are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from analysis.collector import REDUCERS, SCALAR_NAMES, AttentionCollector, CollectorError
-from tests.conftest import IMAGE_TOKEN_ID, make_prompts, pixel_values, tiny_arch
+from tests.conftest import IMAGE_TOKEN_ID, benchmark_script, make_prompts, pixel_values, tiny_arch
 from vlm.layout import TokenLayout
 from vlm.models import build_random_model
 
@@ -204,14 +204,7 @@ def test_bad_arguments_are_clear_errors(model4):
 
 
 def test_collect_overhead_benchmark_smoke():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "collect_overhead.py"
-    spec = importlib.util.spec_from_file_location("collect_overhead", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    main = module.main
+    main = benchmark_script("collect_overhead").main
 
     result = main(["--model", "tiny", "--num-layers", "2", "--batch-size", "2", "--text-len", "6", "--repeats", "1",
                    "--device", "cpu"])

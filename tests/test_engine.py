@@ -8,7 +8,7 @@ import torch
 
 from pruning.engine import PruningEngine
 from pruning.schedule import Schedule
-from tests.conftest import eager_cls_attention, make_prompts, pixel_values, tiny_arch
+from tests.conftest import benchmark_script, eager_cls_attention, make_prompts, pixel_values, tiny_arch
 from vlm.layout import TokenLayout
 from vlm.models import build_random_model
 
@@ -380,14 +380,7 @@ def test_flops_follow_real_token_counts(model6):
 
 def _engine_overhead():
     """benchmarks/engine_overhead.py as a module: its op counter and the 32-layer batch-1 proxy."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_overhead.py"
-    spec = importlib.util.spec_from_file_location("engine_overhead", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("engine_overhead")
 
 
 def test_engine_work_per_layer_does_not_grow_with_depth():

@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import benchmark_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +131,6 @@ def test_gpu_wheels_writes_what_a_machine_without_omegaconf_needs(tmp_path):
     made = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_wheels.sh"), str(wheels)], cwd=REPO,
                           env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
-    from importlib.metadata import version
     names = sorted(p.name for p in wheels.glob("*.whl"))
     assert names == [f"antlr4_python3_runtime-{version('antlr4-python3-runtime')}-py3-none-any.whl",
                      f"omegaconf-{version('omegaconf')}-py3-none-any.whl"]
@@ -142,15 +144,6 @@ def test_gpu_wheels_writes_what_a_machine_without_omegaconf_needs(tmp_path):
     assert parsed.stdout.strip() == "{'a': 2, 'b': 2}", parsed.stderr[-2000:]
 
 
-def _goals_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_goals", REPO / "benchmarks" / "gpu_goals.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 HEADER = ("| model | attention | batch | execution | variant | budget | vision ms | decoder ms | spread ms | TTFT ms | "
           "latency ratio | TTFT ratio | TFLOPs/sample | FLOPs ratio | vs eager: max abs logit diff, same next token |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -162,7 +155,7 @@ def _row(model, batch, execution, variant, ratio, attention="sdpa"):
 
 
 def test_the_goals_section_says_met_only_for_cuda_graph_replays_of_the_first_model():
-    goals = _goals_module()
+    goals = benchmark_script("gpu_goals")
     replay, plain = "compiled, CUDA graphs", "compiled, no CUDA graphs (mutated inputs)"
     table = ("# eager\n\n" + HEADER + _row("llava-1.5-7b-arch", 1, "eager", "adaptinfer_7b_64", "1.300")
              + "\n## compiled b1\n\n" + HEADER + _row("llava-1.5-7b-arch", 1, replay, "adaptinfer_7b_64", "0.341")
