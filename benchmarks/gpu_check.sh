@@ -27,8 +27,8 @@
 # table ends with a section that says, per goal, whether it was met (benchmarks/gpu_goals.py).
 # Time: the whole script stays within BUDGET_S seconds (default 470, under the 8 minutes issue 17 allows one call):
 # a part that would not fit (its estimate: GRAPH_S = 75 s per compiled graph, 90 s for part 4) is skipped, and one
-# that runs past the budget is stopped; either is said in the table, so a run always returns its table. COMPILE=0
-# skips parts 2 and 3, QWEN=0 part 4.
+# that runs past the budget is stopped, keeping the rows it finished; either is said in the table, so a run
+# always returns its table. COMPILE=0 skips parts 2 and 3, QWEN=0 part 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COMPILE="${COMPILE:-1}"
@@ -94,25 +94,27 @@ GRAPH_S="${GRAPH_S:-75}"
 OUT_FILE="$OUT_DIR/gpu_check_prefill.md"
 SECONDS=0
 # part NAME ESTIMATE_S COMMAND...: run COMMAND (which writes $OUT_DIR/NAME.md) if ESTIMATE_S still fits in the budget,
-# stopped at the budget; then append its table, or the reason it has none, to $OUT_FILE
+# stopped at the budget; then append to $OUT_FILE why it was skipped, stopped or failed, and the rows it finished
 part() {
   local name="$1" estimate="$2"; shift 2
-  local left=$((BUDGET_S - SECONDS)) status=0
+  local left=$((BUDGET_S - SECONDS)) status=0 rows="$OUT_DIR/$name.md"
   { echo; echo "## $name"; echo; } >> "$OUT_FILE"
-  if [ "$estimate" -gt "$left" ]; then
+  if [ "$estimate" -gt "$left" ] || [ "$left" -le 0 ]; then
     echo "skipped: ${SECONDS} s of the ${BUDGET_S} s budget used, and this part needs about ${estimate} s" \
       "(raise BUDGET_S, or run it alone)" | tee -a "$OUT_FILE"
     return 0
   fi
+  rm -f "$rows"  # prefill_latency.py rewrites it after each row: a part stopped partway keeps its finished rows
   timeout "$left" "$@" || status=$?
   if [ "$status" = 124 ]; then
-    echo "stopped: it ran past the ${BUDGET_S} s budget; no rows" | tee -a "$OUT_FILE"
+    echo "stopped: it ran past the ${BUDGET_S} s budget; $([ -s "$rows" ] && echo "the rows below are the variants" \
+      "it finished" || echo "no rows")" | tee -a "$OUT_FILE"
   elif [ "$status" != 0 ]; then
-    echo "failed with exit status $status (see the log)" | tee -a "$OUT_FILE"
-    return "$status"
-  else
-    cat "$OUT_DIR/$name.md" >> "$OUT_FILE"
+    echo "failed with exit status $status (see the log)$([ -s "$rows" ] && echo "; the rows below were finished" \
+      "before")" | tee -a "$OUT_FILE"
   fi
+  if [ -s "$rows" ]; then cat "$rows" >> "$OUT_FILE"; fi
+  if [ "$status" != 124 ]; then return "$status"; fi  # past the budget: the parts after it say they were skipped
 }
 "$PY" benchmarks/prefill_latency.py $COMMON --batch $BATCHES --attn $ATTN --out "$OUT_DIR/gpu_check_eager.md"
 cp "$OUT_DIR/gpu_check_eager.md" "$OUT_FILE"

@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import OmegaConf
@@ -189,22 +189,25 @@ def _variant_context(loaded: LoadedModel, schedule: Schedule | None, scorer: str
 def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len: int, system_len: int,
             scorer: str, modes: tuple[str, ...] = ("eager",),
             compile_variants: tuple[str, ...] | None = None,
-            grid: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+            grid: tuple[int, int] | None = None) -> Iterator[dict[str, Any]]:
     """Median vision-tower, decoder and time-to-first-token per variant and execution mode, with analytic FLOPs.
 
     Eager variants are interleaved round-robin (each repeat enters each variant's engine anew); compiled ones run
     in blocks, each variant's engine open for its warm-up and repeats (a compiled graph is built once per engine
-    and, with CUDA graphs, recorded during the warm-up, at least 3 calls)."""
+    and, with CUDA graphs, recorded during the warm-up, at least 3 calls). Rows are yielded as they are measured:
+    the eager ones together, each compiled one after its block (unpruned first: the ratios' base), so that a run
+    stopped partway keeps the rows it finished."""
     inputs = synthetic_inputs(loaded, batch, text_len, system_len, grid)
     n_layers, n_vision = loaded.num_layers, vision_tokens(loaded, inputs)
     schedules: dict[str, Schedule | None] = {"unpruned": None}
     for preset in PAPER_PRESETS:
         schedules[preset] = preset_at_depth(preset, n_layers)
     schedules[f"keep-all@{PAPER_PRESETS[0]} layers"] = keep_all(schedules[PAPER_PRESETS[0]])
+    if "compiled" in modes and compile_variants and "unpruned" not in compile_variants:
+        raise SystemExit("--compile-variants must include unpruned (the ratios' base)")
     hidden, intermediate = loaded.text_widths
     seq = inputs["input_ids"].shape[1]
     tokens: dict[str, list[int]] = {"unpruned": [seq] * n_layers}
-    rows = []
 
     last: dict[str, torch.Tensor] = {}  # the last forward's next-token logits per variant
     eager_logits: dict[str, torch.Tensor] = {}
@@ -214,13 +217,26 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
             last[name] = loaded.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
         return run
 
+    def row(name: str, ts: dict[str, list[float]], base: dict[str, float], status: str, compiled: bool) -> dict:
+        med = {k: statistics.median(v) for k, v in ts.items()}
+        flops = prefill_flops(tokens[name], hidden, intermediate)
+        check = {}
+        if compiled and name in eager_logits:  # the compiled forward against the eager one, same inputs
+            got, want = last[name].float(), eager_logits[name]
+            check = {"max_logit_diff": float((got - want).abs().max()),
+                     "same_argmax": float((got.argmax(-1) == want.argmax(-1)).float().mean())}
+        return {**check, "mode": status, "variant": name, "vision_ms": med["vision"], "ms": med["decoder"],
+                "ttft_ms": med["ttft"], "spread_ms": max(ts["decoder"]) - min(ts["decoder"]),
+                "latency_ratio": med["decoder"] / base["decoder"], "ttft_ratio": med["ttft"] / base["ttft"],
+                "tflops_per_sample": flops / 1e12,
+                "flops_ratio": flops / prefill_flops(tokens["unpruned"], hidden, intermediate),
+                "budget_processed": schedules[name].budget(n_layers, n_vision)
+                if schedules[name] is not None else float(n_vision)}
+
     for mode in modes:
-        compiled = mode == "compiled"
-        times: dict[str, dict[str, list[float]]] = {}
-        status: dict[str, str] = {}
-        with torch.no_grad():
-            if not compiled:
-                timers = {name: StageTimer(loaded) for name in schedules}
+        if mode != "compiled":
+            timers = {name: StageTimer(loaded) for name in schedules}
+            with torch.no_grad():
                 for step in range(warmup + repeats):
                     for name, schedule in schedules.items():
                         with _variant_context(loaded, schedule, scorer, False) as engine, timers[name]:
@@ -230,40 +246,25 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
                                 timers[name].run(forward(name))
                         if engine is not None:
                             tokens[name] = list(engine.record.tokens_per_layer)
-                times = {name: t.times_ms for name, t in timers.items()}
-                eager_logits = {name: logits.float().clone() for name, logits in last.items()}
-                status = {name: "eager" for name in schedules}
-            else:
-                for name, schedule in schedules.items():
-                    if compile_variants and name.split("@")[0] not in compile_variants:
-                        continue
-                    timer = StageTimer(loaded)
-                    with _variant_context(loaded, schedule, scorer, True) as ctx, timer:
-                        for _ in range(max(warmup, 3)):
-                            forward(name)()
-                        for _ in range(repeats):
-                            timer.run(forward(name))
-                        status[name] = _compiled_status(loaded)
-                    times[name] = timer.times_ms
-        if "unpruned" not in times:
-            raise SystemExit("--compile-variants must include unpruned (the ratios' base)")
-        base = {k: statistics.median(v) for k, v in times["unpruned"].items()}
-        base_flops = prefill_flops(tokens["unpruned"], hidden, intermediate)
-        for name, ts in times.items():
-            med = {k: statistics.median(v) for k, v in ts.items()}
-            flops = prefill_flops(tokens[name], hidden, intermediate)
-            check = {}
-            if compiled and name in eager_logits:  # the compiled forward against the eager one, same inputs
-                got, want = last[name].float(), eager_logits[name]
-                check = {"max_logit_diff": float((got - want).abs().max()),
-                         "same_argmax": float((got.argmax(-1) == want.argmax(-1)).float().mean())}
-            rows.append({**check, "mode": status[name], "variant": name, "vision_ms": med["vision"], "ms": med["decoder"],
-                         "ttft_ms": med["ttft"], "spread_ms": max(ts["decoder"]) - min(ts["decoder"]),
-                         "latency_ratio": med["decoder"] / base["decoder"], "ttft_ratio": med["ttft"] / base["ttft"],
-                         "tflops_per_sample": flops / 1e12, "flops_ratio": flops / base_flops,
-                         "budget_processed": schedules[name].budget(n_layers, n_vision)
-                         if schedules[name] is not None else float(n_vision)})
-    return rows
+            eager_logits = {name: logits.float().clone() for name, logits in last.items()}
+            base = {k: statistics.median(v) for k, v in timers["unpruned"].times_ms.items()}
+            for name, timer in timers.items():
+                yield row(name, timer.times_ms, base, "eager", False)
+            continue
+        base = None
+        for name, schedule in schedules.items():
+            if compile_variants and name.split("@")[0] not in compile_variants:
+                continue
+            timer = StageTimer(loaded)
+            with torch.no_grad(), _variant_context(loaded, schedule, scorer, True), timer:
+                for _ in range(max(warmup, 3)):
+                    forward(name)()
+                for _ in range(repeats):
+                    timer.run(forward(name))
+                status = _compiled_status(loaded)
+            if base is None:  # unpruned, first
+                base = {k: statistics.median(v) for k, v in timer.times_ms.items()}
+            yield row(name, timer.times_ms, base, status, True)
 
 
 def main() -> None:
@@ -321,6 +322,8 @@ def main() -> None:
                                else "- |"))
                     print(line, flush=True)
                     lines.append(line)
+                    if args.out:  # the table so far: a run stopped partway keeps its finished rows
+                        save_table(lines, args.out)
             del loaded
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -329,11 +332,18 @@ def main() -> None:
 
 def write_table(lines: list[str], out: Path | None) -> None:
     """Print the markdown lines and, with `out`, write them there (folders made as needed)."""
-    text = "\n".join(lines) + "\n"
-    print(text)
+    print("\n".join(lines) + "\n")
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        save_table(lines, out)
+
+
+def save_table(lines: list[str], out: Path) -> None:
+    """Write the markdown lines to `out` whole or not at all (a temporary file renamed over it), so that a run
+    stopped while writing leaves the previous table, not a cut one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    part.write_text("\n".join(lines) + "\n")
+    part.replace(out)
 
 
 if __name__ == "__main__":

@@ -173,3 +173,34 @@ def test_the_goals_section_says_met_only_for_cuda_graph_replays_of_the_first_mod
     assert "| 16 | <= 0.30 | - | - | - | no row: the compiled part at this batch was skipped" in missing
     with pytest.raises(ValueError, match="no prefill-latency rows"):
         goals.goal_lines(goals.table_rows("# nothing here\n"), large_batch=8)
+
+
+def test_a_prefill_benchmark_stopped_partway_keeps_its_finished_rows(tmp_path):
+    """gpu_check.sh stops a part at its time budget (timeout sends SIGTERM): benchmarks/prefill_latency.py rewrites
+    its table after each row, so the rows finished before the stop are there, whole, and the part reports them."""
+    import signal
+    import time
+
+    out = tmp_path / "rows.md"
+    argv = [sys.executable, str(REPO / "benchmarks" / "prefill_latency.py"), "--models", "tiny", "--layers", "4",
+            "--repeats", "1", "--warmup", "0", "--batch", "1", "--compile", "--compile-variants", "unpruned",
+            "adaptinfer_7b_64", "--out", str(out)]
+    proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    def eager_rows_only() -> bool:  # the eager rows come first, together; each compiled one after its graph
+        text = out.read_text() if out.exists() else ""
+        return text.count("| eager |") == 4 and "| compiled |" not in text
+
+    try:
+        while not eager_rows_only() and time.monotonic() < deadline:
+            assert proc.poll() is None, "the benchmark ended before its eager rows were on disk alone"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # while it compiles the unpruned graph
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM  # stopped partway, not after it had written everything at its end
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny |")]
+    assert len(rows) >= 4 and all(line.endswith(" |") and line.count(" | ") == 14 for line in rows)
+    assert "| latency ratio |" in out.read_text()  # the header is there: the file is a table
