@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from prefill_latency import write_table  # noqa: E402
+from prefill_latency import variant_context, write_table  # noqa: E402
 from pruning.engine import PruningEngine  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402
 from vlm.models import build_random_model  # noqa: E402
@@ -137,13 +137,7 @@ def open_variant(model, variant: Schedule | tuple | None, scorer: str = "adaptin
     or (schedule, PartialEngine options) for --parts."""
     if isinstance(variant, tuple):
         return PartialEngine(model, variant[0], scorer, **variant[1])
-    if variant is not None:
-        return PruningEngine(model, variant, scorer, **({"compile": True} if compile else {}))
-    if compile:
-        from pruning.compiled import compiled_prefill
-
-        return compiled_prefill(model)
-    return nullcontext()
+    return variant_context(model, variant, scorer, compile)
 
 
 def time_variants(model, inputs, variants: dict, repeats: int, warmup: int, compile: bool,

@@ -175,15 +175,15 @@ def _compiled_status(loaded: LoadedModel) -> str:
     return "compiled, CUDA graphs" if prefill.cudagraphs else f"compiled, no CUDA graphs ({prefill.cudagraph_skip})"
 
 
-def _variant_context(loaded: LoadedModel, schedule: Schedule | None, scorer: str, compiled: bool):
+def variant_context(model: torch.nn.Module, schedule: Schedule | None, scorer: str, compiled: bool):
     """The engine for a schedule (compiled or not), or, unpruned, the compiled prefill / nothing."""
     from contextlib import nullcontext
 
     from pruning.compiled import compiled_prefill
 
     if schedule is not None:
-        return PruningEngine(loaded.model, schedule, scorer, compile=compiled)
-    return compiled_prefill(loaded.model) if compiled else nullcontext()
+        return PruningEngine(model, schedule, scorer, compile=compiled)
+    return compiled_prefill(model) if compiled else nullcontext()
 
 
 def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len: int, system_len: int,
@@ -208,6 +208,7 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
     hidden, intermediate = loaded.text_widths
     seq = inputs["input_ids"].shape[1]
     tokens: dict[str, list[int]] = {"unpruned": [seq] * n_layers}
+    base_flops = prefill_flops(tokens["unpruned"], hidden, intermediate)
 
     last: dict[str, torch.Tensor] = {}  # the last forward's next-token logits per variant
     eager_logits: dict[str, torch.Tensor] = {}
@@ -229,7 +230,7 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
                 "ttft_ms": med["ttft"], "spread_ms": max(ts["decoder"]) - min(ts["decoder"]),
                 "latency_ratio": med["decoder"] / base["decoder"], "ttft_ratio": med["ttft"] / base["ttft"],
                 "tflops_per_sample": flops / 1e12,
-                "flops_ratio": flops / prefill_flops(tokens["unpruned"], hidden, intermediate),
+                "flops_ratio": flops / base_flops,
                 "budget_processed": schedules[name].budget(n_layers, n_vision)
                 if schedules[name] is not None else float(n_vision)}
 
@@ -239,7 +240,7 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
             with torch.no_grad():
                 for step in range(warmup + repeats):
                     for name, schedule in schedules.items():
-                        with _variant_context(loaded, schedule, scorer, False) as engine, timers[name]:
+                        with variant_context(loaded.model, schedule, scorer, False) as engine, timers[name]:
                             if step < warmup:
                                 forward(name)()
                             else:
@@ -256,7 +257,7 @@ def measure(loaded: LoadedModel, batch: int, repeats: int, warmup: int, text_len
             if compile_variants and name.split("@")[0] not in compile_variants:
                 continue
             timer = StageTimer(loaded)
-            with torch.no_grad(), _variant_context(loaded, schedule, scorer, True), timer:
+            with torch.no_grad(), variant_context(loaded.model, schedule, scorer, True), timer:
                 for _ in range(max(warmup, 3)):
                     forward(name)()
                 for _ in range(repeats):

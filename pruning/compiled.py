@@ -64,11 +64,15 @@ def _language_model(model: nn.Module) -> nn.Module:
         raise CompileError(f"cannot find the language model of {type(model).__name__}: {err}") from None
 
 
+def _token_input(args: tuple, kwargs: dict) -> Tensor | None:
+    """The language model forward's tokens: inputs_embeds [B, N, D] if given, else input_ids [B, N], or None."""
+    embeds = kwargs.get("inputs_embeds")
+    return embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+
+
 def _is_prefill(args: tuple, kwargs: dict) -> bool:
     """A forward over more than one new token with an empty cache (decode and chunked steps are not)."""
-    embeds = kwargs.get("inputs_embeds")
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    x = embeds if embeds is not None else ids
+    x = _token_input(args, kwargs)
     if x is None or x.shape[1] <= 1:
         return False
     cache = kwargs.get("past_key_values", kwargs.get("cache"))  # (transformers 5 text models: `cache`)
@@ -140,8 +144,7 @@ class CompiledPrefill:
         return self._original(*args, **kwargs)
 
     def _note_cudagraph_skip(self, args: tuple, kwargs: dict) -> None:
-        embeds = kwargs.get("inputs_embeds")
-        ids = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+        ids = _token_input(args, kwargs)
         reason = self._skip_log.reasons[-1] if self._skip_log.reasons else (
             f"the graph runs on {ids.device.type}, not CUDA" if ids is not None and ids.device.type != "cuda"
             else "inductor gave no reason; run with TORCH_LOGS=cudagraphs to see it")
