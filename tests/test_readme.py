@@ -99,3 +99,36 @@ def test_the_readme_pipeline_runs_as_written_on_the_demo_model(tmp_path):
     assert len(derived) == 4  # three budgets, plus the renumbered variant at 192 in a row of its own
     assert (table["model"] == "demo").all()  # the multirun, too, used the demo model
     assert set(table.loc[table["method"].isin(["adaptinfer", "fastv"]), "budget"]) == {256, 192, 160}
+
+
+RESULTS = REPO / "benchmarks" / "results"
+LATEST_TABLES = {"engine_overhead_cpu.md": "first", "prefill_latency_gpu.md": "first", "gpu_check_prefill.md": "all"}
+
+
+def markdown_tables(text: str) -> list[str]:
+    """The markdown tables of `text`, each as its lines (runs of lines that start with `|`)."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    return tables
+
+
+def test_the_readme_performance_section_shows_the_latest_tables():
+    """The section shows the newest table of each performance file (all of the GPU check's, once it has run), equal to
+    the file: a results file rewritten without the README fails here."""
+    text = README.read_text()
+    section = text[text.index("## Performance"):]
+    section = section[:section.index("\n## ", 1)]
+    shown = markdown_tables(section)
+    for name, which in LATEST_TABLES.items():
+        if not (RESULTS / name).exists():
+            assert which == "all", f"benchmarks/results/{name} is missing"  # the GPU check's, until a GPU runs it
+            continue
+        tables = markdown_tables((RESULTS / name).read_text())
+        for table in tables if which == "all" else tables[:1]:
+            assert table in shown, f"README's performance section lacks this table of benchmarks/results/{name}: " \
+                                   f"copy it there\n{table}"
