@@ -20,6 +20,12 @@ rows too, no scoring), then the whole keep-all; the differences between the rows
 
     python benchmarks/engine_overhead.py --repeats 300 --parts
 
+With --ops, where the extra ops come from (no timing): each aten op of one forward that this repository's code
+dispatched (not transformers' or torch's), counted by the function that dispatched it, per engine variant; the model's
+own ops are not listed, so the counts sum to the "extra ops" column.
+
+    python benchmarks/engine_overhead.py --ops
+
 By default one model runs every variant, each variant's engine entered around its forward (outside the clock); with
 --kept-open each variant runs on its own copy of the model with its engine open for the whole run, as in a serving
 loop (eager).
@@ -30,9 +36,11 @@ tests/test_engine.py).
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import statistics
 import sys
+import sysconfig
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -110,6 +118,48 @@ def count_ops(model: torch.nn.Module, inputs: dict, schedule: Schedule | tuple |
     return counter.ops, counter.host_reads
 
 
+_NOT_CALLERS = (str(Path(torch.__file__).parent), sysconfig.get_paths()["stdlib"])  # torch's and Python's own code
+
+
+class OpSites(torch.utils._python_dispatch.TorchDispatchMode):
+    """Which function dispatched each aten op: the innermost frame outside torch and the standard library. Ops whose
+    caller is in this repository (outside benchmarks/) are the engine's; the model's own come from transformers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_NOT_CALLERS):
+            frame = frame.f_back
+        path = Path(frame.f_code.co_filename) if frame is not None else None
+        if path is not None and path.is_relative_to(ROOT) and not path.is_relative_to(ROOT / "benchmarks") \
+                and not {"site-packages", "dist-packages"} & set(path.parts):  # a virtualenv inside the checkout
+            self.sites[f"{path.relative_to(ROOT)}:{frame.f_code.co_name}"][func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def engine_op_sites(model: torch.nn.Module, inputs: dict, schedule: Schedule) -> dict[str, collections.Counter]:
+    """The engine's aten ops in one eager forward under `schedule`: function -> Counter of op names."""
+    with torch.no_grad(), open_variant(model, schedule):
+        model(**inputs)  # warm: lazy initialisation is not the engine's cost
+        sites = OpSites()
+        with sites:
+            model(**inputs)
+    return dict(sites.sites)
+
+
+def op_site_lines(name: str, sites: dict[str, collections.Counter]) -> list[str]:
+    """A markdown table of `engine_op_sites`: each function, its op count, and the ops by name."""
+    lines = [f"### {name}: {sum(sum(c.values()) for c in sites.values())} engine ops", "",
+             "| function | ops | aten ops |", "|---|---|---|"]
+    for site, ops in sites.items():
+        names = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in ops.items())
+        lines.append(f"| {site} | {sum(ops.values())} | {names} |")
+    return lines + [""]
+
+
 class PartialEngine(PruningEngine):
     """A diagnostic for --parts: the engine with its attention rows (`rows=False`) or its scoring, selection and drop
     (`score=False`) switched off, the rest as it is."""
@@ -177,8 +227,13 @@ def main() -> None:
     parser.add_argument("--kept-open", action="store_true",
                         help="each variant on its own copy of the model with its engine open for the whole run (as in "
                              "a serving loop), instead of entering it around each forward; eager")
+    parser.add_argument("--ops", action="store_true",
+                        help="only where the engine's extra ops come from: its ops by function, per variant "
+                             "(no timing)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.ops and (args.compile or args.parts or args.kept_open):
+        parser.error("--ops lists the eager engine's ops, without timing; run it alone (with --layers / --out)")
     if args.parts and args.compile:
         parser.error("--parts breaks down the eager engine's cost; run it without --compile")
     if args.kept_open and args.compile:
@@ -189,6 +244,16 @@ def main() -> None:
     model = proxy_model(args.layers)
     inputs = proxy_inputs(model)
     variants = {"unpruned": None, **schedules()}
+    if args.ops:
+        lines = ["# The engine's extra aten ops by function, CPU proxy of batch-1 prefill", "",
+                 f"Command: `python {' '.join(sys.argv)}`  ",
+                 f"torch {torch.__version__}; {args.layers} layers, batch 1, "
+                 f"{inputs['input_ids'].shape[1]}-token prompt; one eager forward, functions in dispatch order.", ""]
+        for name, schedule in variants.items():
+            if schedule is not None:
+                lines += op_site_lines(name, engine_op_sites(model, inputs, schedule))
+        write_table(lines, args.out)
+        return
     if args.parts:
         variants = {"unpruned": None, **part_variants(variants["keep-all"])}
     lines = [

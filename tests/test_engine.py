@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -436,6 +437,35 @@ def test_engine_extra_ops_on_the_batch1_proxy_stay_within_110():
         ops, reads = bench.count_ops(model, inputs, schedule)
         assert ops - plain_ops <= 110, f"{name}: the engine adds {ops - plain_ops} ops (budget 110)"
         assert reads == plain_reads, f"{name}: {reads - plain_reads} extra host reads of tensor values"
+
+
+def test_the_op_listing_accounts_for_every_extra_op():
+    """benchmarks/engine_overhead.py --ops: the engine's ops listed by the function that dispatched them add up to the
+    variant's extra ops (the model's own ops, its attention included, are not listed), and name the stage's parts."""
+    bench = _engine_overhead()
+    model = bench.proxy_model(32)
+    inputs = bench.proxy_inputs(model)
+    plain_ops, _ = bench.count_ops(model, inputs, None)
+    for name, schedule in bench.schedules().items():
+        sites = bench.engine_op_sites(model, inputs, schedule)
+        listed = sum(sum(ops.values()) for ops in sites.values())
+        assert listed == bench.count_ops(model, inputs, schedule)[0] - plain_ops, name
+        assert {"vlm/probe.py:_scaled_scores", "pruning/scorers.py:text_prior", "pruning/scorers.py:select",
+                "pruning/engine.py:_keep_vision"} <= set(sites), sorted(sites)
+        assert all(site.startswith(("pruning/", "vlm/")) for site in sites), sorted(sites)
+        table = bench.op_site_lines(name, sites)
+        assert table[0] == f"### {name}: {listed} engine ops" and len(table) == len(sites) + 5
+
+
+@pytest.mark.parametrize("flag", ["--compile", "--parts", "--kept-open"])
+def test_the_op_listing_refuses_timing_flags(flag, monkeypatch, tmp_path, capsys):
+    bench = _engine_overhead()
+    out = tmp_path / "ops.md"
+    monkeypatch.setattr(sys, "argv", ["engine_overhead.py", "--ops", flag, "--out", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and "--ops lists the eager engine's ops" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_kept_open_timing_runs_each_variant_pruned_on_its_own_copy(monkeypatch):
