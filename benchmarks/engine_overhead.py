@@ -118,7 +118,14 @@ def count_ops(model: torch.nn.Module, inputs: dict, schedule: Schedule | tuple |
     return counter.ops, counter.host_reads
 
 
-_NOT_CALLERS = (str(Path(torch.__file__).parent), sysconfig.get_paths()["stdlib"])  # torch's and Python's own code
+_TORCH_DIR = str(Path(torch.__file__).parent) + "/"
+_STDLIB_DIR = str(Path(sysconfig.get_paths()["stdlib"])) + "/"
+
+
+def _passes_through(filename: str) -> bool:
+    """Whether a frame of this file only passes a call on (torch's own code, Python's standard library), so that the
+    function that dispatched an op is further out. Packages installed beside the standard library are callers."""
+    return filename.startswith(_TORCH_DIR) or (filename.startswith(_STDLIB_DIR) and "-packages/" not in filename)
 
 
 class OpSites(torch.utils._python_dispatch.TorchDispatchMode):
@@ -131,7 +138,7 @@ class OpSites(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_filename.startswith(_NOT_CALLERS):
+        while frame is not None and _passes_through(frame.f_code.co_filename):
             frame = frame.f_back
         path = Path(frame.f_code.co_filename) if frame is not None else None
         if path is not None and path.is_relative_to(ROOT) and not path.is_relative_to(ROOT / "benchmarks") \
