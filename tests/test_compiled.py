@@ -136,6 +136,75 @@ def test_the_reason_inductor_logs_for_skipping_cuda_graphs_is_kept(model):
     assert cudagraphs_log.handlers == handlers
 
 
+def _graphs_against_cuda_graphs(monkeypatch, run) -> list[tuple]:
+    """What inductor holds against replaying each graph `run` compiles as a CUDA graph, the device aside: (reason it
+    disabled them, failed checks, indices of the graph inputs it mutates) per graph. On a CPU inductor stops at the
+    device; here its device check is switched off and the graphs are not wrapped, so the other checks show."""
+    output_code = pytest.importorskip("torch._inductor.output_code")
+    cudagraph_utils = pytest.importorskip("torch._inductor.cudagraph_utils")
+    import torch._functorch.config
+    from torch._inductor.utils import BoxedBool
+
+    if not all(hasattr(output_code, name) for name in ("CompiledFxGraph", "cudagraph_post_compile",
+                                                         "cudagraph_partition_post_compile")) \
+            or not hasattr(cudagraph_utils, "check_lowering_disable_cudagraph"):
+        pytest.skip(f"torch {torch.__version__}'s inductor checks CUDA graphs elsewhere than torch 2.13's")
+    graphs, original = [], output_code.CompiledFxGraph.__init__
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        info = self.cudagraph_info
+        graphs.append((self.disabled_cudagraphs_reason, list(info.cudagraph_fail_reasons) if info else None,
+                       list(self.mutated_input_idxs)))
+
+    def unwrapped(example_inputs, graph, cudagraphs, *args, **kwargs):
+        BoxedBool.disable(cudagraphs)  # nothing to replay on a CPU
+
+    monkeypatch.setattr(cudagraph_utils, "check_lowering_disable_cudagraph", lambda device_nodes: None)
+    monkeypatch.setattr(output_code.CompiledFxGraph, "__init__", record)
+    monkeypatch.setattr(output_code, "cudagraph_post_compile", unwrapped)
+    monkeypatch.setattr(output_code, "cudagraph_partition_post_compile", unwrapped)
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):  # compile now: a cached graph skips the checks
+        run()
+    return graphs
+
+
+def test_the_compiled_pruned_prefill_has_nothing_against_cuda_graphs_but_the_cpu(model, monkeypatch):
+    """The batch-1 gain on a GPU is the CUDA-graph replay of the pruned prefill (issue 17's goals), and no GPU is here to
+    see whether inductor would refuse it: the engine's graph must give inductor no reason to (no mutated inputs, no
+    incompatible op, no input storage mutation, no non-tensor input), the CPU device aside, so that a change which
+    would lose the replay fails here and not first on a lent GPU."""
+    inputs = _inputs([7])
+
+    def run():
+        with PruningEngine(model, SCHEDULE, "adaptinfer", compile="reduce-overhead") as engine, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the device: inductor compiles without CUDA graphs here, and says so
+            model(**inputs)
+        assert engine.compiled and engine.compile_fallback is None
+
+    graphs = _graphs_against_cuda_graphs(monkeypatch, run)
+    assert graphs and graphs == [(None, [], [])] * len(graphs), graphs
+
+
+def test_the_cuda_graph_check_sees_a_mutated_input(model, monkeypatch):
+    """The check above can fail: a layer step that writes into the graph's input embeddings is seen."""
+    from vlm.models import find_decoder_layers
+
+    inputs = _inputs([7])
+    handle = find_decoder_layers(model)[0].register_forward_pre_hook(lambda module, args: args[0].mul_(1.0))
+    try:
+        def run():
+            with PruningEngine(model, SCHEDULE, "adaptinfer", compile="reduce-overhead"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model(**inputs)
+
+        graphs = _graphs_against_cuda_graphs(monkeypatch, run)
+    finally:
+        handle.remove()
+    assert any(mutated for _, _, mutated in graphs), graphs
+
+
 @register_scorer("test_host_read", rows="last", replace=True)
 def _host_read(ctx):
     """A scorer with code dynamo cannot trace (an explicit graph break stands for it): no single graph."""
