@@ -109,13 +109,19 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 def count_ops(model: torch.nn.Module, inputs: dict, schedule: Schedule | tuple | None, scorer: str = "adaptinfer"):
     """(aten ops, host reads) of one eager forward, unpruned (schedule None) or under the engine (a schedule, or
     (schedule, PartialEngine options))."""
-    with torch.no_grad():
-        with open_variant(model, schedule, scorer):
-            model(**inputs)  # warm: lazy initialisation is not the engine's cost
-            counter = OpCounter()
-            with counter:
-                model(**inputs)
+    counter = watched_forward(model, inputs, schedule, OpCounter(), scorer)
     return counter.ops, counter.host_reads
+
+
+def watched_forward(model: torch.nn.Module, inputs: dict, variant: Schedule | tuple | None, mode,
+                    scorer: str = "adaptinfer"):
+    """One eager forward of `variant` (see `open_variant`) under the dispatch mode `mode`, after a warm-up forward
+    (lazy initialisation is not the engine's cost); returns `mode`."""
+    with torch.no_grad(), open_variant(model, variant, scorer):
+        model(**inputs)
+        with mode:
+            model(**inputs)
+    return mode
 
 
 _TORCH_DIR = str(Path(torch.__file__).parent) + "/"
@@ -149,12 +155,7 @@ class OpSites(torch.utils._python_dispatch.TorchDispatchMode):
 
 def engine_op_sites(model: torch.nn.Module, inputs: dict, schedule: Schedule) -> dict[str, collections.Counter]:
     """The engine's aten ops in one eager forward under `schedule`: function -> Counter of op names."""
-    with torch.no_grad(), open_variant(model, schedule):
-        model(**inputs)  # warm: lazy initialisation is not the engine's cost
-        sites = OpSites()
-        with sites:
-            model(**inputs)
-    return dict(sites.sites)
+    return dict(watched_forward(model, inputs, schedule, OpSites()).sites)
 
 
 def op_site_lines(name: str, sites: dict[str, collections.Counter]) -> list[str]:
